@@ -1,0 +1,27 @@
+# The README's two commands: `make demo` (the main job) and `make test` (the suite).
+# Both create .venv and install the project into it when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): settings.ini setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fastkd demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/tta_sweep.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,103 @@
+"""Distillation losses on logits: one small class per paper, its formula in the docstring.
+
+Every loss is called as `loss(student_logits, teacher_logits, target)` and returns a scalar;
+it computes in float32 whatever the dtype of its inputs (mixed precision included).
+`s` and `t` below are the student's and teacher's logits, `T` the temperature, `y` the target.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ['standardize_logits', 'SoftTarget', 'DKD', 'DIST', 'LogitMSE']
+
+
+def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    "Z-score each row of `logits`: `(z - mean(z)) / (std(z) + eps)` (Sun et al., CVPR 2024)"
+    return (logits - logits.mean(dim=-1, keepdim=True)) / (logits.std(dim=-1, keepdim=True) + eps)
+
+
+def _prepare(student_logits: Tensor, teacher_logits: Tensor, standardize: bool) -> tuple[Tensor, Tensor]:
+    "Both logits in float32, z-scored when `standardize`"
+    s, t = student_logits.float(), teacher_logits.float()
+    return (standardize_logits(s), standardize_logits(t)) if standardize else (s, t)
+
+
+def _kl(student_log_probs: Tensor, teacher_probs: Tensor) -> Tensor:
+    "`KL(teacher || student)` summed over classes, averaged over the batch"
+    return F.kl_div(student_log_probs, teacher_probs, reduction='batchmean')
+
+
+class SoftTarget(nn.Module):
+    """Hinton et al. 2015, "Distilling the Knowledge in a Neural Network":
+    `T**2 * KL(softmax(t/T) || softmax(s/T))`, KL summed over classes and averaged over the batch.
+    With `standardize=True` both logits are z-scored per row first (logit standardization)."""
+    def __init__(self, T: float = 4., standardize: bool = False):
+        super().__init__()
+        self.T, self.standardize = T, standardize
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
+        s, t = _prepare(student_logits, teacher_logits, self.standardize)
+        return self.T**2 * _kl(F.log_softmax(s / self.T, dim=-1), F.softmax(t / self.T, dim=-1))
+
+    def extra_repr(self) -> str: return f'T={self.T}, standardize={self.standardize}'
+
+
+class DKD(nn.Module):
+    """Zhao et al., CVPR 2022, "Decoupled Knowledge Distillation":
+    `alpha * TCKD + beta * NCKD`, with `p = softmax(z/T)` for logits `z`, and
+      `TCKD = T**2 * KL([p_y, 1 - p_y] of t || [p_y, 1 - p_y] of s)` (target vs. all other classes),
+      `NCKD = T**2 * KL(softmax(t_{c != y} / T) || softmax(s_{c != y} / T))` (among the non-target classes),
+    each averaged over the batch. `standardize=True` z-scores both logits per row first."""
+    def __init__(self, alpha: float = 1., beta: float = 8., T: float = 4., standardize: bool = False):
+        super().__init__()
+        self.alpha, self.beta, self.T, self.standardize = alpha, beta, T, standardize
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
+        s, t = _prepare(student_logits, teacher_logits, self.standardize)
+        is_target = F.one_hot(target.long(), s.shape[-1]).bool()
+        p_s, p_t = F.softmax(s / self.T, dim=-1), F.softmax(t / self.T, dim=-1)
+        binary_s = torch.stack([p_s[is_target], 1 - p_s[is_target]], dim=-1)
+        binary_t = torch.stack([p_t[is_target], 1 - p_t[is_target]], dim=-1)
+        tckd = _kl(binary_s.clamp_min(1e-12).log(), binary_t)
+        non_target_s = s[~is_target].view(len(s), -1)
+        non_target_t = t[~is_target].view(len(t), -1)
+        nckd = _kl(F.log_softmax(non_target_s / self.T, dim=-1), F.softmax(non_target_t / self.T, dim=-1))
+        return self.T**2 * (self.alpha * tckd + self.beta * nckd)
+
+    def extra_repr(self) -> str:
+        return f'alpha={self.alpha}, beta={self.beta}, T={self.T}, standardize={self.standardize}'
+
+
+def _pearson(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    "Pearson correlation of each row of `a` with the same row of `b`"
+    a, b = a - a.mean(dim=-1, keepdim=True), b - b.mean(dim=-1, keepdim=True)
+    return (a * b).sum(dim=-1) / (a.norm(dim=-1) * b.norm(dim=-1) + eps)
+
+
+class DIST(nn.Module):
+    """Huang et al., NeurIPS 2022, "Knowledge Distillation from a Stronger Teacher":
+    with `p_s = softmax(s/T)` and `p_t = softmax(t/T)` of shape (batch, classes),
+      `inter = 1 - mean over items of pearson(p_s[i, :], p_t[i, :])` (class ranking of each item),
+      `intra = 1 - mean over classes of pearson(p_s[:, c], p_t[:, c])` (item ranking of each class),
+    and the loss is `T**2 * (beta * inter + gamma * intra)`."""
+    def __init__(self, beta: float = 1., gamma: float = 1., T: float = 1.):
+        super().__init__()
+        self.beta, self.gamma, self.T = beta, gamma, T
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
+        p_s = F.softmax(student_logits.float() / self.T, dim=-1)
+        p_t = F.softmax(teacher_logits.float() / self.T, dim=-1)
+        inter = 1 - _pearson(p_s, p_t).mean()
+        intra = 1 - _pearson(p_s.T, p_t.T).mean()
+        return self.T**2 * (self.beta * inter + self.gamma * intra)
+
+    def extra_repr(self) -> str: return f'beta={self.beta}, gamma={self.gamma}, T={self.T}'
+
+
+class LogitMSE(nn.Module):
+    """Logit matching (Ba & Caruana, NeurIPS 2014, "Do Deep Nets Really Need to be Deep?"):
+    `mean((s - t)**2)` over items and classes."""
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
+        return F.mse_loss(student_logits.float(), teacher_logits.float())

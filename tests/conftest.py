@@ -1,0 +1,31 @@
+"Shared fixtures: seeded runs, the digits image folder, and the real GTSRB data in ../shared when present."
+from pathlib import Path
+
+import pytest
+import torch
+from fastai.torch_core import set_seed
+
+from fastkd.digits import write_digits
+
+GTSRB_DATA = Path(__file__).resolve().parents[1].parent/'shared'/'data'/'gtsrb'
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    "Every test starts from the same seed, with one thread so timings of other tests don't change results"
+    torch.set_num_threads(1)
+    set_seed(42, reproducible=True)
+
+
+@pytest.fixture(scope='session')
+def digits_path(tmp_path_factory) -> Path:
+    "scikit-learn's digits as a 32 px image folder: train/valid/test, one sub-folder per digit"
+    return write_digits(tmp_path_factory.mktemp('digits'), size=32)
+
+
+@pytest.fixture(scope='session')
+def gtsrb_data() -> Path:
+    "The real GTSRB data of ../shared/data/gtsrb (README.md there); tests that need it skip without it"
+    if not (GTSRB_DATA/'gtsrb32.tar.gz').exists():
+        pytest.skip(f'GTSRB test data not found at {GTSRB_DATA} (it lives in the shared data folder beside the repo)')
+    return GTSRB_DATA
