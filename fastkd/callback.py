@@ -12,6 +12,7 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner, Recorder
 from fastai.vision.learner import create_vision_model
 from fastcore.basics import store_attr
+from fastcore.foundation import L
 from torch import Tensor, nn
 
 from .losses import SoftTarget
@@ -25,6 +26,7 @@ def _teacher_model(teacher) -> nn.Module:
     if not isinstance(teacher, nn.Module):
         raise TypeError(f'A teacher must be a torch `nn.Module` or a fastai `Learner`, got {type(teacher).__name__}. '
                         'Pass the trained model (or the Learner that holds it), or a list of them for an ensemble.')
+    for param in teacher.parameters(): param.grad = None  # gradients left from its own training
     return teacher.eval().requires_grad_(False)
 
 
@@ -122,7 +124,8 @@ def load_teacher(path: str | Path, arch: Callable | nn.Module, n_out: int | None
     if isinstance(arch, nn.Module): model = arch
     elif n_out is None: raise ValueError('n_out is needed to build the teacher from an architecture: pass its class count.')
     else: model = create_vision_model(arch, n_out, pretrained=False, **kwargs)
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    with torch.serialization.safe_globals([L]):  # fastcore's list, in the optimizer state that learn.save adds
+        state = torch.load(path, map_location='cpu', weights_only=True)
     if isinstance(state, dict) and set(state) == {'model', 'opt'}: state = state['model']  # learn.save(with_opt=True)
     try: result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:

@@ -29,3 +29,11 @@ def gtsrb_data() -> Path:
     if not (GTSRB_DATA/'gtsrb32.tar.gz').exists():
         pytest.skip(f'GTSRB test data not found at {GTSRB_DATA} (it lives in the shared data folder beside the repo)')
     return GTSRB_DATA
+
+
+def tiny_cnn(width: int, n_out: int = 10) -> torch.nn.Sequential:
+    "A small CNN laid out as `create_vision_model` lays out models: Sequential(body, head)"
+    from fastai.layers import ConvLayer, Flatten
+    body = torch.nn.Sequential(ConvLayer(3, width, stride=2), ConvLayer(width, 2 * width, stride=2),
+                               ConvLayer(2 * width, 2 * width, stride=2), torch.nn.AdaptiveAvgPool2d(1), Flatten())
+    return torch.nn.Sequential(body, torch.nn.Linear(2 * width, n_out))
