@@ -31,7 +31,7 @@ from urllib.request import Request, urlopen
 import numpy as np
 import torch
 from fastai.data.block import CategoryBlock, DataBlock
-from fastai.data.core import TfmdDL
+from fastai.data.core import DataLoaders, TfmdDL
 from fastai.data.transforms import GrandparentSplitter, Normalize, get_image_files, image_extensions
 from fastai.vision.augment import Resize, aug_transforms
 from fastai.vision.core import imagenet_stats
@@ -39,6 +39,8 @@ from fastai.vision.data import ImageBlock, ImageDataLoaders
 from fastprogress.fastprogress import progress_bar
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
+
+from .files import atomic_write
 
 __all__ = ['Annotation', 'read_annotations', 'load_training_annotations', 'copy_files', 'split_train_validation_sets',
            'copy_test_set', 'gtsrb_class_names', 'download_gtsrb', 'prepare_gtsrb', 'gtsrb_dls', 'gtsrb_test_dl']
@@ -159,19 +161,22 @@ def _check_image(path: Path):
         raise ValueError(f'{path} is not a readable image ({e}): unpack the official GTSRB zips again.') from None
 
 
+def _hard_link(src: Path, tmp: str):
+    "Make the temporary file `tmp` a hard link to `src`"
+    os.remove(tmp)
+    os.link(src, tmp)
+
+
 def _place(src: Path, dst: Path, link: bool) -> bool:
-    """Hard-link (when `link`) or copy `src` to a temporary name, then rename it to `dst`.
+    """Hard-link (when `link`) or copy `src` to `dst` through a temporary name.
     Returns whether to keep linking: False once the file system refused a link (and this file was copied)."""
-    tmp = dst.with_name(f'.{dst.name}.part')
-    tmp.unlink(missing_ok=True)
     if link:
-        try: os.link(src, tmp)
-        except OSError as e:
-            warnings.warn(f'Cannot hard-link {src} to {dst.parent} ({e.strerror}): copying the files instead.')
-            link = False
-    if not link: shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-    return link
+        try:
+            atomic_write(dst, partial(_hard_link, src))
+            return True
+        except OSError as e: warnings.warn(f'Cannot hard-link {src} to {dst.parent} ({e.strerror}): copying the files instead.')
+    atomic_write(dst, partial(shutil.copyfile, src))
+    return False
 
 
 def _copy_pairs(pairs: list[tuple[Path, Path]], link: bool = False) -> int:
@@ -188,7 +193,7 @@ def _copy_pairs(pairs: list[tuple[Path, Path]], link: bool = False) -> int:
                               'was changed. Prepare into an empty folder, or delete these files if they are not needed.')
     for src in sorted({s for s, _ in todo}): _check_image(src)
     for folder in {d.parent for _, d in todo}: folder.mkdir(parents=True, exist_ok=True)
-    for src, dst in progress_bar(todo, leave=False) if todo else []: link = _place(src, dst, link)
+    for src, dst in progress_bar(todo, leave=False): link = _place(src, dst, link)
     return len(todo)
 
 
@@ -215,7 +220,8 @@ def copy_files(label: int, filenames: Iterable[str], source: str | Path, destina
                link: bool = False) -> int:
     """Copy `source/000LL/<filename>` to `destination/<label>/<filename>` (hard links when `link` and the file system
     allows). Sources are never moved; files already in place are skipped. Returns how many files were written."""
-    label = next(iter(_check_classes([label])))
+    _check_classes([label])
+    label = int(label)
     folder = Path(source)/f'{label:05d}'
     names = [_check_filename(f, f'copy_files for class {label}') for f in filenames]
     return _copy_pairs([(folder/f, Path(destination)/str(label)/f) for f in names], link)
@@ -275,13 +281,6 @@ def split_train_validation_sets(source_path: str | Path, train_path: str | Path,
     return written
 
 
-def _write_atomic(text: str, path: Path):
-    "Write `text` to a temporary name beside `path`, then rename it into place"
-    tmp = path.with_name(f'.{path.name}.part')
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def copy_test_set(images_path: str | Path, test_path: str | Path, labels_file: str | Path,
                   classes: Iterable[int] | None = None, link: bool = False) -> list[Annotation]:
     """Copy the test images of `images_path` (`Final_Test/Images`) that `labels_file` (`GT-final_test.csv`) labels
@@ -296,7 +295,7 @@ def copy_test_set(images_path: str | Path, test_path: str | Path, labels_file: s
     labels_path = test_path/TEST_LABELS
     if not labels_path.is_file() or labels_path.read_text() != labels:
         test_path.mkdir(parents=True, exist_ok=True)
-        _write_atomic(labels, labels_path)
+        atomic_write(labels_path, lambda tmp: Path(tmp).write_text(labels))
     _report(f'GTSRB test set in {test_path}', written, len(pairs))
     return annotations
 
@@ -322,7 +321,9 @@ def _fetch(url: str, part: Path, size: int, timeout: float):
     "Download `url` into `part`, resuming from the bytes `part` already holds; an error when it ends early"
     have = part.stat().st_size if part.exists() else 0
     if have == size: return  # complete but not yet verified
-    if have > size: part.unlink(); have = 0
+    if have > size:
+        part.unlink()
+        have = 0
     request = Request(url, headers={'Range': f'bytes={have}-'} if have else {})
     with urlopen(request, timeout=timeout) as response:
         resumed = have and response.status == 206 and response.headers.get('Content-Range', '').startswith(f'bytes {have}-')
@@ -380,6 +381,11 @@ def _same_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> bool
     return crc == info.CRC
 
 
+def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: str):
+    "Write zip member `info` to the file `dest`"
+    with zf.open(info) as src, open(dest, 'wb') as dst: shutil.copyfileobj(src, dst)
+
+
 def _unpack(zip_path: Path, dest: Path) -> int:
     "Unpack `zip_path` into `dest`, each member through a temporary name; members already there are skipped"
     with zipfile.ZipFile(zip_path) as zf:
@@ -391,9 +397,7 @@ def _unpack(zip_path: Path, dest: Path) -> int:
                                   f'e.g. {clashes[0]}. Nothing was unpacked: unpack into an empty folder.')
         for info, path in progress_bar(todo, leave=False):
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f'.{path.name}.part')
-            with zf.open(info) as src, open(tmp, 'wb') as dst: shutil.copyfileobj(src, dst)
-            os.replace(tmp, path)
+            atomic_write(path, partial(_extract, zf, info))
     _report(f'Unpacking {zip_path.name}', len(todo), len(members))
     return len(todo)
 
@@ -470,7 +474,7 @@ def _class_images(path: Path, folders: list[str], classes: set[int] | None = Non
 
 
 def gtsrb_dls(path: str | Path, size: int = 96, bs: int = 256, classes: Iterable[int] | None = None,
-              train: str = 'train', valid: str = 'valid', **kwargs) -> ImageDataLoaders:
+              train: str = 'train', valid: str = 'valid', **kwargs) -> DataLoaders:
     """`DataLoaders` over the folders of `prepare_gtsrb` as in the reference notebook: `Resize(size)`, flip-free
     augmentation and ImageNet normalisation. The vocab is the 43 ClassIds as ints in numeric order, so class index
     == ClassId even on a subset of `classes` (folder names sorted as strings would give '0','1','10',...).
