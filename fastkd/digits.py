@@ -5,8 +5,7 @@ and the tests run offline with no download, through the same `ImageDataLoaders` 
 """
 from __future__ import annotations
 
-import os
-import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,8 @@ from fastai.vision.augment import Resize, aug_transforms
 from fastai.vision.data import ImageDataLoaders
 from PIL import Image
 from sklearn.datasets import load_digits
+
+from .files import atomic_write
 
 __all__ = ['write_digits', 'digits_dls']
 
@@ -37,17 +38,9 @@ def write_digits(dest: str | Path, size: int = 32, valid_fraction: float = 0.2, 
             for i in split_idxs:
                 pixels = (digits.images[i] * (255 / 16)).astype(np.uint8)
                 image = Image.fromarray(pixels).convert('RGB').resize((size, size), Image.Resampling.BILINEAR)
-                _save_atomic(image, folder/f'{i:04d}.png')
+                atomic_write(folder/f'{i:04d}.png', partial(image.save, format='PNG'))
     marker.touch()
     return dest
-
-
-def _save_atomic(image: Image.Image, path: Path):
-    "Save `image` to a temporary name beside `path`, then rename it into place"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.tmp')
-    os.close(fd)
-    image.save(tmp, format='PNG')
-    os.replace(tmp, path)
 
 
 def digits_dls(path: str | Path, size: int = 32, bs: int = 64, augment: bool = True, seed: int = 42,

@@ -1,0 +1,22 @@
+"""`atomic_write`: every file fastkd writes appears whole or not at all."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+__all__ = ['atomic_write']
+
+
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
+    "Call `write(tmp)` on a temporary file beside `path`, then rename it into place; an interrupted write leaves no file"
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp): os.remove(tmp)
+    return path
