@@ -1,0 +1,170 @@
+"""The tutorials of nbs/ run end to end with nbclient at tiny sizes, and are committed without outputs.
+
+Each run replaces the notebook's `parameters` cell with tiny values, executes it in a temporary working directory
+on a kernel that runs this interpreter, and appends one cell that prints, as JSON, the objects the test checks."""
+import ast
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+from fastai.vision.models import resnet18, resnet34
+from fastai.vision.learner import create_vision_model
+from ipykernel.kernelspec import install
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+from PIL import Image
+
+NBS = Path(__file__).resolve().parents[1]/'nbs'
+NOTEBOOKS = ['00_quickstart.ipynb', '01_gtsrb_distillation.ipynb', '02_distillation_methods.ipynb',
+             '03_compression.ipynb']
+KERNEL = 'fastkd-notebook-tests'
+GTSRB_TINY = dict(download=False, classes=[0, 19], classes_of_interest=[0], size=16, bs=64, teacher_epochs=1,
+                  frozen_epochs=1, unfrozen_epochs=1, lr_find_iters=5, n_augs=[0, 2])
+
+
+@pytest.fixture(scope='module')
+def kernel_dirs(tmp_path_factory) -> list[str]:
+    "A kernelspec that runs this interpreter (the venv's python) with one thread, as the rest of the suite runs"
+    prefix = tmp_path_factory.mktemp('jupyter')
+    install(kernel_name=KERNEL, prefix=str(prefix), env={'OMP_NUM_THREADS': '1'})
+    return [str(prefix/'share'/'jupyter'/'kernels')]
+
+
+@pytest.fixture(scope='module')
+def small_digits(digits_path, tmp_path_factory) -> Path:
+    "The first 40 training, 15 validation and 15 test images of each digit, marked complete for `write_digits`"
+    dest = tmp_path_factory.mktemp('small_digits')
+    for split, n in {'train': 40, 'valid': 15, 'test': 15}.items():
+        for folder in sorted((digits_path/split).iterdir()):
+            (dest/split/folder.name).mkdir(parents=True)
+            for image in sorted(folder.glob('*.png'))[:n]: shutil.copy(image, dest/split/folder.name)
+    (dest/'.complete').touch()
+    return dest
+
+
+def parameters_cell(nb) -> nbformat.NotebookNode:
+    "The one code cell tagged `parameters`"
+    cells = [c for c in nb.cells if 'parameters' in c.metadata.get('tags', [])]
+    assert len(cells) == 1 and cells[0].cell_type == 'code', 'a notebook needs exactly one code cell tagged parameters'
+    return cells[0]
+
+
+def assigned_names(source: str) -> set[str]:
+    "The names a cell assigns"
+    return {target.id for node in ast.parse(source).body if isinstance(node, ast.Assign) for target in node.targets}
+
+
+def run_notebook(name: str, kernel_dirs: list[str], cwd: Path, report: str, **parameters) -> tuple[dict, dict]:
+    """Execute notebook `name` in `cwd` with its parameters cell replaced by `parameters`: the JSON value of the
+    expression `report` evaluated at the end, and the executed notebook"""
+    nb = nbformat.read(NBS/name, as_version=4)
+    cell = parameters_cell(nb)
+    assert set(parameters) == assigned_names(cell.source), f'the tiny parameters of {name} are out of date'
+    cell.source = '\n'.join(f'{k} = {v!r}' for k, v in parameters.items())
+    nb.cells.append(nbformat.v4.new_code_cell(f"import json, sys\nprint(json.dumps({{'python': sys.executable, "
+                                              f"**({report})}}, default=float))"))
+    km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=kernel_dirs))
+    NotebookClient(nb, km=km, timeout=600, resources={'metadata': {'path': str(cwd)}}).execute()
+    result = json.loads(''.join(o.text for o in nb.cells[-1].outputs if o.get('name') == 'stdout'))
+    assert result.pop('python') == sys.executable, 'the notebook ran on another interpreter than the venv'
+    return result, nb
+
+
+def frame(d: dict) -> pd.DataFrame:
+    "A DataFrame from `to_dict(orient='index')`"
+    return pd.DataFrame.from_dict(d, orient='index')
+
+
+def test_notebooks_are_committed_clean():
+    "The tutorials, each with a title cell and one parameters cell, and no outputs (they are stripped in git)"
+    assert sorted(p.name for p in NBS.glob('*.ipynb')) == NOTEBOOKS, 'every notebook needs a test in this file'
+    for name in NOTEBOOKS:
+        nb = nbformat.read(NBS/name, as_version=4)
+        nbformat.validate(nb)
+        assert nb.cells[0].cell_type == 'markdown' and nb.cells[0].source.startswith('# '), f'{name}: no title cell'
+        assert assigned_names(parameters_cell(nb).source), f'{name}: the parameters cell sets no sizes'
+        dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == 'code' and (c.outputs or c.execution_count)]
+        assert not dirty, (f'{name} has outputs in cells {dirty}: clear them before committing (Jupyter: Edit > '
+                           'Clear Outputs of All Cells, or `jupyter nbconvert --clear-output --inplace nbs/*.ipynb`)')
+
+
+def test_quickstart(kernel_dirs, small_digits, tmp_path):
+    report = "{'summary': summary.to_dict(orient='index'), 'lr': lr, 'columns': list(student.recorder.metric_names)}"
+    result, _ = run_notebook('00_quickstart.ipynb', kernel_dirs, tmp_path, report, data_path=str(small_digits),
+                             size=16, bs=32, epochs=3, lr_find_iters=30)
+    summary = frame(result['summary'])
+    assert list(summary.index) == ['teacher', 'student']
+    assert summary.loc['student', 'parameters'] < summary.loc['teacher', 'parameters'] / 5
+    assert (summary['valid accuracy'] > 0.2).all()  # 400 images, 3 epochs at 16 px: well above chance (0.1)
+    assert result['lr'] > 0
+    assert {'train_ce', 'train_kd'} <= set(result['columns'])  # the student trained with the callback
+
+
+def test_gtsrb_distillation(kernel_dirs, gtsrb_data, tmp_path):
+    report = ("{'sweep': sweep.to_dict(orient='list'), 'comparison': comparison.to_dict(orient='index'), "
+              "'vocab': list(dls.vocab), 'test_labels': sorted(set(y_true.tolist())), 'n_masked': int(mask.sum()), "
+              "'columns': list(student.recorder.metric_names)}")
+    work = tmp_path/'gtsrb'
+    result, nb = run_notebook('01_gtsrb_distillation.ipynb', kernel_dirs, tmp_path, report, gtsrb_data=str(gtsrb_data),
+                              work_path=str(work), **GTSRB_TINY)
+    assert sorted(p.name for p in (work/'train').iterdir()) == ['0', '19']  # only the classes asked for
+    assert result['vocab'] == list(range(43)) and result['test_labels'] == [0, 19]
+    assert 0 < result['n_masked'] < len(list((work/'test').glob('*.ppm')))  # class 19 is not of interest
+    assert {'train_ce', 'train_kd'} <= set(result['columns'])
+    sweep = pd.DataFrame(result['sweep'])
+    assert sweep.n_aug.tolist() == [0, 2]
+    assert sweep.score.between(0, 1).all() and (sweep.time > 0).all()
+    comparison = frame(result['comparison'])
+    assert list(comparison.index) == ['teacher', 'student']
+    assert comparison.loc['student', 'parameters'] < comparison.loc['teacher', 'parameters']
+    with Image.open(tmp_path/'tta_sweep.png') as png: assert png.format == 'PNG' and png.width > 100
+    plot_cell = next(c for c in nb.cells if 'plot_tta(' in c.source)
+    assert any('image/png' in o.get('data', {}) for o in plot_cell.outputs), 'the TTA plot is not shown as an image'
+
+
+def test_gtsrb_notebook_says_when_data_is_absent(kernel_dirs, tmp_path):
+    with pytest.raises(CellExecutionError) as error:
+        run_notebook('01_gtsrb_distillation.ipynb', kernel_dirs, tmp_path, '{}', gtsrb_data=str(tmp_path/'nowhere'),
+                     work_path=None, **GTSRB_TINY)
+    assert error.value.ename == 'FileNotFoundError'
+    assert 'GTSRB data not found' in error.value.evalue and 'download = True' in error.value.evalue
+
+
+def test_distillation_methods(kernel_dirs, small_digits, tmp_path):
+    report = ("{'results': results.to_dict(orient='index'), "
+              "'gains': {m: gains_over_student(results, m).to_dict() for m in ['accuracy', 'weighted_f1']}}")
+    result, nb = run_notebook('02_distillation_methods.ipynb', kernel_dirs, tmp_path, report,
+                              data_path=str(small_digits), size=16, bs=32, epochs=1, seeds=[0],
+                              teacher_filters=[3, 16, 32, 10], student_filters=[3, 8, 10])
+    results = frame(result['results'])
+    assert list(results.index) == ['teacher', 'student alone', 'CE + SoftTarget', 'CE + DKD', 'CE + DIST',
+                                   'CE + LogitMSE', 'CE + SoftTarget, standardised logits']
+    assert results[['accuracy', 'weighted_f1']].stack().between(0, 1).all() and (results.runs == 1).all()
+    assert results.accuracy.nunique() > 1  # the losses train different students
+    conclusion = ''.join(o.text for o in next(c for c in nb.cells if 'gains_over_student(results' in c.source).outputs)
+    for metric, gains in result['gains'].items():  # the conclusion is read from the table
+        alone = results.loc['student alone', metric]
+        distilled = results[metric].drop(['teacher', 'student alone'])
+        assert gains == pytest.approx((distilled[distilled > alone] - alone).to_dict())
+        assert f'{metric}: the student alone scores {alone:.4f}' in conclusion
+        assert f'{len(gains)} of {len(distilled)} distillation losses beat it' in conclusion
+
+
+def test_compression(kernel_dirs, tmp_path):
+    report = "{'report': report.to_dict(orient='index'), 'summary': compression_summary(report)}"
+    result, _ = run_notebook('03_compression.ipynb', kernel_dirs, tmp_path, report, size=32, n_classes=43,
+                             batch_size=4, n_repeats=2)
+    report = frame(result['report'])
+    assert list(report.index) == ['parameters', 'size_mb', 'latency_ms', 'throughput_per_s']
+    count = lambda arch: sum(p.numel() for p in create_vision_model(arch, 43, pretrained=False).parameters())
+    assert report.loc['parameters', 'teacher'] == count(resnet34)
+    assert report.loc['parameters', 'student'] == count(resnet18)
+    assert report.loc['parameters', 'student/teacher'] == pytest.approx(count(resnet18) / count(resnet34))
+    assert (report[['teacher', 'student']] > 0).all().all()
+    assert result['summary'].startswith("The student has ")
