@@ -3,3 +3,8 @@ from .callback import *
 from .losses import *
 from .split import *
 from .digits import *
+from .files import *
+from .gtsrb import *
+from .report import *
+from .tta import *
+from .workflow import *

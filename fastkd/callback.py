@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 from fastai.callback.core import Callback
+from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner, Recorder
 from fastai.vision.learner import create_vision_model
 from fastcore.basics import store_attr
@@ -76,6 +77,9 @@ class KnowledgeDistillation(Callback):
 
     def before_train(self):
         "Move the teachers to the student's device and dtype"
+        if any(isinstance(cb, GradientAccumulation) for cb in self.learn.cbs):
+            raise ValueError('KnowledgeDistillation does not support GradientAccumulation yet (it scales the loss before '
+                             'the distillation term is mixed in): remove one of them, e.g. use a smaller batch size.')
         if self.teachers is None:
             raise RuntimeError('This KnowledgeDistillation callback came from an exported learner, which never stores '
                                'the teacher: set `learn.knowledge_distillation.teachers = [teacher_model]` to train again.')

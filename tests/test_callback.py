@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from fastai.callback.core import CancelFitException
 from fastai.callback.schedule import SchedLin
+from fastai.callback.training import GradientAccumulation
 from fastai.interpret import ClassificationInterpretation
 from fastai.learner import Callback, Learner, load_learner
 from fastai.metrics import accuracy
@@ -262,6 +263,11 @@ def test_non_finite_teacher_outputs_name_the_batch(dls):
     with torch.no_grad(): broken[1].bias.fill_(float('nan'))
     with pytest.raises(ValueError, match='non-finite.*batch 0 of epoch 0'):
         student(dls, broken).fit(1)
+
+
+def test_gradient_accumulation_is_refused_clearly(dls, teacher):
+    with pytest.raises(ValueError, match='does not support GradientAccumulation'):
+        student(dls, teacher).fit(1, cbs=GradientAccumulation(128))
 
 
 def test_exported_callback_asks_for_its_teacher_before_training(dls, trained_student, tmp_path):

@@ -1,0 +1,205 @@
+"""The `fastkd` command: `demo` (the whole job on the embedded digits), `gtsrb` (the same on GTSRB),
+`prepare` and `evaluate` (single steps). Bad arguments exit with code 2 and say what to fix."""
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+from pathlib import Path
+
+import torchvision.models
+from fastai.vision.models.xresnet import xresnet18, xresnet34
+
+from .losses import SoftTarget
+
+__all__ = ['main', 'ARCHS']
+
+ARCHS = {**{name: getattr(torchvision.models, name) for name in ('resnet18', 'resnet34', 'resnet50', 'resnet101')},
+         'xresnet34-half': partial(xresnet34, widen=0.5),  # fastai's XResNet-34 at half width: 5.6M parameters
+         'xresnet18-quarter': partial(xresnet18, widen=0.25)}  # XResNet-18 at a quarter width: 0.87M parameters
+
+
+def _schedule_args(parser: argparse.ArgumentParser, size: int, epochs: int, bs: int, lr_find_iters: int,
+                   teacher: str, student: str):
+    "Options shared by the commands that train: sizes, schedule, distillation settings, TTA sweep, report folder"
+    parser.add_argument('--size', type=int, default=size, help='image size in pixels (default: %(default)s)')
+    parser.add_argument('--bs', type=int, default=bs, help='batch size (default: %(default)s)')
+    parser.add_argument('--freeze-epochs', type=int, default=1,
+                        help='epochs with the body frozen, after lr_find (default: %(default)s)')
+    parser.add_argument('--epochs', type=int, default=epochs, help='epochs after unfreezing (default: %(default)s)')
+    parser.add_argument('--lr', type=float, default=None, help='learning rate (default: found by lr_find)')
+    parser.add_argument('--lr-find-iters', type=int, default=lr_find_iters,
+                        help='steps of lr_find when --lr is not given (default: %(default)s)')
+    parser.add_argument('--teacher', choices=ARCHS, default=teacher, help='teacher architecture (default: %(default)s)')
+    parser.add_argument('--student', choices=ARCHS, default=student, help='student architecture (default: %(default)s)')
+    parser.add_argument('--temperature', type=float, default=4., help='SoftTarget temperature T (default: %(default)s)')
+    parser.add_argument('--weight', type=float, default=0.5,
+                        help='weight of the distillation loss, between 0 and 1 (default: %(default)s)')
+    parser.add_argument('--n-augs', type=int, nargs='+', default=[4, 8],
+                        help='numbers of augmented TTA passes to score, besides plain predictions (default: 4 8)')
+    parser.add_argument('--seed', type=int, default=42, help='random seed of every model (default: %(default)s)')
+    parser.add_argument('--out', type=Path, default=Path('fastkd-report'),
+                        help='report folder (default: %(default)s)')
+
+
+def _data_args(parser: argparse.ArgumentParser, required: bool = True):
+    "Options that say where GTSRB is and which classes matter"
+    parser.add_argument('--data', type=Path, required=required,
+                        help='GTSRB folder: the official zips, their unpacked GTSRB/ folder, or prepare\'s output')
+    parser.add_argument('--classes', type=int, nargs='+', default=None,
+                        help='ClassIds of interest (default: all 43): training uses them, scores are over them')
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='fastkd', description='Knowledge distillation for fastai: train a teacher, '
+                                     'distil it into a smaller student, and report whether it paid.')
+    commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    demo = commands.add_parser('demo', help='the whole job on scikit-learn\'s digits (no download)',
+                               description='Teacher, student alone, distilled student and their TTA scores on '
+                               'scikit-learn\'s digits written as an image folder; writes a report folder.')
+    _schedule_args(demo, size=32, epochs=6, bs=64, lr_find_iters=100, teacher='xresnet34-half',
+                   student='xresnet18-quarter')
+    demo.add_argument('--data', type=Path, default=None,
+                      help='where to write the digits image folder (default: OUT/digits)')
+    gtsrb = commands.add_parser('gtsrb', help='the whole job on GTSRB (ResNet-34 teacher, ResNet-18 student)',
+                                description='The reference workflow on GTSRB, from official zips or folders.')
+    _data_args(gtsrb)
+    gtsrb.add_argument('--download', action='store_true', help='download the official zips into --data first')
+    gtsrb.add_argument('--teacher-weights', type=Path, default=None,
+                       help='state dict of a trained teacher (skips training the teacher)')
+    gtsrb.add_argument('--validation-fraction', type=float, default=0.2, help='share of tracks held out (default: 0.2)')
+    _schedule_args(gtsrb, size=96, epochs=4, bs=64, lr_find_iters=100, teacher='resnet34', student='resnet18')
+    prepare = commands.add_parser('prepare', help='GTSRB zips or folders to train/valid/all/test folders',
+                                  description='Make train/, valid/, all/ and test/ folders (one sub-folder per '
+                                  'ClassId) in --data from the official zips or their unpacked GTSRB/ folder.')
+    _data_args(prepare)
+    prepare.add_argument('--download', action='store_true', help='download the official zips into --data first')
+    prepare.add_argument('--validation-fraction', type=float, default=0.2, help='share of tracks held out (default: 0.2)')
+    prepare.add_argument('--link', action='store_true', help='hard-link instead of copying where the file system allows')
+    evaluate = commands.add_parser('evaluate', help='TTA sweep, per-class table and confusion matrix of saved weights',
+                                   description='Score a model\'s saved state dict on the prepared GTSRB test set.')
+    _data_args(evaluate)
+    evaluate.add_argument('--weights', type=Path, required=True, help='state dict file of the model to score')
+    evaluate.add_argument('--arch', choices=ARCHS, default='resnet18', help='its architecture (default: %(default)s)')
+    evaluate.add_argument('--size', type=int, default=96, help='image size in pixels (default: %(default)s)')
+    evaluate.add_argument('--bs', type=int, default=64, help='batch size (default: %(default)s)')
+    evaluate.add_argument('--n-augs', type=int, nargs='+', default=[0, 5, 10],
+                          help='numbers of augmented passes (default: 0 5 10)')
+    evaluate.add_argument('--out', type=Path, default=Path('fastkd-eval'), help='output folder (default: %(default)s)')
+    return parser
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    "Refuse values argparse lets through, naming the fix"
+    if hasattr(args, 'weight') and not 0 <= args.weight <= 1: parser.error('--weight must be between 0 and 1')
+    for name in ('size', 'bs', 'epochs', 'lr_find_iters'):
+        if getattr(args, name, 1) < 1: parser.error(f'--{name.replace("_", "-")} must be at least 1')
+    if getattr(args, 'freeze_epochs', 0) < 0: parser.error('--freeze-epochs must be 0 or more')
+    if any(n < 0 for n in getattr(args, 'n_augs', [])): parser.error('--n-augs must be 0 or more')
+    if hasattr(args, 'validation_fraction') and not 0 < args.validation_fraction < 1:
+        parser.error('--validation-fraction must be between 0 and 1')
+    if getattr(args, 'classes', None) and not all(0 <= c < 43 for c in args.classes):
+        parser.error('--classes are GTSRB ClassIds, from 0 to 42')
+    for name in ('teacher_weights', 'weights'):
+        file = getattr(args, name, None)
+        if file is not None and not file.is_file(): parser.error(f'--{name.replace("_", "-")} {file}: no such file')
+    data = getattr(args, 'data', None)
+    if args.command != 'demo' and not getattr(args, 'download', False) and not (data and data.is_dir()):
+        parser.error(f'--data {data}: no such folder. Put the official GTSRB zips (or their unpacked GTSRB/ folder) '
+                     'there, or add --download to fetch them (fastkd prepare --data DIR --download).')
+
+
+def main(argv: list[str] | None = None) -> int:
+    "Entry point of the `fastkd` console script"
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check(parser, args)
+    return {'demo': _demo, 'gtsrb': _gtsrb, 'prepare': _prepare, 'evaluate': _evaluate}[args.command](args) or 0
+
+
+def _schedule(args):
+    from .workflow import Schedule
+    return Schedule(args.freeze_epochs, args.epochs, args.lr, args.lr_find_iters, args.seed)
+
+
+def _job(args, dls, test_dl, y_true, teacher=None, mask=None, title: str = ''):
+    "Run the distillation job with the command-line settings and write its report"
+    from .workflow import distillation_job, write_report
+    job = distillation_job(dls, test_dl, y_true, ARCHS[args.teacher],
+                           ARCHS[args.student], _schedule(args), teacher=teacher,
+                           kd_loss=SoftTarget(T=args.temperature), kd_weight=args.weight, n_augs=args.n_augs, mask=mask)
+    report = write_report(job, args.out, title)
+    print(job['table'].to_string(float_format='{:.4g}'.format))
+    print(f'Report written to {report}')
+
+
+def _demo(args):
+    from .digits import digits_dls, write_digits
+    data = write_digits(args.data or args.out/'digits', size=args.size, seed=args.seed)
+    dls = digits_dls(data, size=args.size, bs=args.bs, seed=args.seed)
+    test_files = sorted((data/'test').glob('*/*.png'))
+    y_true = [dls.vocab.o2i[f.parent.name] for f in test_files]
+    _job(args, dls, dls.test_dl(test_files), y_true, title='fastkd demo: distillation on scikit-learn digits')
+
+
+def _prepared(args) -> dict:
+    "prepare_gtsrb on --data, after downloading the official zips when asked"
+    from .gtsrb import download_gtsrb, prepare_gtsrb
+    if args.download: download_gtsrb(args.data)
+    return prepare_gtsrb(args.data, classes=args.classes, validation_fraction=args.validation_fraction,
+                         link=getattr(args, 'link', False), seed=getattr(args, 'seed', 42))
+
+
+def _gtsrb_test(args, dls):
+    "The labelled GTSRB test set of --data and the mask of the classes of interest, or an exit when it is missing"
+    from .gtsrb import gtsrb_test_dl
+    from .tta import class_mask
+    if not (args.data/'test').is_dir():
+        sys.exit(f'fastkd: no test set in {args.data}: add GTSRB_Final_Test_Images.zip and GTSRB_Final_Test_GT.zip '
+                 '(or --download) and run again.')
+    test_dl, y_true = gtsrb_test_dl(dls, args.data, classes=args.classes)
+    return test_dl, y_true, (class_mask(y_true, args.classes) if args.classes else None)
+
+
+def _gtsrb(args):
+    from .callback import load_teacher
+    from .gtsrb import gtsrb_dls
+    _prepared(args)
+    dls = gtsrb_dls(args.data, size=args.size, bs=args.bs, classes=args.classes)
+    test_dl, y_true, mask = _gtsrb_test(args, dls)
+    teacher = load_teacher(args.teacher_weights, ARCHS[args.teacher], 43) if args.teacher_weights else None
+    _job(args, dls, test_dl, y_true, teacher=teacher, mask=mask, title='fastkd: distillation on GTSRB')
+
+
+def _prepare(args):
+    paths = _prepared(args)
+    for name, path in paths.items(): print(f'{name:>5}: {path}')
+
+
+def _evaluate(args):
+    from fastai.metrics import accuracy
+    from fastai.vision.learner import vision_learner
+    from .callback import load_teacher
+    from .files import atomic_write
+    from .gtsrb import gtsrb_class_names, gtsrb_dls
+    from .report import per_class_table, plot_confusion
+    from .split import default_split
+    from .tta import plot_tta, test_time_aug
+    from .workflow import weighted_f1
+    dls = gtsrb_dls(args.data, size=args.size, bs=args.bs, classes=args.classes)
+    learn = vision_learner(dls, ARCHS[args.arch], pretrained=False, splitter=default_split,
+                           metrics=accuracy)
+    load_teacher(args.weights, learn.model)
+    test_dl, y_true, mask = _gtsrb_test(args, dls)
+    results = test_time_aug(learn, test_dl, y_true, weighted_f1, args.n_augs, mask=mask)
+    y_pred = learn.get_preds(dl=test_dl)[0].argmax(dim=1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out/'tta.csv', partial(results.to_csv, index=False))
+    atomic_write(args.out/'tta.png', partial(plot_tta(results).savefig, format='png'))
+    table = per_class_table(y_true, y_pred, dls.vocab, gtsrb_class_names(), mask)
+    atomic_write(args.out/'per_class.csv', table.to_csv)
+    atomic_write(args.out/'confusion.png', partial(plot_confusion(y_true, y_pred, dls.vocab, mask).savefig, format='png'))
+    print(f'Results written to {args.out}')
+
+
+if __name__ == '__main__': sys.exit(main())

@@ -1,0 +1,70 @@
+"The `fastkd` command: every --help, bad arguments, and the demo at a tiny size."
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from fastkd.cli import main
+
+FASTKD = Path(sys.executable).parent/'fastkd'
+TINY = ['--size', '16', '--bs', '64', '--freeze-epochs', '1', '--epochs', '1', '--lr', '0.01',
+        '--teacher', 'xresnet18-quarter', '--student', 'xresnet18-quarter', '--n-augs', '1']
+
+
+def test_console_script_is_installed_and_lists_commands():
+    result = subprocess.run([FASTKD, '--help'], capture_output=True, text=True, check=True)
+    assert all(command in result.stdout for command in ('demo', 'gtsrb', 'prepare', 'evaluate'))
+
+
+@pytest.mark.parametrize('command,options', [
+    ('demo', ['--size', '--epochs', '--freeze-epochs', '--teacher', '--student', '--temperature', '--weight', '--out']),
+    ('gtsrb', ['--data', '--download', '--classes', '--size', '--epochs', '--teacher-weights']),
+    ('prepare', ['--data', '--download', '--classes', '--validation-fraction', '--link']),
+    ('evaluate', ['--data', '--weights', '--arch', '--n-augs', '--classes'])])
+def test_every_help_is_complete(capsys, command, options):
+    with pytest.raises(SystemExit) as exit_info: main([command, '--help'])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(option in text for option in options)
+
+
+@pytest.mark.parametrize('argv,message', [
+    ([], 'required: COMMAND'),
+    (['distil'], "invalid choice: 'distil'"),
+    (['demo', '--weight', '1.5'], '--weight must be between 0 and 1'),
+    (['demo', '--epochs', '0'], '--epochs must be at least 1'),
+    (['demo', '--teacher', 'vgg99'], "invalid choice: 'vgg99'"),
+    (['demo', '--n-augs', '-1'], '--n-augs must be 0 or more'),
+    (['gtsrb'], 'the following arguments are required: --data'),
+    (['prepare', '--data', 'DATA', '--classes', '43'], '--classes are GTSRB ClassIds, from 0 to 42'),
+    (['evaluate', '--data', 'DATA', '--weights', 'nothing.pth'], '--weights nothing.pth: no such file')])
+def test_bad_arguments_exit_with_code_2_and_say_what_to_fix(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path/'DATA').mkdir()
+    with pytest.raises(SystemExit) as exit_info: main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_folder_says_how_to_get_it(tmp_path):
+    result = subprocess.run([FASTKD, 'prepare', '--data', tmp_path/'nowhere'], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert 'no such folder' in result.stderr and '--download' in result.stderr
+
+
+def test_demo_writes_a_report_from_the_run(tmp_path, capsys):
+    out = tmp_path/'report'
+    assert main(['demo', '--out', str(out), *TINY]) == 0
+    assert f'Report written to {out/"report.md"}' in capsys.readouterr().out
+    results = pd.read_csv(out/'results.csv', index_col='model')
+    assert list(results.index) == ['teacher', 'student', 'distilled student']
+    assert {'parameters', 'latency_ms', 'valid_accuracy', 'test_f1', 'test_f1_tta1', 'train_s'} <= set(results.columns)
+    assert results.test_f1.between(0, 1).all() and (results.train_s > 0).all()
+    report = (out/'report.md').read_text()
+    assert f"{results.loc['student', 'test_f1']:.4g}" in report and 'losses.png' in report
+    for png in ('losses.png', 'tta.png'): assert (out/png).read_bytes()[:4] == b'\x89PNG'
+    weights = torch.load(out/'student.pth', weights_only=True)
+    assert weights.keys() and all(isinstance(v, torch.Tensor) for v in weights.values())
