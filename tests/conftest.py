@@ -1,4 +1,5 @@
 "Shared fixtures: seeded runs, the digits image folder, and the real GTSRB data in ../shared when present."
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,21 @@ def gtsrb_data() -> Path:
     if not (GTSRB_DATA/'gtsrb32.tar.gz').exists():
         pytest.skip(f'GTSRB test data not found at {GTSRB_DATA} (it lives in the shared data folder beside the repo)')
     return GTSRB_DATA
+
+
+@pytest.fixture(scope='session')
+def gtsrb32(gtsrb_data, tmp_path_factory) -> Path:
+    "The 32x32 archive unpacked once per session: complete training tracks and part of the test set, official layout"
+    root = tmp_path_factory.mktemp('gtsrb32')
+    subprocess.run(['tar', 'xzf', str(gtsrb_data/'gtsrb32.tar.gz'), '-C', str(root)], check=True)  # 10x Python's tarfile
+    return root/'GTSRB'
+
+
+def data_folder(gtsrb32: Path, dest: Path) -> Path:
+    "A data folder whose `GTSRB/` is the unpacked archive (a link, so many destinations share one source)"
+    dest.mkdir()
+    (dest/'GTSRB').symlink_to(gtsrb32, target_is_directory=True)
+    return dest
 
 
 def tiny_cnn(width: int, n_out: int = 10) -> torch.nn.Sequential:

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import data_folder
 from fastkd.cli import main
 
 FASTKD = Path(sys.executable).parent/'fastkd'
@@ -68,3 +69,29 @@ def test_demo_writes_a_report_from_the_run(tmp_path, capsys):
     for png in ('losses.png', 'tta.png'): assert (out/png).read_bytes()[:4] == b'\x89PNG'
     weights = torch.load(out/'student.pth', weights_only=True)
     assert weights.keys() and all(isinstance(v, torch.Tensor) for v in weights.values())
+
+
+def test_prepare_on_the_original_size_sample(gtsrb_data, tmp_path, capsys):
+    data = tmp_path/'data'
+    (data/'GTSRB'/'Final_Training').mkdir(parents=True)
+    (data/'GTSRB'/'Final_Training'/'Images').symlink_to(gtsrb_data/'sample'/'GTSRB'/'Final_Training'/'Images')
+    assert main(['prepare', '--data', str(data), '--classes', '0', '1']) == 0
+    assert f'train: {data/"train"}' in capsys.readouterr().out
+    assert sorted(p.name for p in (data/'all').iterdir()) == ['0', '1']
+    assert len(list((data/'all').glob('*/*.ppm'))) == len(list((data/'train').glob('*/*.ppm'))) + len(list((data/'valid').glob('*/*.ppm')))
+
+
+def test_gtsrb_job_then_evaluate_its_student(gtsrb32, tmp_path, capsys):
+    data, out, evaluation = data_folder(gtsrb32, tmp_path/'data'), tmp_path/'report', tmp_path/'evaluation'
+    classes = ['0', '19', '37']  # 210 training images each: the smallest classes
+    assert main(['gtsrb', '--data', str(data), '--classes', *classes, '--out', str(out), *TINY]) == 0
+    results = pd.read_csv(out/'results.csv', index_col='model')
+    assert list(results.index) == ['teacher', 'student', 'distilled student'] and results.test_f1.between(0, 1).all()
+    assert main(['evaluate', '--data', str(data), '--weights', str(out/'student.pth'), '--arch', 'xresnet18-quarter',
+                 '--size', '16', '--classes', *classes, '--n-augs', '0', '1', '--out', str(evaluation)]) == 0
+    sweep = pd.read_csv(evaluation/'tta.csv')
+    assert list(sweep.n_aug) == [0, 1]
+    assert sweep.score[0] == pytest.approx(results.loc['distilled student', 'test_f1'], abs=1e-6)  # same weights, same items
+    per_class = pd.read_csv(evaluation/'per_class.csv')
+    assert list(per_class.label) == [0, 19, 37] and per_class.name[1] == 'Dangerous curve to the left'
+    assert (evaluation/'confusion.png').read_bytes()[:4] == b'\x89PNG'

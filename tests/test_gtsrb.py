@@ -1,7 +1,6 @@
 "GTSRB preparation on the real data of ../shared/data/gtsrb: annotations, track-wise split, test set, DataLoaders."
 import csv
 import hashlib
-import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import pytest
 import torch
 from fastai.data.transforms import Normalize
 
+from conftest import data_folder
 from fastkd.gtsrb import (copy_test_set, gtsrb_class_names, gtsrb_dls, gtsrb_test_dl, load_training_annotations,
                           prepare_gtsrb, read_annotations, split_train_validation_sets)
 
@@ -37,21 +37,6 @@ def track(filename: str) -> str: return filename.split('_')[0]
 def sample(gtsrb_data) -> Path:
     "The original-size sample: `Final_Training/Images` with 46-47 images of incomplete tracks per class"
     return gtsrb_data/'sample'/'GTSRB'/'Final_Training'/'Images'
-
-
-@pytest.fixture(scope='module')
-def gtsrb32(gtsrb_data, tmp_path_factory) -> Path:
-    "The 32x32 archive unpacked: complete training tracks and part of the test set, in the official layout"
-    root = tmp_path_factory.mktemp('gtsrb32')
-    subprocess.run(['tar', 'xzf', str(gtsrb_data/'gtsrb32.tar.gz'), '-C', str(root)], check=True)  # 10x Python's tarfile
-    return root/'GTSRB'
-
-
-def data_folder(gtsrb32: Path, dest: Path) -> Path:
-    "A data folder whose `GTSRB/` is the unpacked archive (a link, so many destinations share one source)"
-    dest.mkdir()
-    (dest/'GTSRB').symlink_to(gtsrb32, target_is_directory=True)
-    return dest
 
 
 @pytest.fixture(scope='module')
