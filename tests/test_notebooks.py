@@ -123,6 +123,7 @@ def test_gtsrb_distillation(kernel_dirs, gtsrb_data, tmp_path):
     comparison = frame(result['comparison'])
     assert list(comparison.index) == ['teacher', 'student']
     assert comparison.loc['student', 'parameters'] < comparison.loc['teacher', 'parameters']
+    assert sweep.score[0] == pytest.approx(comparison.loc['student', 'weighted F1'])  # n_aug=0: plain predictions
     with Image.open(tmp_path/'tta_sweep.png') as png: assert png.format == 'PNG' and png.width > 100
     plot_cell = next(c for c in nb.cells if 'plot_tta(' in c.source)
     assert any('image/png' in o.get('data', {}) for o in plot_cell.outputs), 'the TTA plot is not shown as an image'
