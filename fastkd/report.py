@@ -37,26 +37,17 @@ def _state_dict_bytes(model: nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
-def _median_seconds(model: nn.Module, x: Tensor, n_repeats: int, n_warmup: int) -> float:
-    "Median seconds of `model(x)` over `n_repeats` timed runs after `n_warmup` untimed ones"
-    seconds = []
+def _median_seconds(models: dict[str, nn.Module], x: Tensor, n_repeats: int, n_warmup: int) -> dict[str, float]:
+    """Median seconds of `model(x)` for each of `models` over `n_repeats` timed runs after `n_warmup` untimed ones,
+    taking turns, so that a change in the machine's load hits every model alike"""
+    seconds = {name: [] for name in models}
     with torch.inference_mode():
         for i in range(n_warmup + n_repeats):
-            start = time.perf_counter()
-            model(x)
-            if i >= n_warmup: seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
-
-
-def _profile(model: nn.Module, input_size: tuple[int, ...], batch_size: int, n_repeats: int, n_warmup: int) -> dict:
-    "Parameters, size on disk and CPU speed of an eval-mode copy of `model` on random inputs of `input_size`"
-    model = copy.deepcopy(model).cpu().eval()  # the caller's model keeps its device and mode
-    generator = torch.Generator().manual_seed(0)
-    one, batch = (torch.randn(n, *input_size, generator=generator) for n in (1, batch_size))
-    return {'parameters': sum(p.numel() for p in model.parameters()),
-            'size_mb': _state_dict_bytes(model) / 2**20,
-            'latency_ms': 1000 * _median_seconds(model, one, n_repeats, n_warmup),
-            'throughput_per_s': batch_size / _median_seconds(model, batch, n_repeats, n_warmup)}
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(x)
+                if i >= n_warmup: seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in seconds.items()}
 
 
 def compare_models(teacher: nn.Module | Learner, student: nn.Module | Learner, input_size: tuple[int, ...] = (3, 96, 96),
@@ -64,13 +55,18 @@ def compare_models(teacher: nn.Module | Learner, student: nn.Module | Learner, i
     """Rows `parameters`, `size_mb` (state dict on disk), `latency_ms` (per image at batch 1) and `throughput_per_s`
     (images per second at `batch_size`); columns `teacher`, `student` and their ratio `student/teacher`.
     Timings are medians of `n_repeats` runs after `n_warmup`, under `torch.inference_mode`, on eval-mode CPU copies
-    of the models with torch's current thread count (`torch.set_num_threads`)."""
-    teacher, student = _model(teacher, 'teacher'), _model(student, 'student')
+    of the models (yours keep their device and mode) with torch's current thread count (`torch.set_num_threads`)."""
+    models = {name: _model(model, name) for name, model in (('teacher', teacher), ('student', student))}
     if batch_size < 1 or n_repeats < 1 or n_warmup < 0:
         raise ValueError(f'Need batch_size >= 1, n_repeats >= 1 and n_warmup >= 0, got {batch_size}, {n_repeats}, {n_warmup}.')
-    profiles = {name: _profile(model, tuple(input_size), batch_size, n_repeats, n_warmup)
-                for name, model in (('teacher', teacher), ('student', student))}
-    report = pd.DataFrame(profiles)
+    models = {name: copy.deepcopy(model).cpu().eval() for name, model in models.items()}
+    generator = torch.Generator().manual_seed(0)
+    one, batch = (torch.randn(n, *input_size, generator=generator) for n in (1, batch_size))
+    latency, batch_seconds = (_median_seconds(models, x, n_repeats, n_warmup) for x in (one, batch))
+    report = pd.DataFrame({name: {'parameters': sum(p.numel() for p in model.parameters()),
+                                  'size_mb': _state_dict_bytes(model) / 2**20,
+                                  'latency_ms': 1000 * latency[name],
+                                  'throughput_per_s': batch_size / batch_seconds[name]} for name, model in models.items()})
     report['student/teacher'] = report.student / report.teacher
     return report
 
