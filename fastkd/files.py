@@ -9,6 +9,13 @@ from typing import Callable
 __all__ = ['atomic_write']
 
 
+def _umask() -> int:
+    "The process's umask (reading it means setting it, so set it back)"
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     "Call `write(tmp)` on a temporary file beside `path`, then rename it into place; an interrupted write leaves no file"
     path = Path(path)
@@ -16,6 +23,7 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files: give the permissions of an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp): os.remove(tmp)

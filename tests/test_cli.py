@@ -37,6 +37,7 @@ def test_every_help_is_complete(capsys, command, options):
     (['distil'], "invalid choice: 'distil'"),
     (['demo', '--weight', '1.5'], '--weight must be between 0 and 1'),
     (['demo', '--epochs', '0'], '--epochs must be at least 1'),
+    (['demo', '--threads', '0'], '--threads must be at least 1'),
     (['demo', '--teacher', 'vgg99'], "invalid choice: 'vgg99'"),
     (['demo', '--n-augs', '-1'], '--n-augs must be 0 or more'),
     (['gtsrb'], 'the following arguments are required: --data'),
