@@ -72,7 +72,7 @@ def run_notebook(name: str, kernel_dirs: list[str], cwd: Path, report: str, **pa
     km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=kernel_dirs))
     NotebookClient(nb, km=km, timeout=600, resources={'metadata': {'path': str(cwd)}}).execute()
     result = json.loads(''.join(o.text for o in nb.cells[-1].outputs if o.get('name') == 'stdout'))
-    assert result.pop('python') == sys.executable, 'the notebook ran on another interpreter than the venv'
+    assert result.pop('python') == sys.executable, 'the kernel ran another interpreter than the tests'
     return result, nb
 
 
@@ -95,6 +95,7 @@ def test_notebooks_are_committed_clean():
 
 
 def test_quickstart(kernel_dirs, small_digits, tmp_path):
+    "A teacher, then a much smaller student distilled from it after lr_find: both learn"
     report = "{'summary': summary.to_dict(orient='index'), 'lr': lr, 'columns': list(student.recorder.metric_names)}"
     result, _ = run_notebook('00_quickstart.ipynb', kernel_dirs, tmp_path, report, data_path=str(small_digits),
                              size=16, bs=32, epochs=3, lr_find_iters=30)
@@ -107,6 +108,7 @@ def test_quickstart(kernel_dirs, small_digits, tmp_path):
 
 
 def test_gtsrb_distillation(kernel_dirs, gtsrb_data, tmp_path):
+    "The reference workflow on two real GTSRB classes: folders, teacher, distilled student, TTA sweep, plot"
     report = ("{'sweep': sweep.to_dict(orient='list'), 'comparison': comparison.to_dict(orient='index'), "
               "'vocab': list(dls.vocab), 'test_labels': sorted(set(y_true.tolist())), 'n_masked': int(mask.sum()), "
               "'columns': list(student.recorder.metric_names)}")
@@ -130,6 +132,7 @@ def test_gtsrb_distillation(kernel_dirs, gtsrb_data, tmp_path):
 
 
 def test_gtsrb_notebook_says_when_data_is_absent(kernel_dirs, tmp_path):
+    "Without the archive, the cell after the parameters stops with an error that says what is missing and the way out"
     with pytest.raises(CellExecutionError) as error:
         run_notebook('01_gtsrb_distillation.ipynb', kernel_dirs, tmp_path, '{}', gtsrb_data=str(tmp_path/'nowhere'),
                      work_path=None, **GTSRB_TINY)
@@ -138,6 +141,7 @@ def test_gtsrb_notebook_says_when_data_is_absent(kernel_dirs, tmp_path):
 
 
 def test_distillation_methods(kernel_dirs, small_digits, tmp_path):
+    "One row per model, and a conclusion that says what the table says"
     report = ("{'results': results.to_dict(orient='index'), "
               "'gains': {m: gains_over_student(results, m).to_dict() for m in ['accuracy', 'weighted_f1']}}")
     result, nb = run_notebook('02_distillation_methods.ipynb', kernel_dirs, tmp_path, report,
@@ -158,6 +162,7 @@ def test_distillation_methods(kernel_dirs, small_digits, tmp_path):
 
 
 def test_compression(kernel_dirs, tmp_path):
+    "The comparison of the GTSRB pair counts the parameters of real ResNet-34 and ResNet-18 models"
     report = "{'report': report.to_dict(orient='index'), 'summary': compression_summary(report)}"
     result, _ = run_notebook('03_compression.ipynb', kernel_dirs, tmp_path, report, size=32, n_classes=43,
                              batch_size=4, n_repeats=2)
