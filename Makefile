@@ -20,8 +20,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
 
-bench: $(STAMP)
+bench: $(STAMP)  # each writes its table to bench/results/
+	$(BIN)/python bench/kd_overhead.py
 	$(BIN)/python bench/tta_sweep.py
+	$(BIN)/python bench/prepare_gtsrb.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
