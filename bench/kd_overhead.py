@@ -13,18 +13,11 @@ from pathlib import Path
 
 import torch
 from fastai.learner import Learner
-from fastai.torch_core import set_seed
-from fastai.vision.learner import vision_learner
 
-from fastkd.all import KnowledgeDistillation, SoftTarget, default_split, digits_dls, write_digits
+from fastkd.all import KnowledgeDistillation, SoftTarget, atomic_write, digits_dls, scratch_learner, write_digits
 from fastkd.cli import ARCHS
 
 RESULTS = Path(__file__).parent/'results'/'kd_overhead.md'
-
-
-def learner(dls, arch: str, **kwargs) -> Learner:
-    set_seed(42, reproducible=True)
-    return vision_learner(dls, ARCHS[arch], pretrained=False, splitter=default_split, **kwargs)
 
 
 def fit_seconds(learn: Learner) -> float:
@@ -47,11 +40,11 @@ def main(repeats: int, teacher_arch: str, student_arch: str, size: int):
     torch.set_num_threads(1)  # steadier on a shared machine; the ratio is what matters
     data = write_digits(Path(tempfile.mkdtemp())/'digits', size=size)
     dls = digits_dls(data, size=size, bs=64, num_workers=0)
-    teacher = learner(dls, teacher_arch).model
+    teacher = scratch_learner(dls, ARCHS[teacher_arch]).model
     rows = []
     for _ in range(repeats):
-        student = fit_seconds(learner(dls, student_arch))
-        distilled = fit_seconds(learner(dls, student_arch, cbs=KnowledgeDistillation(teacher, SoftTarget(T=4))))
+        student = fit_seconds(scratch_learner(dls, ARCHS[student_arch]))
+        distilled = fit_seconds(scratch_learner(dls, ARCHS[student_arch], cbs=KnowledgeDistillation(teacher, SoftTarget(T=4))))
         forward = teacher_seconds(teacher, dls)
         rows.append((student, distilled, forward, (distilled - student) / forward))
     overhead = statistics.median(r[3] for r in rows)
@@ -63,7 +56,7 @@ def main(repeats: int, teacher_arch: str, student_arch: str, size: int):
              f'**Median: distillation adds {overhead:.2f} teacher-forward epochs per epoch** (1.00 = exactly one teacher '
              'forward per step and nothing else).', '']
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text('\n'.join(lines))
+    atomic_write(RESULTS, lambda tmp: Path(tmp).write_text('\n'.join(lines)))
     print('\n'.join(lines))
 
 

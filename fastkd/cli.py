@@ -186,18 +186,14 @@ def _prepare(args):
 
 
 def _evaluate(args):
-    from fastai.metrics import accuracy
-    from fastai.vision.learner import vision_learner
     from .callback import load_teacher
     from .files import atomic_write
     from .gtsrb import gtsrb_class_names, gtsrb_dls
     from .report import per_class_table, plot_confusion
-    from .split import default_split
     from .tta import plot_tta, test_time_aug
-    from .workflow import weighted_f1
+    from .workflow import scratch_learner, weighted_f1
     dls = gtsrb_dls(args.data, size=args.size, bs=args.bs, classes=args.classes)
-    learn = vision_learner(dls, ARCHS[args.arch], pretrained=False, splitter=default_split,
-                           metrics=accuracy)
+    learn = scratch_learner(dls, ARCHS[args.arch])
     load_teacher(args.weights, learn.model)
     test_dl, y_true, mask = _gtsrb_test(args, dls)
     results = test_time_aug(learn, test_dl, y_true, weighted_f1, args.n_augs, mask=mask)

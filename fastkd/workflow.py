@@ -26,7 +26,7 @@ from .report import compare_models, compression_summary
 from .split import default_split
 from .tta import plot_tta, test_time_aug
 
-__all__ = ['weighted_f1', 'train_schedule', 'Schedule', 'distillation_job', 'write_report']
+__all__ = ['weighted_f1', 'scratch_learner', 'train_schedule', 'Schedule', 'distillation_job', 'write_report']
 
 
 def weighted_f1(y_true, y_pred) -> float:
@@ -62,7 +62,7 @@ def train_schedule(learn: Learner, schedule: Schedule) -> dict:
                 losses=[float(loss) for loss in losses])
 
 
-def _learner(dls: DataLoaders, arch: Callable, seed: int, **kwargs) -> Learner:
+def scratch_learner(dls: DataLoaders, arch: Callable, seed: int = 42, **kwargs) -> Learner:
     "A from-scratch vision learner split into body and head, its weights drawn from `seed`"
     set_seed(seed, reproducible=True)
     return vision_learner(dls, arch, pretrained=False, splitter=default_split, metrics=accuracy, **kwargs)
@@ -76,13 +76,13 @@ def distillation_job(dls: DataLoaders, test_dl, y_true, teacher_arch: Callable, 
     the same schedule (the distilled student reuses the learning rate found for the student alone), and score each
     on `test_dl` with a TTA sweep of `n_augs` (plain predictions always included) over the items `mask` selects.
     Returns the learners by name, their TTA results, the teacher/student size report, and a results table."""
-    learners, training = {'teacher': _learner(dls, teacher_arch, schedule.seed)}, {}
+    learners, training = {'teacher': scratch_learner(dls, teacher_arch, schedule.seed)}, {}
     if teacher is None: training['teacher'] = train_schedule(learners['teacher'], schedule)
     else: learners['teacher'].model.load_state_dict(teacher.state_dict())
-    learners['student'] = _learner(dls, student_arch, schedule.seed)
+    learners['student'] = scratch_learner(dls, student_arch, schedule.seed)
     training['student'] = train_schedule(learners['student'], schedule)
     kd = KnowledgeDistillation(learners['teacher'], kd_loss, weight=kd_weight)
-    learners['distilled student'] = _learner(dls, student_arch, schedule.seed, cbs=kd)
+    learners['distilled student'] = scratch_learner(dls, student_arch, schedule.seed, cbs=kd)
     training['distilled student'] = train_schedule(learners['distilled student'],
                                                    replace(schedule, lr=training['student']['lr']))
     n_augs = sorted({0, *n_augs})
