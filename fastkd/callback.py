@@ -1,113 +1,214 @@
-"""The `KnowledgeDistillation` callback and `load_teacher`, which builds a frozen teacher from a weights file."""
+"""The `KnowledgeDistillation` callback, and `load_teacher`, which builds a frozen teacher from a weights file.
+
+Importing this module makes `Learner.export` leave `KnowledgeDistillation` out of the exported file."""
 from __future__ import annotations
 
 import inspect
-from contextlib import nullcontext
-from functools import partial
+import sys
+import warnings
+from contextlib import contextmanager, nullcontext
+from functools import partial, wraps
 from pathlib import Path
 from typing import Callable
 
+import cloudpickle
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner, Recorder
+from fastai.torch_core import to_device
 from fastai.vision.learner import create_vision_model
 from fastcore.basics import store_attr
 from fastcore.foundation import L
 from torch import Tensor, nn
 
-from .losses import SoftTarget
+from .tasks import task_of
 
 __all__ = ['KnowledgeDistillation', 'load_teacher']
 
 
 def _teacher_model(teacher) -> nn.Module:
-    "The frozen model behind `teacher`: an `nn.Module`, or the model of a fastai `Learner`"
+    "The model behind `teacher`, an `nn.Module` or the model of a fastai `Learner`, as the user gave it"
     if isinstance(teacher, Learner): teacher = teacher.model
+    if isinstance(teacher, (str, Path)):
+        raise TypeError(f'The teacher is a path ({teacher}), not a model: load it first with '
+                        f'load_teacher(path, arch, n_out), e.g. load_teacher("{teacher}", resnet34, 43).')
     if not isinstance(teacher, nn.Module):
         raise TypeError(f'A teacher must be a torch `nn.Module` or a fastai `Learner`, got {type(teacher).__name__}. '
                         'Pass the trained model (or the Learner that holds it), or a list of them for an ensemble.')
-    for param in teacher.parameters(): param.grad = None  # gradients left from its own training
-    return teacher.eval().requires_grad_(False)
+    return teacher
 
 
-def _make_loss(loss) -> Callable:
-    "An instance of `loss` if it is a loss class or a partial of one, else `loss` itself"
+def _frozen(model: nn.Module) -> nn.Module:
+    "`model` in eval mode without gradients: a teacher that fastkd built and owns"
+    for param in model.parameters(): param.grad = None
+    return model.eval().requires_grad_(False)
+
+
+@contextmanager
+def _evaluating(model: nn.Module):
+    "`model` in eval mode inside the block, then every submodule back in the mode it had"
+    modes = [module.training for module in model.modules()]
+    model.eval()
+    try: yield model
+    finally:
+        for module, mode in zip(model.modules(), modes): module.training = mode
+
+
+def _first(output):
+    "The prediction in a model's output: the first element of a tuple (fastai's text models), else the output"
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+_CALLING = ('fastkd calls a distillation loss as loss(student_logits, teacher_logits) or '
+            'loss(student_logits, teacher_logits, target)')
+
+
+def _make_loss(loss) -> Callable | None:
+    "An instance of `loss` if it is a loss class or a partial of one, else `loss` itself; refuse what cannot be called so"
+    if loss is None: return None
     is_class = isinstance(loss, type) or (isinstance(loss, partial) and isinstance(loss.func, type))
-    return loss() if is_class else loss
+    loss = loss() if is_class else loss
+    if isinstance(loss, nn.modules.loss._Loss):
+        raise TypeError(f'{type(loss).__name__} is a torch loss of a prediction against a target, not a distillation '
+                        f'loss: {_CALLING}. Use SoftTarget(T=4), DKD(), DIST(), BinarySoftTarget() or LogitMSE(), or '
+                        'a function such as lambda s, t: F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), '
+                        "reduction='batchmean').")
+    if not callable(loss) or _n_positional(loss) < 2:
+        raise TypeError(f'{loss!r} cannot be a distillation loss: {_CALLING}. Use SoftTarget(T=4), DKD(), DIST(), '
+                        'BinarySoftTarget() or LogitMSE(), or a function of that form.')
+    return loss
 
 
-def _takes_target(loss: Callable) -> bool:
-    "Whether `loss` accepts a third positional argument, the target"
+def _n_positional(loss: Callable) -> int:
+    "How many positional arguments `loss` accepts (3 or more: it takes the target)"
     try: params = inspect.signature(loss).parameters.values()
-    except (TypeError, ValueError): return True
-    if any(p.kind == p.VAR_POSITIONAL for p in params): return True
-    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 3
+    except (TypeError, ValueError): return 3
+    if any(p.kind == p.VAR_POSITIONAL for p in params): return 3
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
 class KnowledgeDistillation(Callback):
     """Train the learner's model to follow a frozen `teacher` as well as the labels:
     the training loss becomes `(1 - weight) * loss + weight * distillation_loss(student_logits, teacher_logits, y)`.
     `teacher` is an `nn.Module`, a `Learner`, or a list of them (an ensemble: its probabilities are averaged).
+    `loss='auto'` picks the distillation loss from the learner's loss function: `SoftTarget` for cross-entropy
+    (any class axis, segmentation included), `BinarySoftTarget` for BCE with logits, `LogitMSE` for regression.
     `weight` is a number or a schedule of training progress (e.g. `SchedLin(0, 0.5)`).
-    The teacher runs in training steps only; validation, `get_preds`, `tta` and `valid_loss` are the learner's own."""
+    The teacher runs in training steps only (plus one check on a validation batch as each fit starts), in eval mode
+    and without gradients, and is left as it was given; validation, `get_preds`, `tta` and `valid_loss` are the
+    learner's own. `learn.export()` leaves this callback out."""
     order, run_valid, beta = Recorder.order + 1, False, 0.98  # after Recorder sets its columns, before ProgressCallback prints them
 
-    def __init__(self, teacher, loss=SoftTarget, weight: float | Callable = 0.5, from_learner: bool | None = None):
+    def __init__(self, teacher, loss='auto', weight: float | Callable = 0.5, from_learner: bool | None = None,
+                 **loss_settings):
         "`from_learner` is accepted for older code and not needed: a `Learner` teacher is detected"
+        if loss_settings:
+            name = getattr(loss, '__name__', type(loss).__name__)
+            settings = ', '.join(f'{k}={v!r}' for k, v in loss_settings.items())
+            raise TypeError(f'KnowledgeDistillation got {settings}: settings of the loss go to the loss itself, as in '
+                            f'KnowledgeDistillation(teacher, {name}({settings})).')
         teachers = teacher if isinstance(teacher, (list, tuple)) else [teacher]
         self.teachers = [_teacher_model(t) for t in teachers]
         if not callable(weight) and not 0 <= weight <= 1:
             raise ValueError(f'weight must be between 0 and 1 (or a schedule of training progress), got {weight}')
-        self.kd_loss = _make_loss(loss)
-        self.kd_loss_takes_target = _takes_target(self.kd_loss)
+        self.auto_loss = isinstance(loss, str) and loss == 'auto'
+        self.kd_loss = None if self.auto_loss else _make_loss(loss)
         store_attr('weight')
 
+    def __repr__(self) -> str:
+        loss = 'auto (picked when the fit starts)' if self.auto_loss and self.kd_loss is None else self.kd_loss
+        return f'{type(self).__name__}(loss={loss}, weight={self.weight})'
+
     def __getstate__(self):
-        "Leave the teachers out of pickles: `learn.export` stores the student alone"
+        "Leave the teachers out of pickles (`learn.export` leaves the whole callback out)"
         return {**self.__dict__, 'teachers': None}
 
-    def before_fit(self):
-        "Add the loss parts to the Recorder's columns"
-        self.smooth_parts, self.n_batches = 0., 0
-        if hasattr(self.learn, 'recorder') and 'train_loss' in self.recorder.metric_names:
-            names = self.recorder.metric_names
-            at = names.index('train_loss') + 1
-            self.recorder.metric_names = names[:at] + ['train_ce', 'train_kd'] + names[at:]
+    def after_create(self): self._pick_loss()
 
-    def before_train(self):
-        "Move the teachers to the student's device and dtype"
+    def _pick_loss(self):
+        "The task of the learner's loss function, and the distillation loss for it when `loss='auto'`"
+        self.task = task_of(self.learn.loss_func)
+        if self.auto_loss: self.kd_loss = self.task.default_loss()
+        self.kd_loss_takes_target = self.kd_loss is not None and _n_positional(self.kd_loss) >= 3
+
+    def before_fit(self):
+        "Pick the loss and add its parts to the Recorder (validation and `get_preds` also start with `before_fit`)"
+        if self.teachers is None:
+            raise RuntimeError('This KnowledgeDistillation callback was unpickled, and pickles never store the teacher: '
+                               'add a new callback instead, learn.add_cb(KnowledgeDistillation(teacher)).')
         if any(isinstance(cb, GradientAccumulation) for cb in self.learn.cbs):
             raise ValueError('KnowledgeDistillation does not support GradientAccumulation yet (it scales the loss before '
                              'the distillation term is mixed in): remove one of them, e.g. use a smaller batch size.')
-        if self.teachers is None:
-            raise RuntimeError('This KnowledgeDistillation callback came from an exported learner, which never stores '
-                               'the teacher: set `learn.knowledge_distillation.teachers = [teacher_model]` to train again.')
+        self._pick_loss()
+        self.smooth_parts, self.n_batches, self.checked = 0., 0, False
+        if hasattr(self.learn, 'recorder') and 'train_loss' in self.recorder.metric_names:
+            names = self.recorder.metric_names
+            at = names.index('train_loss') + 1
+            self.recorder.metric_names = names[:at] + [self.task.column, 'train_kd'] + names[at:]
+
+    def before_train(self):
+        "Move the teachers to the student's device and dtype; before the fit's first step, check them on a validation batch"
         param = next(self.model.parameters())
         for teacher in self.teachers: teacher.to(device=param.device, dtype=param.dtype)
+        if not self.checked: self._check_on_validation_batch()
+        self.checked = True
 
     @torch.no_grad()
-    def teacher_logits(self, xb: tuple) -> Tensor:
-        "Logits of the teacher for `xb`; for an ensemble, the log of its averaged probabilities"
+    def teacher_output(self, xb: tuple) -> Tensor:
+        "The teacher's prediction for `xb` in float32; for an ensemble, the teachers' combined"
         autocast = getattr(getattr(self.learn, 'mixed_precision', None), 'autocast', None) or nullcontext()
-        with autocast: logits = [teacher.eval()(*xb).float() for teacher in self.teachers]
-        if len(logits) == 1: return logits[0]
-        return torch.stack([l.softmax(dim=-1) for l in logits]).mean(dim=0).log()
+        outputs = []
+        for teacher in self.teachers:
+            with _evaluating(teacher), autocast: outputs.append(_first(teacher(*xb)).float())
+        return self.task.ensemble(outputs)
+
+    def _check_on_validation_batch(self):
+        "Before the first step: teacher and student must predict alike, and the teacher should beat chance"
+        dl = self.dls.valid if len(self.dls.valid) else self.dls.train
+        batch = to_device(dl.one_batch(), next(self.model.parameters()).device)
+        xb, yb = batch[:dl.n_inp], batch[dl.n_inp:]
+        teacher_pred = self.teacher_output(xb)
+        with torch.no_grad(), _evaluating(self.model): student_pred = _first(self.model(*xb))
+        self._check_outputs(teacher_pred, student_pred, 'on a validation batch before training')
+        n_outputs = teacher_pred.shape[self.task.axis] if teacher_pred.ndim > 1 else 1
+        if self.kd_loss is not None: self.task.check(self.kd_loss, n_outputs)
+        if self.task.kind == 'categorical' and yb and not yb[0].is_floating_point():
+            targets = self.task.targets(yb[0])
+            predicted = self.task.items(teacher_pred).argmax(dim=-1)
+            if predicted.shape == targets.shape:
+                accuracy, majority = (predicted == targets).float().mean().item(), targets.bincount().max().item() / len(targets)
+                if accuracy <= majority:
+                    warnings.warn(f'The teacher is no better than chance on a validation batch (accuracy {accuracy:.3f}, '
+                                  f'against {majority:.3f} for always predicting the most common class): check that it '
+                                  'was trained on these classes, in the same order, with the same input normalisation.')
+
+    def _check_outputs(self, teacher_pred: Tensor, student_pred: Tensor, where: str):
+        "Clear errors for outputs that cannot be compared: shapes that differ, non-finite teacher outputs"
+        if teacher_pred.shape != student_pred.shape:
+            axis = self.task.axis if teacher_pred.ndim > 1 else -1
+            n_teacher, n_student = teacher_pred.shape[axis], student_pred.shape[axis] if student_pred.ndim > 1 else 1
+            n_data = getattr(self.dls, 'c', None)
+            fix = ('the teacher is the one to change: load or train a teacher for these classes' if n_student == n_data
+                   else f'the student is the one to change: build it with n_out={n_data}' if n_teacher == n_data
+                   else 'both models must predict the same classes as the data')
+            raise ValueError(f'Teacher and student outputs differ: teacher {tuple(teacher_pred.shape)}, student '
+                             f'{tuple(student_pred.shape)}. The data has {n_data} classes (dls.c, from its vocab), so '
+                             f'{fix}.')
+        if not torch.isfinite(teacher_pred).all():
+            raise ValueError(f'The teacher gave non-finite logits (nan or inf) {where}: check its weights and the input '
+                             'normalisation.')
 
     def after_loss(self):
         "Mix the distillation loss into the loss that is backpropagated"
-        teacher_logits = self.teacher_logits(self.xb)
-        if teacher_logits.shape != self.pred.shape:
-            raise ValueError(f'Teacher and student outputs differ: teacher {tuple(teacher_logits.shape)}, student '
-                             f'{tuple(self.pred.shape)}. Both must predict the same classes: build the student with '
-                             f'n_out={teacher_logits.shape[-1]} (or use a teacher trained on these classes).')
-        if not torch.isfinite(teacher_logits).all():
-            raise ValueError(f'The teacher gave non-finite logits (nan or inf) at training batch {self.iter} of epoch '
-                             f'{self.epoch}: check its weights and the input normalisation.')
-        base_loss = self.loss_grad
-        kd_loss = self.kd_loss(self.pred, teacher_logits, *(self.yb if self.kd_loss_takes_target else ()))
+        if not len(self.yb): return
+        student_pred, teacher_pred = _first(self.pred), self.teacher_output(self.xb)
+        self._check_outputs(teacher_pred, student_pred, f'at training batch {self.iter} of epoch {self.epoch}')
+        targets = [self.task.targets(y) for y in self.yb] if self.kd_loss_takes_target else []
+        kd_loss = self.kd_loss(self.task.items(student_pred), self.task.items(teacher_pred), *targets)
         weight = self.weight(self.pct_train) if callable(self.weight) else self.weight
-        self.learn.loss_grad = (1 - weight) * base_loss + weight * kd_loss
+        base_loss = self.learn.loss  # the loss function's value: what callbacks added since (AR/TAR) keeps its weight
+        self.learn.loss_grad = self.loss_grad + weight * (kd_loss - base_loss)
         self.learn.loss = self.loss_grad.clone()
         self.n_batches += 1  # debiased moving average of both parts, as Recorder smooths train_loss
         parts = torch.stack([base_loss, kd_loss]).detach().float()
@@ -117,6 +218,26 @@ class KnowledgeDistillation(Callback):
         "Log the smoothed loss parts next to `train_loss`"
         if hasattr(self.learn, 'recorder') and not self.recorder.cancel_train and self.n_batches:
             self.recorder.log += (self.smooth_parts / (1 - self.beta**self.n_batches)).tolist()
+
+
+_fastai_export = Learner.export
+
+
+@wraps(_fastai_export)
+def _export_without_distillation(self: Learner, *args, **kwargs):
+    """fastai's `Learner.export` without `KnowledgeDistillation`, and with the fastkd functions the learner still
+    holds (a `default_split` splitter) stored by value, so that the file loads where fastkd is not installed"""
+    package = sys.modules[__package__]
+    by_reference = package not in cloudpickle.list_registry_pickle_by_value()
+    if by_reference: cloudpickle.register_pickle_by_value(package)
+    try:
+        with self.removed_cbs(self.cbs.filter(lambda cb: isinstance(cb, KnowledgeDistillation))):
+            return _fastai_export(self, *args, **kwargs)
+    finally:
+        if by_reference: cloudpickle.unregister_pickle_by_value(package)
+
+
+Learner.export = _export_without_distillation
 
 
 def load_teacher(path: str | Path, arch: Callable | nn.Module, n_out: int | None = None, **kwargs) -> nn.Module:
@@ -137,7 +258,7 @@ def load_teacher(path: str | Path, arch: Callable | nn.Module, n_out: int | None
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f'The weights in {path} do not match the teacher architecture. '
                          f'Missing keys: {_few(result.missing_keys)}. Unexpected keys: {_few(result.unexpected_keys)}.')
-    return _teacher_model(model)
+    return _frozen(_teacher_model(model))
 
 
 def _few(keys: list[str], n: int = 5) -> str:

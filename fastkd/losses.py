@@ -3,6 +3,10 @@
 Every loss is called as `loss(student_logits, teacher_logits, target)` and returns a scalar;
 it computes in float32 whatever the dtype of its inputs (mixed precision included).
 `s` and `t` below are the student's and teacher's logits, `T` the temperature, `y` the target.
+The class losses take rows of classes, (items, classes); the callback lays dense outputs such as
+segmentation's (B, C, H, W) out as one row per position first, so each is averaged over items and positions.
+`over` says what a loss turns into probabilities ('classes', 'labels', or None for raw outputs):
+the callback refuses one that cannot fit the learner's task.
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ['standardize_logits', 'SoftTarget', 'DKD', 'DIST', 'LogitMSE']
+__all__ = ['standardize_logits', 'SoftTarget', 'DKD', 'DIST', 'BinarySoftTarget', 'LogitMSE']
 
 
 def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
@@ -33,6 +37,7 @@ class SoftTarget(nn.Module):
     """Hinton et al. 2015, "Distilling the Knowledge in a Neural Network":
     `T**2 * KL(softmax(t/T) || softmax(s/T))`, KL summed over classes and averaged over the batch.
     With `standardize=True` both logits are z-scored per row first (logit standardization)."""
+    over = 'classes'
     def __init__(self, T: float = 4., standardize: bool = False):
         super().__init__()
         self.T, self.standardize = T, standardize
@@ -50,6 +55,7 @@ class DKD(nn.Module):
       `TCKD = T**2 * KL([p_y, 1 - p_y] of t || [p_y, 1 - p_y] of s)` (target vs. all other classes),
       `NCKD = T**2 * KL(softmax(t_{c != y} / T) || softmax(s_{c != y} / T))` (among the non-target classes),
     each averaged over the batch. `standardize=True` z-scores both logits per row first."""
+    over = 'classes'
     def __init__(self, alpha: float = 1., beta: float = 8., T: float = 4., standardize: bool = False):
         super().__init__()
         self.alpha, self.beta, self.T, self.standardize = alpha, beta, T, standardize
@@ -81,7 +87,9 @@ class DIST(nn.Module):
     with `p_s = softmax(s/T)` and `p_t = softmax(t/T)` of shape (batch, classes),
       `inter = 1 - mean over items of pearson(p_s[i, :], p_t[i, :])` (class ranking of each item),
       `intra = 1 - mean over classes of pearson(p_s[:, c], p_t[:, c])` (item ranking of each class),
-    and the loss is `T**2 * (beta * inter + gamma * intra)`."""
+    and the loss is `T**2 * (beta * inter + gamma * intra)`.
+    For dense outputs (segmentation) every position is an item: `intra` ranks all positions of the batch."""
+    over = 'classes'
     def __init__(self, beta: float = 1., gamma: float = 1., T: float = 1.):
         super().__init__()
         self.beta, self.gamma, self.T = beta, gamma, T
@@ -96,8 +104,27 @@ class DIST(nn.Module):
     def extra_repr(self) -> str: return f'beta={self.beta}, gamma={self.gamma}, T={self.T}'
 
 
+class BinarySoftTarget(nn.Module):
+    """Soft targets for multi-label outputs, one sigmoid per label (Hinton et al.'s soft targets, per label):
+    `T**2 * mean over items and labels of KL(Bernoulli(sigmoid(t/T)) || Bernoulli(sigmoid(s/T)))`, where
+    `KL(Bernoulli(p) || Bernoulli(q)) = p log(p/q) + (1-p) log((1-p)/(1-q))`."""
+    over = 'labels'
+    def __init__(self, T: float = 1.):
+        super().__init__()
+        self.T = T
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
+        s, t = student_logits.float() / self.T, teacher_logits.float() / self.T
+        p_t = torch.sigmoid(t)  # log sigmoid(z) and log(1 - sigmoid(z)) = log sigmoid(-z), stable for any z
+        kl = p_t * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p_t) * (F.logsigmoid(-t) - F.logsigmoid(-s))
+        return self.T**2 * kl.mean()
+
+    def extra_repr(self) -> str: return f'T={self.T}'
+
+
 class LogitMSE(nn.Module):
     """Logit matching (Ba & Caruana, NeurIPS 2014, "Do Deep Nets Really Need to be Deep?"):
-    `mean((s - t)**2)` over items and classes."""
+    `mean((s - t)**2)` over items and classes (or outputs: any task, regression included)."""
+    over = None
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
         return F.mse_loss(student_logits.float(), teacher_logits.float())

@@ -1,5 +1,10 @@
 "The KnowledgeDistillation callback on real fastai Learners over the digits image folder."
+import json
+import pickle
 import re
+import subprocess
+import sys
+import warnings
 from functools import partial
 
 import matplotlib
@@ -74,6 +79,11 @@ class RecordFirstBatch(Callback):
 
 
 
+def eval_logits(model, xb):
+    "What the callback's teacher forward computes: eval mode, no gradient"
+    with torch.no_grad(): return model.eval()(*xb)
+
+
 def first_batch(learn: Learner) -> RecordFirstBatch:
     recorder = RecordFirstBatch()
     learn.fit(1, 1e-3, cbs=recorder)
@@ -83,19 +93,22 @@ def first_batch(learn: Learner) -> RecordFirstBatch:
 # --- training ----------------------------------------------------------------------------------------------
 
 def test_fit_distils_the_teacher_and_leaves_it_untouched(dls, teacher, teacher_calls):
-    teacher_state = state(teacher.model)
+    teacher_state, teacher_grads = state(teacher.model), [p.grad for p in teacher.model.parameters()]
     teacher_valid_loss, teacher_accuracy = teacher.validate()
     learn = student(dls, teacher, loss=SoftTarget(T=4), weight=0.5)
     valid_loss_before, accuracy_before = learn.validate()
+    teacher.model.train()  # as its own training would leave it
     teacher_calls.clear()
     learn.fit_one_cycle(3, 3e-2)
     valid_loss_after, accuracy_after = learn.validate()
     assert teacher_accuracy > 0.85
     assert valid_loss_after < valid_loss_before - 0.5 and accuracy_after > accuracy_before + 0.3
-    assert len(teacher_calls) == 3 * len(dls.train)  # one teacher forward per training step, none in validation
+    assert len(teacher_calls) == 1 + 3 * len(dls.train)  # the check before the first step, then one per training step
     assert not any(teacher_calls)  # always in eval mode
     assert_same_state(teacher.model, teacher_state)
-    assert all(p.grad is None and not p.requires_grad for p in teacher.model.parameters())
+    assert teacher.model.training  # left in the mode it was given in
+    assert all(p.requires_grad for p in teacher.model.parameters())  # its own training can go on: see test_teacher_learner_trains_again
+    assert all(p.grad is g for p, g in zip(teacher.model.parameters(), teacher_grads))  # no gradient reached it
 
 
 def test_recorder_shows_both_loss_parts_and_their_mix(dls, teacher):
@@ -113,7 +126,7 @@ def test_training_loss_is_the_weighted_mix(dls, teacher):
     kd_loss = SoftTarget(T=2)
     learn = student(dls, teacher, loss=kd_loss, weight=SchedLin(0.2, 0.8))
     batch = first_batch(learn)
-    teacher_logits = teacher.model(*batch.inputs)
+    teacher_logits = eval_logits(teacher.model, batch.inputs)
     weight = 0.2 + 0.6 * batch.progress
     expected = (1 - weight) * F.cross_entropy(batch.logits, *batch.targets) + weight * kd_loss(batch.logits, teacher_logits)
     assert batch.total_loss.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -133,7 +146,7 @@ def kd_with_target(student_logits, teacher_logits, target):
 def test_loss_can_be_a_class_a_partial_an_instance_or_a_function(dls, teacher, loss, reference):
     learn = Learner(dls, tiny_cnn(8), cbs=KnowledgeDistillation(teacher.model, loss, from_learner=False, weight=1.0))
     batch = first_batch(learn)
-    teacher_logits = teacher.model(*batch.inputs)
+    teacher_logits = eval_logits(teacher.model, batch.inputs)
     args = (batch.logits, teacher_logits) + (tuple(batch.targets) if reference is kd_with_target or isinstance(reference, DKD) else ())
     assert batch.total_loss.item() == pytest.approx(reference(*args).item(), rel=1e-5)
 
@@ -142,10 +155,12 @@ def test_ensemble_averages_probabilities(dls, teacher):
     second = tiny_cnn(16)
     kd = KnowledgeDistillation([teacher, second])
     assert kd.teachers == [teacher.model, second]
+    Learner(dls, tiny_cnn(8), cbs=kd)
     xb = dls.one_batch()[:1]
-    expected = (teacher.model(*xb).softmax(-1) + second.eval()(*xb).softmax(-1)) / 2
-    torch.testing.assert_close(kd.teacher_logits(xb).softmax(-1), expected)
-    assert not any(p.requires_grad for p in second.parameters())
+    ensemble_logits = kd.teacher_output(xb)
+    assert second.training and all(p.requires_grad for p in second.parameters())  # left as given
+    with torch.no_grad(): expected = (teacher.model.eval()(*xb).softmax(-1) + second.eval()(*xb).softmax(-1)) / 2
+    torch.testing.assert_close(ensemble_logits.softmax(-1), expected)
 
 
 def test_teacher_stays_in_eval_mode_when_the_user_sets_it_to_train(dls, teacher, teacher_calls):
@@ -217,7 +232,7 @@ def test_tta_predict_interpretation_and_show_results(dls, trained_student, teach
     assert teacher_calls == []
 
 
-def test_save_load_and_export_without_the_teacher(dls, teacher, trained_student, tmp_path):
+def test_save_and_load_with_the_callback_on(dls, teacher, trained_student, tmp_path):
     learn = trained_student
     learn.path = tmp_path
     probs, _ = learn.get_preds()
@@ -227,24 +242,100 @@ def test_save_load_and_export_without_the_teacher(dls, teacher, trained_student,
     fresh.load('student')
     torch.testing.assert_close(fresh.get_preds()[0], probs)
 
-    learn.export('with_kd.pkl')
-    plain = Learner(dls, learn.model, metrics=accuracy, splitter=default_split, path=tmp_path)
-    plain.export('without_kd.pkl')
-    with_kd, without_kd = (tmp_path/'with_kd.pkl').stat().st_size, (tmp_path/'without_kd.pkl').stat().st_size
-    teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.model.parameters())
-    assert with_kd - without_kd < teacher_bytes / 10
-    assert learn.knowledge_distillation.teachers == [teacher.model]  # export did not strip the live callback
-    loaded = load_learner(tmp_path/'with_kd.pkl')
-    assert loaded.knowledge_distillation.teachers is None
-    image = PILImage.create(dls.valid_ds.items[0])
-    torch.testing.assert_close(loaded.predict(image)[2], learn.predict(image)[2])
+
+LOAD_WITHOUT_FASTKD = """
+import sys
+sys.modules['fastkd'] = None  # importing fastkd (or anything in it) now fails, as on a server without it
+from fastai.learner import load_learner
+from fastai.vision.core import PILImage
+learn = load_learner(sys.argv[1])
+assert not any('fastkd' in type(cb).__module__ for cb in learn.cbs), learn.cbs
+assert len(learn.splitter(learn.model)) == 2  # default_split came along by value: body and head groups
+print(learn.predict(PILImage.create(sys.argv[2]))[2].tolist())
+"""
+
+
+def test_export_loads_and_predicts_where_fastkd_is_not_installed(dls, teacher, trained_student, tmp_path):
+    learn = trained_student
+    learn.path = tmp_path
+    learn.export('student.pkl')
+    assert learn.knowledge_distillation.teachers == [teacher.model]  # the live learner keeps its callback
+    image = dls.valid_ds.items[0]
+    script = tmp_path/'load.py'
+    script.write_text(LOAD_WITHOUT_FASTKD)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path/'student.pkl'), str(image)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    probs = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
+    torch.testing.assert_close(probs, learn.predict(PILImage.create(image))[2])
+
+
+def test_distil_again_from_an_exported_student(dls, teacher, trained_student, tmp_path):
+    trained_student.path = tmp_path
+    trained_student.export('student.pkl')
+    loaded = load_learner(tmp_path/'student.pkl')
+    loaded.dls = dls
+    loaded.add_cb(KnowledgeDistillation(teacher))  # the documented way: a new callback
+    loaded.fit(1, 1e-3)
+    assert 'train_kd' in loaded.recorder.metric_names
+
+
+def test_teacher_learner_trains_again_after_the_callback_and_a_distillation_fit(dls):
+    set_seed(3, reproducible=True)
+    teacher = Learner(dls, tiny_cnn(8), metrics=accuracy)
+    with teacher.no_bar(), teacher.no_logging():
+        teacher.fit(1, 1e-2)
+        learn = student(dls, teacher)
+        teacher.fit(1, 1e-2)  # the cell that trains the teacher, run again after building the callback
+        learn.fit(1, 1e-2)
+        assert all(p.requires_grad for p in teacher.model.parameters())
+        before = state(teacher.model)
+        teacher.fit(1, 1e-2)  # and again after a distillation fit
+    assert not torch.equal(teacher.model[1].weight, before['1.weight'])
+
+
+class RaiseAfterTwoSteps(Callback):
+    def after_step(self):
+        if self.iter == 1: raise KeyboardInterrupt
+
+
+def test_teacher_is_left_as_given_when_the_fit_raises(dls, teacher, teacher_calls):
+    mixed = tiny_cnn(8)
+    mixed.train()
+    mixed[0][0].eval()  # a user's teacher with one submodule in eval mode: every mode must come back as it was
+    learn = student(dls, mixed)
+    with pytest.raises(KeyboardInterrupt): learn.fit(1, 1e-2, cbs=RaiseAfterTwoSteps())
+    assert [m.training for m in mixed.modules()] == [m is not mixed[0][0] and not is_inside(m, mixed[0][0])
+                                                     for m in mixed.modules()]
+    assert all(p.requires_grad and p.grad is None for p in mixed.parameters())
+
+
+def is_inside(module, parent) -> bool:
+    return any(module is m for m in parent.modules())
 
 
 # --- bad input ----------------------------------------------------------------------------------------------
 
 def test_teacher_of_the_wrong_type_fails_at_construction():
-    with pytest.raises(TypeError, match=r'nn\.Module.*Learner.*got str'):
-        KnowledgeDistillation('resnet34')
+    with pytest.raises(TypeError, match=r'nn\.Module.*Learner.*got int'):
+        KnowledgeDistillation(34)
+
+
+@pytest.mark.parametrize('path', ['resnet34.pth', Path('models/teacher.pth')])
+def test_teacher_given_as_a_path_names_load_teacher(path):
+    with pytest.raises(TypeError, match=r'path.*load_teacher\(path, arch, n_out\)'):
+        KnowledgeDistillation(path)
+
+
+def test_loss_settings_given_to_the_callback_say_where_they_belong(teacher):
+    with pytest.raises(TypeError, match=re.escape('KnowledgeDistillation(teacher, SoftTarget(T=4))')):
+        KnowledgeDistillation(teacher, SoftTarget, T=4)
+
+
+@pytest.mark.parametrize('loss', [torch.nn.KLDivLoss(), torch.nn.MSELoss, lambda logits: logits.sum(), 'SoftTarget'])
+def test_loss_that_cannot_be_called_as_a_distillation_loss_shows_the_convention(teacher, loss):
+    with pytest.raises(TypeError, match=r'loss\(student_logits, teacher_logits\).*SoftTarget\(T=4\)'):
+        KnowledgeDistillation(teacher, loss)
 
 
 def test_weight_out_of_range_fails_at_construction(teacher):
@@ -252,17 +343,42 @@ def test_weight_out_of_range_fails_at_construction(teacher):
         KnowledgeDistillation(teacher, weight=1.5)
 
 
-def test_class_count_mismatch_names_both_shapes(dls):
-    learn = student(dls, tiny_cnn(8, n_out=5))
-    with pytest.raises(ValueError, match=re.escape('teacher (64, 5), student (64, 10)')):
-        learn.fit(1)
+class CountSteps(Callback):
+    def before_fit(self): self.steps = 0
+    def after_pred(self): self.steps += self.training
 
 
-def test_non_finite_teacher_outputs_name_the_batch(dls):
+@pytest.mark.parametrize('teacher_classes,student_classes,fix', [
+    (5, 10, 'the teacher is the one to change'), (10, 5, 'the student is the one to change: build it with n_out=10')])
+def test_class_count_mismatch_says_which_side_to_change_before_the_first_step(dls, teacher_classes, student_classes, fix):
+    steps = CountSteps()
+    learn = Learner(dls, tiny_cnn(8, n_out=student_classes),
+                    cbs=[KnowledgeDistillation(tiny_cnn(8, n_out=teacher_classes)), steps])
+    with pytest.raises(ValueError, match=re.escape(f'teacher (64, {teacher_classes}), student (64, {student_classes}). '
+                                                   f'The data has 10 classes') + '.*' + re.escape(fix)):
+        learn.lr_find(num_it=5, show_plot=False)
+    assert steps.steps == 0
+
+
+def test_non_finite_teacher_outputs_fail_before_training(dls):
     broken = tiny_cnn(8)
     with torch.no_grad(): broken[1].bias.fill_(float('nan'))
-    with pytest.raises(ValueError, match='non-finite.*batch 0 of epoch 0'):
+    with pytest.raises(ValueError, match='non-finite.*on a validation batch before training'):
         student(dls, broken).fit(1)
+
+
+def test_a_teacher_no_better_than_chance_is_warned_about_once_per_fit(dls, teacher):
+    set_seed(5, reproducible=True)
+    untrained = tiny_cnn(8)
+    with pytest.warns(UserWarning, match='no better than chance'):
+        student(dls, untrained).fit(1, 1e-3, cbs=CancelAfterOneStep())
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        student(dls, teacher).fit(1, 1e-3, cbs=CancelAfterOneStep())  # a trained teacher: no warning
+
+
+class CancelAfterOneStep(Callback):
+    def after_step(self): raise CancelFitException()
 
 
 def test_gradient_accumulation_is_refused_clearly(dls, teacher):
@@ -270,10 +386,8 @@ def test_gradient_accumulation_is_refused_clearly(dls, teacher):
         student(dls, teacher).fit(1, cbs=GradientAccumulation(128))
 
 
-def test_exported_callback_asks_for_its_teacher_before_training(dls, trained_student, tmp_path):
-    trained_student.path = tmp_path
-    trained_student.export('student.pkl')
-    loaded = load_learner(tmp_path/'student.pkl')
-    learn = Learner(dls, loaded.model, cbs=loaded.knowledge_distillation)
-    with pytest.raises(RuntimeError, match='never stores the teacher'):
-        learn.fit(1)
+def test_unpickled_callback_asks_for_a_new_one_before_training(dls, teacher):
+    kd = pickle.loads(pickle.dumps(KnowledgeDistillation(teacher)))
+    assert kd.teachers is None  # pickles never hold the teacher
+    with pytest.raises(RuntimeError, match=re.escape('learn.add_cb(KnowledgeDistillation(teacher))')):
+        Learner(dls, tiny_cnn(8), cbs=kd).fit(1)
