@@ -124,7 +124,9 @@ class KnowledgeDistillation(Callback):
         "Leave the teachers out of pickles (`learn.export` leaves the whole callback out)"
         return {**self.__dict__, 'teachers': None}
 
-    def after_create(self): self._pick_loss()
+    def after_create(self):
+        "Pick the loss as soon as the learner exists, so `repr` shows it (an unknown task is refused when a fit starts)"
+        if task_of(self.learn.loss_func).kind != 'unknown': self._pick_loss()
 
     def _pick_loss(self):
         "The task of the learner's loss function, and the distillation loss for it when `loss='auto'`"

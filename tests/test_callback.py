@@ -12,10 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fastai.callback.core import CancelFitException
+from fastai.callback.mixup import CutMix, MixUp
 from fastai.callback.schedule import SchedLin
 from fastai.callback.training import GradientAccumulation
 from fastai.interpret import ClassificationInterpretation
 from fastai.learner import Callback, Learner, load_learner
+from fastai.losses import LabelSmoothingCrossEntropy
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastai.vision.core import PILImage
@@ -391,3 +393,44 @@ def test_unpickled_callback_asks_for_a_new_one_before_training(dls, teacher):
     assert kd.teachers is None  # pickles never hold the teacher
     with pytest.raises(RuntimeError, match=re.escape('learn.add_cb(KnowledgeDistillation(teacher))')):
         Learner(dls, tiny_cnn(8), cbs=kd).fit(1)
+
+
+# --- function matching: MixUp / CutMix, teacher and student on the same mixed batch ----------------------------
+
+class RecordMixedBatch(Callback):
+    "The batch MixUp/CutMix handed the student, the loss function's value, and the mixed total, on the first step"
+    order = KnowledgeDistillation.order + 1
+    def after_loss(self):
+        self.inputs, self.targets, self.logits = self.learn.xb, self.learn.yb, self.learn.pred.detach()
+        self.base_loss, self.total_loss = self.learn.loss_func(self.learn.pred, *self.learn.yb).detach(), self.learn.loss_grad.detach()
+        raise CancelFitException()
+
+
+class RecordRawBatch(Callback):
+    order = MixUp.order - 1
+    def before_batch(self): self.inputs = self.learn.xb[0].clone()
+
+
+@pytest.mark.parametrize('mix,weight', [(MixUp(0.4), 0.5), (CutMix(1.0), 0.5), (MixUp(0.4), 1.0), (CutMix(1.0), 1.0)])
+def test_teacher_matches_the_student_on_the_mixed_batch(dls, teacher, mix, weight):
+    learn = student(dls, teacher, loss=SoftTarget(T=2), weight=weight)
+    record, raw = RecordMixedBatch(), RecordRawBatch()
+    learn.fit(1, 1e-3, cbs=[mix, record, raw])
+    assert not torch.equal(record.inputs[0], raw.inputs)  # the student saw a mixed batch ...
+    kd = SoftTarget(T=2)(record.logits, eval_logits(teacher.model, record.inputs))  # ... and so did the teacher
+    expected = (1 - weight) * record.base_loss + weight * kd  # base: MixUp/CutMix's own mixed label loss
+    assert record.total_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert learn.loss_func is not mix.lf  # the mixing callback put the plain loss back
+
+
+def test_function_matching_fit_keeps_valid_loss_plain_and_the_teacher_in_training(dls, teacher, teacher_calls):
+    learn = Learner(dls, tiny_cnn(8), metrics=accuracy, loss_func=LabelSmoothingCrossEntropy(),
+                    cbs=[KnowledgeDistillation(teacher, weight=1.0), CutMix()])
+    assert learn.knowledge_distillation.task.kind == 'categorical'  # label smoothing is a cross-entropy
+    teacher_calls.clear()
+    learn.fit(1, 1e-2)
+    assert len(teacher_calls) == 1 + len(dls.train)
+    valid_loss = learn.recorder.values[-1][3]
+    teacher_calls.clear()
+    assert valid_loss == pytest.approx(learn.validate()[0], rel=1e-5)  # the learner's own loss, unmixed
+    assert teacher_calls == []

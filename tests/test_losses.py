@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy.stats import pearsonr
 
-from fastkd.losses import DIST, DKD, LogitMSE, SoftTarget, standardize_logits
+from fastkd.losses import DIST, DKD, BinarySoftTarget, LogitMSE, SoftTarget, standardize_logits
 
 
 @pytest.fixture
@@ -106,3 +106,22 @@ def test_losses_give_gradients_to_the_student_only(logits, loss):
     s = s.clone().requires_grad_()
     loss(s, t, y).backward()
     assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+def sigmoid(z): return 1 / (1 + np.exp(-z))
+
+
+@pytest.mark.parametrize('T', [1., 2.])
+def test_binary_soft_target_is_the_scaled_bernoulli_kl_per_label(logits, T):
+    s, t, _ = (x.numpy() for x in logits)
+    p, q = sigmoid(t / T), sigmoid(s / T)
+    expected = T**2 * (p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))).mean()
+    assert BinarySoftTarget(T)(*logits[:2]).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_binary_soft_target_sees_labels_as_independent():
+    "All labels present for the teacher, none for the student: a large loss (a softmax across labels gives 0)"
+    teacher, student = torch.full((1, 3), 5.), torch.full((1, 3), -5.)
+    assert SoftTarget(1)(student, teacher).item() == pytest.approx(0, abs=1e-6)
+    assert BinarySoftTarget(1)(student, teacher).item() > 4.5
+    assert BinarySoftTarget(1)(teacher, teacher).item() == pytest.approx(0, abs=1e-6)
