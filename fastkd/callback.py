@@ -168,7 +168,8 @@ class KnowledgeDistillation(Callback):
     def _check_on_validation_batch(self):
         "Before the first step: teacher and student must predict alike, and the teacher should beat chance"
         dl = self.dls.valid if len(self.dls.valid) else self.dls.train
-        batch = to_device(dl.one_batch(), next(self.model.parameters()).device)
+        with torch.random.fork_rng(devices=[]):  # a loader draws its seed from torch: leave the fit's batches as they were
+            batch = to_device(dl.one_batch(), next(self.model.parameters()).device)
         xb, yb = batch[:dl.n_inp], batch[dl.n_inp:]
         teacher_pred = self.teacher_output(xb)
         with torch.no_grad(), _evaluating(self.model): student_pred = _first(self.model(*xb))

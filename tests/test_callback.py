@@ -434,3 +434,23 @@ def test_function_matching_fit_keeps_valid_loss_plain_and_the_teacher_in_trainin
     teacher_calls.clear()
     assert valid_loss == pytest.approx(learn.validate()[0], rel=1e-5)  # the learner's own loss, unmixed
     assert teacher_calls == []
+
+
+class RecordBatches(Callback):
+    "The first training batches a fit draws"
+    def before_fit(self): self.inputs = []
+    def before_batch(self):
+        if self.training: self.inputs.append(self.learn.xb[0].clone())
+        if len(self.inputs) == 3: raise CancelFitException()
+
+
+def test_distillation_leaves_the_batches_a_seed_draws_unchanged(digits_path, teacher):
+    "The student alone and the distilled student of one seed see the same batches and augmentations"
+    runs = []
+    for cbs in ([], [KnowledgeDistillation(teacher)]):
+        set_seed(11, reproducible=True)
+        learn = Learner(digits_dls(digits_path, size=32, bs=64), tiny_cnn(8), cbs=cbs)  # loaders keep their own generator
+        record = RecordBatches()
+        learn.fit(1, 1e-3, cbs=record)
+        runs.append(record.inputs)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
