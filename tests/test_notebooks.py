@@ -112,7 +112,8 @@ def test_quickstart(kernel_dirs, small_digits, tmp_path):
     """A teacher, the student alone and the same student distilled: all learn; the teacher reloads from both kinds
     of weights file; the exported student has no fastkd callback"""
     report = ("{'summary': summary.to_dict(orient='index'), 'lr': lr, 'columns': list(distilled.recorder.metric_names), "
-              "'alone_columns': list(alone.recorder.metric_names), 'exported': [type(cb).__name__ for cb in load_learner(distilled.path/'student.pkl').cbs], "
+              "'alone_columns': list(alone.recorder.metric_names), "
+              "'exported': [type(cb).__name__ for cb in load_learner(distilled.path/'student.pkl').cbs], "
               "'same_weights': [all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), "
               "teacher.model.state_dict().values())) for m in (from_file, from_learn_save)]}")
     result, nb = run_notebook('00_quickstart.ipynb', kernel_dirs, tmp_path, report, data_path=str(small_digits),
