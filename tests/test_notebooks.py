@@ -111,13 +111,13 @@ def test_notebooks_are_committed_executed_and_clean():
 def test_quickstart(kernel_dirs, small_digits, tmp_path):
     """A teacher, the student alone and the same student distilled: all learn; the teacher reloads from both kinds
     of weights file; the exported student has no fastkd callback"""
-    report = ("{'summary': summary.to_dict(orient='index'), 'lr': lr, 'columns': list(distilled.recorder.metric_names), "
-              "'alone_columns': list(alone.recorder.metric_names), "
+    report = ("{'summary': summary.to_dict(orient='index'), 'lr': lr, "
+              "'columns': list(distilled.recorder.metric_names), 'alone_columns': list(alone.recorder.metric_names), "
               "'exported': [type(cb).__name__ for cb in load_learner(distilled.path/'student.pkl').cbs], "
               "'same_weights': [all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), "
               "teacher.model.state_dict().values())) for m in (from_file, from_learn_save)]}")
     result, nb = run_notebook('00_quickstart.ipynb', kernel_dirs, tmp_path, report, data_path=str(small_digits),
-                              size=16, bs=32, epochs=3, lr_find_iters=30)
+                              size=16, bs=32, epochs=3)
     summary = frame(result['summary'])
     assert list(summary.index) == ['teacher', 'student alone', 'distilled student']
     assert summary.loc['student alone', 'parameters'] == summary.loc['distilled student', 'parameters']
@@ -180,7 +180,8 @@ def test_distillation_methods(kernel_dirs, small_digits, tmp_path):
     results = frame(result['results'])
     assert list(results.index) == ['teacher', 'student alone', 'CE + SoftTarget', 'CE + DKD', 'CE + DIST',
                                    'CE + LogitMSE', 'CE + SoftTarget, standardised logits',
-                                   'CE + SoftTarget, weight SchedLin(0, 0.5)', 'CE + SoftTarget, ensemble of 2 teachers']
+                                   'CE + SoftTarget, weight SchedLin(0, 0.5)',
+                                   'CE + SoftTarget, ensemble of 2 teachers']
     assert results[['accuracy', 'weighted_f1']].stack().between(0, 1).all() and (results.runs == 1).all()
     assert results.accuracy.nunique() > 1  # the losses train different students
     conclusion = ''.join(o.text for o in next(c for c in nb.cells if 'gains_over_student(results' in c.source).outputs)

@@ -15,7 +15,7 @@ NAME = re.compile(r'[A-Za-z_]\w*')
 
 
 def exported() -> set[str]:
-    "The names `from fastkd.all import *` gives: `fastkd.all.__all__`, or else the `__all__` of each module it star-imports"
+    "What `from fastkd.all import *` gives: `fastkd.all.__all__`, else the `__all__` of each module it star-imports"
     if hasattr(fastkd.all, '__all__'): return set(fastkd.all.__all__)
     imports = [node for node in ast.parse(inspect.getsource(fastkd.all)).body if isinstance(node, ast.ImportFrom)]
     modules = [importlib.import_module(f'fastkd.{node.module}') for node in imports if node.names[0].name == '*']
@@ -42,7 +42,8 @@ def arguments(entry: str) -> list[str]:
 
 def test_the_api_table_names_exactly_the_exports():
     names = [NAME.match(entry).group() for entry in api_entries()]
-    assert len(names) == len(set(names)), f'named twice in the API table: {sorted({n for n in names if names.count(n) > 1})}'
+    twice = sorted({name for name in names if names.count(name) > 1})
+    assert not twice, f'named twice in the API table: {twice}'
     missing, stale = exported() - set(names), set(names) - exported()
     assert not missing, f'exported by fastkd.all but not in README\'s API table: {sorted(missing)}'
     assert not stale, f'in README\'s API table but not exported by fastkd.all: {sorted(stale)}'
