@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench notebooks clean
 
 $(STAMP): settings.ini setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ bench: $(STAMP)  # each writes its table to bench/results/
 	$(BIN)/python bench/kd_overhead.py
 	$(BIN)/python bench/tta_sweep.py
 	$(BIN)/python bench/prepare_gtsrb.py
+
+notebooks: $(STAMP)  # executes nbs/*.ipynb at their default settings and writes their outputs
+	$(BIN)/python nbs/run_notebooks.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

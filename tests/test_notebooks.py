@@ -1,8 +1,13 @@
-"""The tutorials of nbs/ run end to end with nbclient at tiny sizes, and are committed without outputs.
+"""The tutorials of nbs/ are committed executed at their default settings (outputs kept, cleaned as nbdev cleans),
+and run end to end here with nbclient at tiny sizes.
 
-Each run replaces the notebook's `parameters` cell with tiny values, executes it in a temporary working directory
-on a kernel that runs this interpreter, and appends one cell that prints, as JSON, the objects the test checks."""
+Each run replaces the notebook's `parameters` cell with tiny values, executes it in memory (the committed file is
+never written) in a temporary working directory on a kernel that runs this interpreter, and appends one cell that
+prints, as JSON, the objects the test checks. The helpers are those of nbs/run_notebooks.py, which writes the
+committed outputs."""
 import ast
+import copy
+import importlib.util
 import json
 import shutil
 import sys
@@ -13,27 +18,31 @@ import pandas as pd
 import pytest
 from fastai.vision.models import resnet18, resnet34
 from fastai.vision.learner import create_vision_model
-from ipykernel.kernelspec import install
-from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import KernelManager
-from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 from PIL import Image
 
 NBS = Path(__file__).resolve().parents[1]/'nbs'
 NOTEBOOKS = ['00_quickstart.ipynb', '01_gtsrb_distillation.ipynb', '02_distillation_methods.ipynb',
              '03_compression.ipynb']
-KERNEL = 'fastkd-notebook-tests'
 GTSRB_TINY = dict(download=False, classes=[0, 19], classes_of_interest=[0], size=16, bs=64, teacher_epochs=1,
                   frozen_epochs=1, unfrozen_epochs=1, lr_find_iters=5, n_augs=[0, 2])
+
+
+def _load_runner():
+    "nbs/run_notebooks.py as a module"
+    spec = importlib.util.spec_from_file_location('run_notebooks', NBS/'run_notebooks.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+runner = _load_runner()
 
 
 @pytest.fixture(scope='module')
 def kernel_dirs(tmp_path_factory) -> list[str]:
     "A kernelspec that runs this interpreter (the venv's python) with one thread, as the rest of the suite runs"
-    prefix = tmp_path_factory.mktemp('jupyter')
-    install(kernel_name=KERNEL, prefix=str(prefix), env={'OMP_NUM_THREADS': '1'})
-    return [str(prefix/'share'/'jupyter'/'kernels')]
+    return runner.kernel_dirs(tmp_path_factory.mktemp('jupyter'), {'OMP_NUM_THREADS': '1'})
 
 
 @pytest.fixture(scope='module')
@@ -62,15 +71,16 @@ def assigned_names(source: str) -> set[str]:
 
 def run_notebook(name: str, kernel_dirs: list[str], cwd: Path, report: str, **parameters) -> tuple[dict, dict]:
     """Execute notebook `name` in `cwd` with its parameters cell replaced by `parameters`: the JSON value of the
-    expression `report` evaluated at the end, and the executed notebook"""
+    expression `report` evaluated at the end, and the executed notebook. The committed file is left as it was."""
+    committed = (NBS/name).read_bytes()
     nb = nbformat.read(NBS/name, as_version=4)
     cell = parameters_cell(nb)
     assert set(parameters) == assigned_names(cell.source), f'the tiny parameters of {name} are out of date'
     cell.source = '\n'.join(f'{k} = {v!r}' for k, v in parameters.items())
     nb.cells.append(nbformat.v4.new_code_cell(f"import json, sys\nprint(json.dumps({{'python': sys.executable, "
                                               f"**({report})}}, default=float))"))
-    km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=kernel_dirs))
-    NotebookClient(nb, km=km, timeout=600, resources={'metadata': {'path': str(cwd)}}).execute()
+    try: runner.execute(nb, cwd, kernel_dirs, timeout=600)
+    finally: assert (NBS/name).read_bytes() == committed, f'running {name} changed the committed notebook'
     result = json.loads(''.join(o.text for o in nb.cells[-1].outputs if o.get('name') == 'stdout'))
     assert result.pop('python') == sys.executable, 'the kernel ran another interpreter than the tests'
     return result, nb
@@ -81,30 +91,45 @@ def frame(d: dict) -> pd.DataFrame:
     return pd.DataFrame.from_dict(d, orient='index')
 
 
-def test_notebooks_are_committed_clean():
-    "The tutorials, each with a title cell and one parameters cell, and no outputs (they are stripped in git)"
+def test_notebooks_are_committed_executed_and_clean():
+    """The tutorials, each with a title cell saying how long it ran, one parameters cell, outputs from a run without
+    errors, and nothing that changes from run to run (execution counts, volatile metadata)"""
     assert sorted(p.name for p in NBS.glob('*.ipynb')) == NOTEBOOKS, 'every notebook needs a test in this file'
     for name in NOTEBOOKS:
         nb = nbformat.read(NBS/name, as_version=4)
         nbformat.validate(nb)
         assert nb.cells[0].cell_type == 'markdown' and nb.cells[0].source.startswith('# '), f'{name}: no title cell'
+        assert '*Run time:* ' in nb.cells[0].source and 'TIMING' not in nb.cells[0].source, f'{name}: no run time'
         assert assigned_names(parameters_cell(nb).source), f'{name}: the parameters cell sets no sizes'
-        dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == 'code' and (c.outputs or c.execution_count)]
-        assert not dirty, (f'{name} has outputs in cells {dirty}: clear them before committing (Jupyter: Edit > '
-                           'Clear Outputs of All Cells, or `jupyter nbconvert --clear-output --inplace nbs/*.ipynb`)')
+        outputs = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs]
+        assert outputs, f'{name} is committed without outputs: run `python nbs/run_notebooks.py {name}`'
+        assert not [o for o in outputs if o.output_type == 'error'], f'{name} is committed with an error'
+        assert nb == runner.clean(copy.deepcopy(nb)), (f'{name} holds execution counts or volatile metadata: run '
+                                                       f'`python nbs/run_notebooks.py {name}`, which cleans it')
 
 
 def test_quickstart(kernel_dirs, small_digits, tmp_path):
-    "A teacher, then a much smaller student distilled from it after lr_find: both learn"
-    report = "{'summary': summary.to_dict(orient='index'), 'lr': lr, 'columns': list(student.recorder.metric_names)}"
-    result, _ = run_notebook('00_quickstart.ipynb', kernel_dirs, tmp_path, report, data_path=str(small_digits),
-                             size=16, bs=32, epochs=3, lr_find_iters=30)
+    """A teacher, the student alone and the same student distilled: all learn; the teacher reloads from both kinds
+    of weights file; the exported student has no fastkd callback"""
+    report = ("{'summary': summary.to_dict(orient='index'), 'lr': lr, "
+              "'columns': list(distilled.recorder.metric_names), 'alone_columns': list(alone.recorder.metric_names), "
+              "'exported': [type(cb).__name__ for cb in load_learner(distilled.path/'student.pkl').cbs], "
+              "'same_weights': [all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), "
+              "teacher.model.state_dict().values())) for m in (from_file, from_learn_save)]}")
+    result, nb = run_notebook('00_quickstart.ipynb', kernel_dirs, tmp_path, report, data_path=str(small_digits),
+                              size=16, bs=32, epochs=3)
     summary = frame(result['summary'])
-    assert list(summary.index) == ['teacher', 'student']
-    assert summary.loc['student', 'parameters'] < summary.loc['teacher', 'parameters'] / 5
+    assert list(summary.index) == ['teacher', 'student alone', 'distilled student']
+    assert summary.loc['student alone', 'parameters'] == summary.loc['distilled student', 'parameters']
+    assert summary.loc['distilled student', 'parameters'] < summary.loc['teacher', 'parameters'] / 5
     assert (summary['valid accuracy'] > 0.2).all()  # 400 images, 3 epochs at 16 px: well above chance (0.1)
     assert result['lr'] > 0
-    assert {'train_ce', 'train_kd'} <= set(result['columns'])  # the student trained with the callback
+    assert {'train_ce', 'train_kd'} <= set(result['columns'])  # the distilled student trained with the callback
+    assert 'train_kd' not in result['alone_columns']
+    assert result['same_weights'] == [True, True]  # torch.save(state_dict) and learn.save files
+    assert 'KnowledgeDistillation' not in result['exported']
+    shown = [c for c in nb.cells if 'show_results(' in c.source or 'plot_confusion_matrix(' in c.source]
+    assert len(shown) == 2 and all(any('image/png' in o.get('data', {}) for o in c.outputs) for c in shown)
 
 
 def test_gtsrb_distillation(kernel_dirs, gtsrb_data, tmp_path):
@@ -113,8 +138,10 @@ def test_gtsrb_distillation(kernel_dirs, gtsrb_data, tmp_path):
               "'vocab': list(dls.vocab), 'test_labels': sorted(set(y_true.tolist())), 'n_masked': int(mask.sum()), "
               "'columns': list(student.recorder.metric_names)}")
     work = tmp_path/'gtsrb'
+    teacher = gtsrb_data/'teachers'/'resnet34-gtsrb32.pth'  # the shared ResNet-34 (README.md there)
     result, nb = run_notebook('01_gtsrb_distillation.ipynb', kernel_dirs, tmp_path, report, gtsrb_data=str(gtsrb_data),
-                              work_path=str(work), **GTSRB_TINY)
+                              teacher_weights=str(teacher) if teacher.is_file() else None, work_path=str(work),
+                              **GTSRB_TINY)
     assert sorted(p.name for p in (work/'train').iterdir()) == ['0', '19']  # only the classes asked for
     assert result['vocab'] == list(range(43)) and result['test_labels'] == [0, 19]
     assert 0 < result['n_masked'] < len(list((work/'test').glob('*.ppm')))  # class 19 is not of interest
@@ -135,21 +162,26 @@ def test_gtsrb_notebook_says_when_data_is_absent(kernel_dirs, tmp_path):
     "Without the archive, the cell after the parameters stops with an error that says what is missing and the way out"
     with pytest.raises(CellExecutionError) as error:
         run_notebook('01_gtsrb_distillation.ipynb', kernel_dirs, tmp_path, '{}', gtsrb_data=str(tmp_path/'nowhere'),
-                     work_path=None, **GTSRB_TINY)
+                     teacher_weights=None, work_path=None, **GTSRB_TINY)
     assert error.value.ename == 'FileNotFoundError'
     assert 'GTSRB data not found' in error.value.evalue and 'download = True' in error.value.evalue
+    assert 'FASTKD_GTSRB' in error.value.evalue
 
 
 def test_distillation_methods(kernel_dirs, small_digits, tmp_path):
-    "One row per model, and a conclusion that says what the table says"
+    "One row per model, a conclusion that says what the table says, and a multi-label student on BinarySoftTarget"
     report = ("{'results': results.to_dict(orient='index'), "
-              "'gains': {m: gains_over_student(results, m).to_dict() for m in ['accuracy', 'weighted_f1']}}")
+              "'gains': {m: gains_over_student(results, m).to_dict() for m in ['accuracy', 'weighted_f1']}, "
+              "'multi_kd': repr(multi_kd), 'multi_columns': list(multi_student.recorder.metric_names), "
+              "'multi_scores': multi_scores.to_dict(orient='index')}")
     result, nb = run_notebook('02_distillation_methods.ipynb', kernel_dirs, tmp_path, report,
                               data_path=str(small_digits), size=16, bs=32, epochs=1, seeds=[0],
                               teacher_filters=[3, 16, 32, 10], student_filters=[3, 8, 10])
     results = frame(result['results'])
     assert list(results.index) == ['teacher', 'student alone', 'CE + SoftTarget', 'CE + DKD', 'CE + DIST',
-                                   'CE + LogitMSE', 'CE + SoftTarget, standardised logits']
+                                   'CE + LogitMSE', 'CE + SoftTarget, standardised logits',
+                                   'CE + SoftTarget, weight SchedLin(0, 0.5)',
+                                   'CE + SoftTarget, ensemble of 2 teachers']
     assert results[['accuracy', 'weighted_f1']].stack().between(0, 1).all() and (results.runs == 1).all()
     assert results.accuracy.nunique() > 1  # the losses train different students
     conclusion = ''.join(o.text for o in next(c for c in nb.cells if 'gains_over_student(results' in c.source).outputs)
@@ -159,6 +191,9 @@ def test_distillation_methods(kernel_dirs, small_digits, tmp_path):
         assert gains == pytest.approx((distilled[distilled > alone] - alone).to_dict())
         assert f'{metric}: the student alone scores {alone:.4f}' in conclusion
         assert f'{len(gains)} of {len(distilled)} distillation losses beat it' in conclusion
+    assert 'BinarySoftTarget' in result['multi_kd']  # picked from the learner's BCE loss
+    assert {'train_bce', 'train_kd'} <= set(result['multi_columns']) and 'train_ce' not in result['multi_columns']
+    assert frame(result['multi_scores']).accuracy_multi.between(0, 1).all()
 
 
 def test_compression(kernel_dirs, tmp_path):

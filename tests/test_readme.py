@@ -1,0 +1,72 @@
+"""README.md against the code: its API table names exactly what `from fastkd.all import *` exports, with parameter
+names (and literal defaults) the functions really have, and its Python snippets are valid Python."""
+import ast
+import importlib
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+import fastkd.all
+
+README = Path(__file__).resolve().parents[1]/'README.md'
+NAME = re.compile(r'[A-Za-z_]\w*')
+
+
+def exported() -> set[str]:
+    "What `from fastkd.all import *` gives: `fastkd.all.__all__`, else the `__all__` of each module it star-imports"
+    if hasattr(fastkd.all, '__all__'): return set(fastkd.all.__all__)
+    imports = [node for node in ast.parse(inspect.getsource(fastkd.all)).body if isinstance(node, ast.ImportFrom)]
+    modules = [importlib.import_module(f'fastkd.{node.module}') for node in imports if node.names[0].name == '*']
+    assert modules, 'fastkd.all imports no module with *'
+    return {name for module in modules for name in module.__all__}
+
+
+def api_entries() -> list[str]:
+    "The backticked entries of the first column of README's API table, e.g. `prepare_gtsrb(path, classes=None)`"
+    section = README.read_text(encoding='utf-8').split('\n## API\n', 1)[1].split('\n## ', 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith('|')][2:]  # after the header and its rule
+    return [entry for row in rows for entry in re.findall(r'`([^`]+)`', row.split('|')[1])]
+
+
+def arguments(entry: str) -> list[str]:
+    "The arguments an entry lists between its parentheses, split at top-level commas"
+    inside = entry[entry.index('(') + 1:entry.rindex(')')] if '(' in entry else ''
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(inside):
+        depth += (char in '([{') - (char in ')]}')
+        if char == ',' and depth == 0: parts, start = parts + [inside[start:i]], i + 1
+    return [part.strip() for part in parts + [inside[start:]] if part.strip()]
+
+
+def test_the_api_table_names_exactly_the_exports():
+    names = [NAME.match(entry).group() for entry in api_entries()]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    assert not twice, f'named twice in the API table: {twice}'
+    missing, stale = exported() - set(names), set(names) - exported()
+    assert not missing, f'exported by fastkd.all but not in README\'s API table: {sorted(missing)}'
+    assert not stale, f'in README\'s API table but not exported by fastkd.all: {sorted(stale)}'
+
+
+@pytest.mark.parametrize('entry', [e for e in api_entries() if '(' in e])
+def test_the_api_table_gives_real_parameters(entry):
+    "Each parameter the table shows exists under that name, and a literal default is the real one (`...`: elided)"
+    name = NAME.match(entry).group()
+    params = inspect.signature(getattr(fastkd.all, name)).parameters
+    for argument in arguments(entry):
+        if argument == '...': continue
+        key, _, default = argument.partition('=')
+        key = key.strip().lstrip('*')
+        assert key in params, f'{name} has no parameter {key!r}: its parameters are {list(params)}'
+        if default and default.strip() != '...':
+            try: value = ast.literal_eval(default.strip())
+            except ValueError: continue  # not a literal (e.g. an object): only the name is checked
+            assert params[key].default == value, f'{name}({key}=...) defaults to {params[key].default!r}, not {value!r}'
+
+
+def test_python_snippets_are_valid_python():
+    blocks = re.findall(r'^( *)```python\n(.*?)^\1```', README.read_text(encoding='utf-8'), flags=re.M | re.S)
+    assert blocks, 'README has no Python snippet'
+    for indent, code in blocks:
+        ast.parse('\n'.join(line[len(indent):] for line in code.splitlines()))
