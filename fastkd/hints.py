@@ -1,0 +1,280 @@
+"""Feature distillation ("hints"): train a student layer's output to match a teacher layer's output.
+
+`Hint(student_layer, teacher_layer, loss, weight)` names both layers by their `named_modules()` paths; the feature
+losses below compare the two outputs (one small class per paper, its formula in the docstring); `HintHooks` is the
+plumbing the `KnowledgeDistillation` callback drives; `match_layers` lists layer pairs whose outputs fit together.
+
+How `HintHooks` works with fastai:
+- Forward hooks live from `attach` (start of training) to `detach` (end of the fit). The student's feature is kept only
+  when it is computed with gradient (a training forward), the teacher's detached; `loss` uses both and forgets them, so
+  nothing outlives a batch. `attach` first removes any hooks left (fastai skips `after_fit` when a fit raises);
+  `detach` may be called any number of times.
+- Adapters (FitNet's 1x1 convolution or linear layer, CosineHint's where sizes differ) are parameters of the losses,
+  created at their first call from the shapes of the first training batch (no extra forward), on the feature's device,
+  in float32 (or the feature's dtype if wider). `HintHooks` is an `nn.Module` holding a copy of each hint's loss: its
+  parameters are the adapters and its `state_dict` saves them. The student never holds them: its `state_dict` keys and
+  `export` are those of the student alone.
+- fastai builds the optimizer in `Learner.fit` before `before_fit`, and anew in `create_opt` (`export`, `reset_opt`).
+  So `loss(opt)` puts the adapters into the last parameter group of the optimizer it is given (they follow that group's
+  learning rate, momentum and weight-decay schedule), and `detach` takes them and their state out again. No group is
+  added, so slices of learning rates and saved optimizer states keep their group count; between fits the optimizer is
+  the student's alone, so `freeze_to`/`unfreeze`, `learn.save`/`load` and `export` only ever see the student's
+  parameters, and no `freeze_to` ever freezes an adapter (while joined they sit in the last group, never frozen).
+- `lr_find` trains at growing learning rates, then reloads the model and optimizer as they were; `attach(restore=True)`
+  does the same for the adapters: `detach` puts them back as they were at `attach` (those created meanwhile are dropped
+  and created again at the next fit's first batch).
+"""
+from __future__ import annotations
+
+import difflib
+from copy import deepcopy
+from dataclasses import dataclass
+from functools import partial
+from typing import Sequence
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from fastai.learner import Learner
+from fastai.optimizer import OptimWrapper
+from fastai.torch_core import get_model
+from torch import Tensor, nn
+
+__all__ = ['Hint', 'FitNet', 'CosineHint', 'AttentionTransfer', 'HintHooks', 'match_layers']
+
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_POOLS = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+
+
+def _compute_dtype(feature: Tensor) -> torch.dtype:
+    "float32, or the feature's dtype where it is wider (float64)"
+    return torch.promote_types(feature.dtype, torch.float32)
+
+
+def _check_features(name: str, s: Tensor, t: Tensor, maps_only: bool = False):
+    "Both features are (batch, channels, *spatial) of the same batch size and rank (spatial rank 1 to 3, or 0 unless `maps_only`)"
+    ranks = (1, 2, 3) if maps_only else (0, 1, 2, 3)
+    if s.ndim != t.ndim or s.ndim - 2 not in ranks or len(s) != len(t):
+        kind = 'feature maps (batch, channels, height, width)' if maps_only else \
+               'features of the same rank: (batch, channels) or (batch, channels, height, width)'
+        raise ValueError(f'{name} compares {kind}; got student {tuple(s.shape)} and teacher {tuple(t.shape)}. '
+                         'Choose other layers: `match_layers(student, teacher, x)` lists pairs that fit.')
+
+
+def _adapter(student: Tensor, teacher: Tensor) -> nn.Module:
+    "A 1x1 convolution (a linear layer for flat features) from the student's channels to the teacher's"
+    n_in, n_out, n_spatial = student.shape[1], teacher.shape[1], student.ndim - 2
+    layer = _CONVS[n_spatial](n_in, n_out, kernel_size=1) if n_spatial else nn.Linear(n_in, n_out)
+    return layer.to(device=student.device, dtype=_compute_dtype(student))
+
+
+def _pool(x: Tensor, size: Sequence[int]) -> Tensor:
+    "Adaptive average pooling of the map `x` to the spatial `size` (`x` itself when it has that size)"
+    return x if tuple(x.shape[2:]) == tuple(size) else _POOLS[len(size)](x, tuple(size))
+
+
+def _common_size(s: Tensor, t: Tensor) -> list[int]:
+    "The smaller of both spatial sizes, dimension by dimension"
+    return [min(a, b) for a, b in zip(s.shape[2:], t.shape[2:])]
+
+
+class FitNet(nn.Module):
+    """Romero et al., ICLR 2015, "FitNets: Hints for Thin Deep Nets": `mean((adapter(s) - t)**2)` over all elements,
+    for student and teacher features `s` and `t` of the same spatial size, where `adapter` is a 1x1 convolution
+    (a linear layer for flat features) from the student's channels to the teacher's, created at the first call and
+    trained with the student. Computes in float32."""
+    def __init__(self):
+        super().__init__()
+        self.adapter = None
+
+    def forward(self, s: Tensor, t: Tensor) -> Tensor:
+        _check_features('FitNet', s, t)
+        if s.shape[2:] != t.shape[2:]:
+            raise ValueError(f'FitNet compares features of the same spatial size; got student {tuple(s.shape)} and '
+                             f'teacher {tuple(t.shape)}. Choose layers whose sizes match (`match_layers` lists them), '
+                             'or use CosineHint or AttentionTransfer, which pool the larger map.')
+        if self.adapter is None: self.adapter = _adapter(s, t)
+        dtype = self.adapter.weight.dtype
+        return F.mse_loss(self.adapter(s.to(dtype)).to(dtype), t.to(dtype))
+
+
+class CosineHint(nn.Module):
+    """The hint of PyTorch's knowledge distillation tutorial: average-pool the larger feature map to the smaller spatial
+    size, flatten each item, and `mean over items of (1 - cos(s_i, t_i))`. Where the flattened sizes still differ
+    (different channel counts), `s` first goes through an adapter as in `FitNet`, created at the first call and trained
+    with the student. Computes in float32."""
+    def __init__(self):
+        super().__init__()
+        self.adapter = None
+
+    def forward(self, s: Tensor, t: Tensor) -> Tensor:
+        _check_features('CosineHint', s, t)
+        size, dtype = _common_size(s, t), _compute_dtype(s)
+        s, t = _pool(s.to(dtype), size), _pool(t.to(dtype), size)
+        if s.shape != t.shape:
+            if self.adapter is None: self.adapter = _adapter(s, t)
+            s = self.adapter(s).to(dtype)
+        return (1 - F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1)).mean()
+
+
+class AttentionTransfer(nn.Module):
+    """Zagoruyko & Komodakis, ICLR 2017, "Paying More Attention to Attention": for each item, the spatial attention map
+    `a(f) = sum over channels c of |f_c|**p`, average-pooled to the smaller of both spatial sizes, flattened and divided
+    by its L2 norm; the loss is `mean((a(s) - a(t))**2)` over items and positions. Channel counts may differ (no
+    adapter). Computes in float32."""
+    def __init__(self, p: float = 2.):
+        super().__init__()
+        self.p = p
+
+    def attention(self, f: Tensor, size: Sequence[int]) -> Tensor:
+        "The L2-normalised attention map of each item of `f`, pooled to `size`, flattened"
+        a = f.to(_compute_dtype(f)).abs().pow(self.p).sum(dim=1, keepdim=True)
+        return F.normalize(_pool(a, size).flatten(1), dim=1)
+
+    def forward(self, s: Tensor, t: Tensor) -> Tensor:
+        _check_features('AttentionTransfer', s, t, maps_only=True)
+        size = _common_size(s, t)
+        return F.mse_loss(self.attention(s, size), self.attention(t, size))
+
+    def extra_repr(self) -> str: return f'p={self.p}'
+
+
+@dataclass
+class Hint:
+    "Train the output of the student's layer `student_layer` to match the teacher's `teacher_layer` (`named_modules()` paths) with `loss`, scaled by `weight`"
+    student_layer: str
+    teacher_layer: str
+    loss: nn.Module
+    weight: float = 1.
+
+    def __post_init__(self):
+        if isinstance(self.loss, type): self.loss = self.loss()
+        if not isinstance(self.student_layer, str) or not isinstance(self.teacher_layer, str):
+            raise TypeError(f'Hint layers are names (paths of `model.named_modules()`, such as "0.6"), got '
+                            f'{self.student_layer!r} and {self.teacher_layer!r}.')
+        if not isinstance(self.loss, nn.Module):
+            raise TypeError(f'A hint loss is a feature loss module such as FitNet(), CosineHint() or AttentionTransfer(), '
+                            f'got {type(self.loss).__name__}.')
+        if not self.weight >= 0: raise ValueError(f'A hint weight must be a number >= 0, got {self.weight}.')
+
+
+def _layer(model: nn.Module, name: str, role: str) -> nn.Module:
+    "The module of `model` named `name`, or an error listing the three closest names"
+    modules = dict(model.named_modules())
+    if name in modules: return modules[name]
+    closest = difflib.get_close_matches(name, [n for n in modules if n], n=3, cutoff=0)
+    raise ValueError(f'The {role} model has no layer {name!r}; the closest names are {closest}. Hint layers are paths '
+                     'of `model.named_modules()`; `match_layers(student, teacher, x)` lists pairs that fit.')
+
+
+def _first_tensor(output) -> Tensor:
+    "A module's output, or the first element of a tuple or list output"
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class HintHooks(nn.Module):
+    """Forward hooks on the layers `hints` name, and a copy of each hint's loss: its parameters are the adapters.
+    `attach` at the start of a fit, `loss(opt)` after each training forward of student and teacher, `detach` at its end."""
+    def __init__(self, hints: Sequence[Hint]):
+        super().__init__()
+        self.hints = list(hints)
+        self.losses = nn.ModuleList(deepcopy(hint.loss) for hint in self.hints)
+        self.handles, self.student_features, self.teacher_features = [], {}, {}
+        self.opt, self.n_joined, self.saved = None, 0, None
+
+    @property
+    def attached(self) -> bool: return bool(self.handles)
+
+    def attach(self, student: nn.Module, teacher: nn.Module, restore: bool = False):
+        """Hook the hinted layers of `student` and `teacher` (unwrapped from DDP); with `restore`, `detach` puts the
+        adapters back as they are now (for `lr_find`). A layer name that does not exist raises, leaving no hook."""
+        self.detach()
+        student, teacher = get_model(student), get_model(teacher)
+        layers = [(_layer(student, h.student_layer, 'student'), _layer(teacher, h.teacher_layer, 'teacher'))
+                  for h in self.hints]
+        for i, (student_layer, teacher_layer) in enumerate(layers):
+            self.handles.append(student_layer.register_forward_hook(partial(self._keep_student, i)))
+            self.handles.append(teacher_layer.register_forward_hook(partial(self._keep_teacher, i)))
+        self.saved = deepcopy(list(self.losses)) if restore else None  # a list: not a submodule
+
+    def _keep_student(self, i: int, module: nn.Module, inputs, output):
+        if torch.is_grad_enabled(): self.student_features[i] = _first_tensor(output)
+
+    def _keep_teacher(self, i: int, module: nn.Module, inputs, output):
+        self.teacher_features[i] = _first_tensor(output).detach()
+
+    def loss(self, opt=None) -> Tensor:
+        """The weighted sum of the hint losses on the features of the last training forward of student and teacher,
+        which it then forgets. Adapters (created at the first call) join the last parameter group of `opt`."""
+        student, teacher = self.student_features, self.teacher_features
+        self.student_features, self.teacher_features = {}, {}
+        terms = []
+        for i, (hint, loss) in enumerate(zip(self.hints, self.losses)):
+            if i not in student or i not in teacher:
+                role, layer = ('student', hint.student_layer) if i not in student else ('teacher', hint.teacher_layer)
+                raise RuntimeError(f'No output of the {role} layer {layer!r} was captured for {hint}: are the hooks '
+                                   f'attached, and did the {role} run this layer in its last training forward?')
+            try: terms.append(hint.weight * loss(student[i], teacher[i]))
+            except ValueError as e: raise ValueError(f'{hint}: {e}') from None
+        if opt is not None: self._join(opt)
+        return torch.stack(terms).sum()
+
+    def _join(self, opt):
+        "Put the adapters that are not in `opt` yet into its last parameter group"
+        params = list(self.parameters())
+        if opt is self.opt and len(params) == self.n_joined: return
+        if self.opt is not None and opt is not self.opt: self._leave()
+        joined = {id(p) for group in opt.param_lists for p in group}
+        for p in params:
+            if id(p) in joined: continue
+            opt.param_lists[-1].append(p)
+            opt.state.setdefault(p, {})  # a fastai Optimizer's state is a plain dict after `load_state_dict`
+        self.opt, self.n_joined = opt, len(params)
+
+    def _leave(self):
+        "Take the adapters and their state out of the optimizer they joined"
+        ids = {id(p) for p in self.parameters()}
+        for group in self.opt.param_lists:
+            for i in reversed(range(len(group))):
+                if id(group[i]) in ids: del group[i]
+        state = self.opt.opt.state if isinstance(self.opt, OptimWrapper) else self.opt.state
+        for p in self.parameters(): state.pop(p, None)
+        self.opt, self.n_joined = None, 0
+
+    def detach(self):
+        "Remove the hooks, take the adapters out of the optimizer, forget captured features; restore the adapters if `attach` was asked to"
+        for handle in self.handles: handle.remove()
+        self.handles, self.student_features, self.teacher_features = [], {}, {}
+        if self.opt is not None: self._leave()
+        if self.saved is not None: self.losses, self.saved = nn.ModuleList(self.saved), None
+
+
+def _map_shapes(model: nn.Module, xb: tuple, depth: int) -> dict[str, tuple]:
+    "The output shape of each layer of `model` at most `depth` levels deep whose output for `xb` is a feature map"
+    shapes = {}
+    def keep(name, module, inputs, output):
+        output = _first_tensor(output)
+        if isinstance(output, Tensor) and output.ndim > 2: shapes[name] = tuple(output.shape)
+    layers = [(name, module) for name, module in model.named_modules() if name and name.count('.') < depth]
+    handles = [module.register_forward_hook(partial(keep, name)) for name, module in layers]
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        with torch.no_grad(): model.eval()(*xb)
+    finally:
+        for handle in handles: handle.remove()
+        for module, training in modes: module.train(training)
+    return {name: shapes[name] for name, _ in layers if name in shapes}
+
+
+def match_layers(student: nn.Module | Learner, teacher: nn.Module | Learner, x: Tensor | tuple,
+                 depth: int = 2) -> pd.DataFrame:
+    """Candidate `Hint` layer pairs: each student layer and teacher layer at most `depth` levels deep (`'0.6'` is 2)
+    whose feature maps for the input batch `x` have the same spatial size, with both shapes, in layer order.
+    Both models run once on `x`, in eval mode and without gradient; their modes are restored after."""
+    xb = x if isinstance(x, (tuple, list)) else (x,)
+    student_shapes, teacher_shapes = [_map_shapes(get_model(m.model if isinstance(m, Learner) else m), xb, depth)
+                                      for m in (student, teacher)]
+    rows = [dict(student_layer=s_name, student_shape=s_shape, teacher_layer=t_name, teacher_shape=t_shape)
+            for s_name, s_shape in student_shapes.items() for t_name, t_shape in teacher_shapes.items()
+            if len(s_shape) == len(t_shape) and s_shape[2:] == t_shape[2:]]
+    return pd.DataFrame(rows, columns=['student_layer', 'student_shape', 'teacher_layer', 'teacher_shape'])

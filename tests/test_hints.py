@@ -1,0 +1,397 @@
+"Feature hints: the three losses against direct computations, and HintHooks on real models, real optimizers and real Learners."
+import difflib
+import warnings
+from copy import deepcopy
+from functools import partial
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from fastai.callback.schedule import LRFinder
+from fastai.callback.training import ShortEpochCallback
+from fastai.learner import Callback, Learner, Recorder
+from fastai.metrics import accuracy
+from fastai.optimizer import OptimWrapper
+from fastai.torch_core import set_seed
+from fastai.vision.learner import create_vision_model
+from torch import nn
+from torchvision.models import resnet18, resnet34
+
+from conftest import tiny_cnn
+from fastkd.digits import digits_dls
+from fastkd.hints import AttentionTransfer, CosineHint, FitNet, Hint, HintHooks, match_layers
+from fastkd.split import default_split
+
+
+@pytest.fixture(scope='module')
+def dls(digits_path):
+    return digits_dls(digits_path, size=32, bs=32)
+
+
+@pytest.fixture
+def images(dls) -> torch.Tensor:
+    "A batch of 32 real digit images, 32 px"
+    return dls.one_batch()[0]
+
+
+def block_mean(x: torch.Tensor, k: int) -> torch.Tensor:
+    "Average of each k x k block of the maps `x`, written out (what adaptive pooling to size/k computes)"
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // k, k, w // k, k).mean(dim=(3, 5))
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    "Each item flattened and divided by its L2 norm"
+    x = x.flatten(1)
+    return x / (x**2).sum(dim=1, keepdim=True).sqrt()
+
+
+def conv1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    "A 1x1 convolution written as a sum over channels"
+    return torch.einsum('oc,bchw->bohw', conv.weight[:, :, 0, 0], x) + conv.bias[None, :, None, None]
+
+
+def forward_hooks(*models: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for model in models for m in model.modules())
+
+
+# --- the losses, against direct computations
+
+
+def test_fitnet_is_the_mse_of_a_1x1_conv_of_the_student_to_the_teacher():
+    s, t = torch.randn(4, 8, 6, 6), torch.randn(4, 16, 6, 6)
+    fitnet = FitNet()
+    loss = fitnet(s, t)
+    assert isinstance(fitnet.adapter, nn.Conv2d) and fitnet.adapter.weight.shape == (16, 8, 1, 1)
+    torch.testing.assert_close(loss, ((conv1x1(fitnet.adapter, s) - t)**2).mean())
+    flat = FitNet()
+    s, t = torch.randn(4, 8), torch.randn(4, 5)
+    loss = flat(s, t)
+    assert isinstance(flat.adapter, nn.Linear)
+    torch.testing.assert_close(loss, ((s @ flat.adapter.weight.T + flat.adapter.bias - t)**2).mean())
+
+
+def test_fitnet_refuses_maps_of_different_sizes():
+    with pytest.raises(ValueError, match=r'same spatial size.*\(4, 8, 6, 6\).*\(4, 8, 3, 3\).*CosineHint or AttentionTransfer'):
+        FitNet()(torch.randn(4, 8, 6, 6), torch.randn(4, 8, 3, 3))
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.flatten(1), b.flatten(1)
+    return (1 - (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).mean()
+
+
+def test_cosine_hint_pools_the_larger_map_and_needs_no_adapter_for_equal_sizes():
+    s, t = torch.randn(4, 16, 8, 8), torch.randn(4, 16, 4, 4)
+    hint = CosineHint()
+    torch.testing.assert_close(hint(s, t), cosine_distance(block_mean(s, 2), t))
+    torch.testing.assert_close(hint(t, s), cosine_distance(t, block_mean(s, 2)))
+    assert hint.adapter is None and not list(hint.parameters())
+
+
+def test_cosine_hint_adapts_channels_where_flattened_sizes_differ():
+    s, t = torch.randn(4, 8, 4, 4), torch.randn(4, 16, 8, 8)
+    hint = CosineHint()
+    loss = hint(s, t)
+    assert hint.adapter.weight.shape == (16, 8, 1, 1)
+    torch.testing.assert_close(loss, cosine_distance(conv1x1(hint.adapter, s), block_mean(t, 2)))
+
+
+@pytest.mark.parametrize('p', [1, 2])
+def test_attention_transfer_compares_normalised_attention_maps(p):
+    s, t = torch.randn(4, 8, 8, 8), torch.randn(4, 32, 4, 4)
+    loss = AttentionTransfer(p=p)(s, t)
+    attention_s = unit_rows(block_mean(s.abs().pow(p).sum(dim=1, keepdim=True), 2))
+    attention_t = unit_rows(t.abs().pow(p).sum(dim=1, keepdim=True))
+    torch.testing.assert_close(loss, ((attention_s - attention_t)**2).mean())
+    assert not list(AttentionTransfer().parameters())
+
+
+def test_attention_transfer_refuses_flat_features():
+    with pytest.raises(ValueError, match=r'AttentionTransfer compares feature maps.*\(4, 8\).*match_layers'):
+        AttentionTransfer()(torch.randn(4, 8), torch.randn(4, 8))
+
+
+@pytest.mark.parametrize('loss', [FitNet, CosineHint, AttentionTransfer])
+def test_losses_compute_in_float32_and_reach_the_student(loss):
+    s, t = torch.randn(4, 8, 4, 4), torch.randn(4, 16, 4, 4)
+    full = loss()
+    expected = full(s, t)
+    s_half = s.half().requires_grad_()
+    value = deepcopy(full)(s_half, t.half())  # the same adapter, if any
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, expected, atol=1e-3, rtol=1e-2)
+    value.backward()
+    assert s_half.grad is not None and s_half.grad.abs().sum() > 0
+
+
+def test_hint_checks_its_arguments():
+    assert isinstance(Hint('0.1', '0.1', FitNet).loss, FitNet)
+    with pytest.raises(TypeError, match='paths of `model.named_modules'): Hint(1, '0.1', FitNet())
+    with pytest.raises(TypeError, match=r'FitNet\(\), CosineHint\(\) or AttentionTransfer\(\), got str'):
+        Hint('0.1', '0.1', 'mse')
+    with pytest.raises(ValueError, match='>= 0, got -1'): Hint('0.1', '0.1', FitNet(), weight=-1)
+
+
+# --- HintHooks on real models
+
+
+def hinted_pair(width_student=8, width_teacher=16):
+    set_seed(0, reproducible=True)
+    return tiny_cnn(width_student), tiny_cnn(width_teacher).eval()
+
+
+def test_hooks_capture_the_named_layers_and_give_the_weighted_sum_of_the_losses(images):
+    student, teacher = hinted_pair()
+    hooks = HintHooks([Hint('0.1', '0.1', FitNet(), weight=2.), Hint('0.2', '0.1', AttentionTransfer(), weight=3.)])
+    hooks.attach(student, teacher)
+    student(images)
+    with torch.no_grad(): teacher(images)
+    loss = hooks.loss()
+    with torch.no_grad(): t1 = teacher[0][:2](images)
+    s1 = student[0][:2](images)
+    s2 = student[0][2](s1)
+    fitnet, attention = hooks.losses
+    torch.testing.assert_close(loss, 2 * fitnet(s1, t1) + 3 * attention(s2, t1))
+    loss.backward()
+    assert all(p.grad is not None for p in student[0][:3].parameters())
+    assert fitnet.adapter.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    hooks.detach()
+
+
+def test_features_are_used_once_and_only_from_forwards_with_gradient(images):
+    student, teacher = hinted_pair()
+    hooks = HintHooks([Hint('0.1', '0.2', CosineHint())])
+    hooks.attach(student, teacher)
+    student(images)
+    with torch.no_grad(): teacher(images)
+    hooks.loss()
+    assert not hooks.student_features and not hooks.teacher_features
+    with pytest.raises(RuntimeError, match=r"No output of the student layer '0.1' was captured"): hooks.loss()
+    with torch.no_grad(): student(images), teacher(images)  # a validation forward of the student keeps nothing
+    assert not hooks.student_features
+    with pytest.raises(RuntimeError, match=r"student layer '0.1'"): hooks.loss()
+    hooks.detach()
+
+
+def test_attach_and_detach_leave_no_hook_behind():
+    student, teacher = hinted_pair()
+    hooks = HintHooks([Hint('0.1', '0.1', FitNet()), Hint('0.2', '0.2', AttentionTransfer())])
+    hooks.attach(student, teacher)
+    assert hooks.attached and forward_hooks(student) == 2 and forward_hooks(teacher) == 2
+    hooks.attach(student, teacher)  # again, as after a fit that raised: no second set
+    assert forward_hooks(student) == 2 and forward_hooks(teacher) == 2
+    hooks.detach()
+    assert not hooks.attached and forward_hooks(student, teacher) == 0
+    hooks.detach()
+    assert forward_hooks(student, teacher) == 0
+
+
+def test_a_bad_layer_name_is_refused_with_the_closest_names_and_no_hook():
+    student, teacher = resnet18(), resnet34()
+    names = [name for name, _ in student.named_modules() if name]
+    hooks = HintHooks([Hint('layer2', 'layer3', FitNet()), Hint('layer5', 'layer4', FitNet())])
+    with pytest.raises(ValueError) as error: hooks.attach(student, teacher)
+    closest = difflib.get_close_matches('layer5', names, n=3, cutoff=0)
+    assert "The student model has no layer 'layer5'; the closest names are" in str(error.value)
+    assert str(closest) in str(error.value) and 'layer4' in closest and len(closest) == 3
+    assert forward_hooks(student, teacher) == 0
+    with pytest.raises(ValueError, match=r"The teacher model has no layer '0.7'"):
+        HintHooks([Hint('layer4', '0.7', FitNet())]).attach(student, teacher)
+
+
+def test_hooks_reach_through_ddp(images, tmp_path):
+    student, teacher = hinted_pair()
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(student)
+        hooks = HintHooks([Hint('0.2', '0.2', FitNet())])
+        hooks.attach(wrapped, teacher)
+        wrapped(images)
+        with torch.no_grad(): teacher(images)
+        loss = hooks.loss()
+        with torch.no_grad(): expected = hooks.losses[0](student[0][:3](images), teacher[0][:3](images))
+        torch.testing.assert_close(loss, expected)
+        hooks.detach()
+        assert forward_hooks(student) == 0
+    finally: dist.destroy_process_group()
+
+
+def test_hints_between_resnet_stages(images):
+    "A ResNet-18 student and ResNet-34 teacher as fastai builds them: stage outputs of other sizes and channel counts"
+    student, teacher = (create_vision_model(arch, 10, pretrained=False) for arch in (resnet18, resnet34))
+    hooks = HintHooks([Hint('0.5', '0.5', FitNet()), Hint('0.5', '0.6', CosineHint()), Hint('0.6', '0.7', AttentionTransfer())])
+    hooks.attach(student, teacher.eval())
+    student(images[:4])
+    with torch.no_grad(): teacher(images[:4])
+    loss = hooks.loss()
+    loss.backward()
+    fitnet, cosine, _ = hooks.losses
+    assert fitnet.adapter.weight.shape == (128, 128, 1, 1) and cosine.adapter.weight.shape == (256, 128, 1, 1)
+    assert torch.isfinite(loss) and all(p.grad.abs().sum() > 0 for p in hooks.parameters())
+    hooks.detach()
+
+
+# --- adapters and the optimizer
+
+
+def student_learner(dls, opt_func=None, **kwargs) -> Learner:
+    set_seed(0, reproducible=True)
+    if opt_func is not None: kwargs['opt_func'] = opt_func
+    return Learner(dls, tiny_cnn(8), metrics=accuracy, splitter=default_split, **kwargs)
+
+
+def param_ids(params) -> set:
+    return {id(p) for p in params}
+
+
+@pytest.mark.parametrize('opt_func', [None, partial(OptimWrapper, opt=torch.optim.AdamW)], ids=['fastai', 'torch'])
+def test_adapters_join_the_last_parameter_group_and_leave_with_their_state(dls, images, opt_func):
+    learn = student_learner(dls, opt_func)
+    learn.create_opt()
+    keys, n_groups = learn.model.state_dict().keys(), len(learn.opt.param_lists)
+    teacher = hinted_pair()[1]
+    hooks = HintHooks([Hint('0.1', '0.1', FitNet()), Hint('0.2', '0.2', CosineHint())])
+    hooks.attach(learn.model, teacher)
+    learn.model(images)
+    with torch.no_grad(): teacher(images)
+    adapter_ids = param_ids(hooks.parameters())
+    assert not adapter_ids  # created at the first loss, from the features' shapes
+    hooks.loss(learn.opt).backward()
+    adapters = list(hooks.parameters())
+    assert len(adapters) == 4 and all(p.device == images.device and p.dtype == torch.float32 for p in adapters)
+    assert len(learn.opt.param_lists) == n_groups and param_ids(adapters) <= param_ids(learn.opt.param_lists[-1])
+    before = [p.detach().clone() for p in adapters]
+    learn.opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(adapters, before))
+    hooks.detach()
+    assert not param_ids(adapters) & param_ids(p for group in learn.opt.param_lists for p in group)
+    state = learn.opt.opt.state if opt_func else learn.opt.state
+    assert not param_ids(adapters) & param_ids(state)
+    fresh = student_learner(dls, opt_func)
+    fresh.create_opt()
+    fresh.opt.load_state_dict(learn.opt.state_dict())  # the student's optimizer state alone: fits a plain learner
+    assert learn.model.state_dict().keys() == keys
+
+
+def test_adapters_take_a_float64_students_dtype(images):
+    student, teacher = (model.double() for model in hinted_pair())
+    hooks = HintHooks([Hint('0.1', '0.1', FitNet())])
+    hooks.attach(student, teacher)
+    student(images.double())
+    with torch.no_grad(): teacher(images.double())
+    assert hooks.loss().dtype == torch.float64 and hooks.losses[0].adapter.weight.dtype == torch.float64
+    hooks.detach()
+
+
+def test_restore_puts_the_adapters_back_as_they_were_at_attach(images):
+    student, teacher = hinted_pair()
+    hooks = HintHooks([Hint('0.1', '0.1', FitNet())])
+    def step():
+        student(images)
+        with torch.no_grad(): teacher(images)
+        hooks.loss().backward()
+        with torch.no_grad():
+            for p in hooks.parameters(): p -= 0.1 * p.grad
+    hooks.attach(student, teacher, restore=True)
+    step()
+    hooks.detach()
+    assert hooks.losses[0].adapter is None  # created during the trial: dropped
+    hooks.attach(student, teacher)
+    step()
+    hooks.detach()
+    kept = {k: v.clone() for k, v in hooks.state_dict().items()}
+    hooks.attach(student, teacher, restore=True)
+    step()
+    assert not torch.equal(hooks.losses[0].adapter.weight, kept['losses.0.adapter.weight'])
+    hooks.detach()
+    assert all(torch.equal(v, kept[k]) for k, v in hooks.state_dict().items())
+
+
+# --- on a real Learner, through a minimal callback (what KnowledgeDistillation does with hints)
+
+
+class HintLoss(Callback):
+    "Adds the hint loss of `hints` between the learner's model and `teacher` to the training loss"
+    order, run_valid = Recorder.order + 1, False
+    def __init__(self, teacher, hints): self.teacher, self.hints = teacher, HintHooks(hints)
+    def before_fit(self): self.hints.detach()  # anything a fit that raised left
+    def before_train(self):
+        if not self.hints.attached:
+            self.hints.attach(self.model, self.teacher, restore=any(isinstance(cb, LRFinder) for cb in self.learn.cbs))
+    def after_loss(self):
+        with torch.no_grad(): self.teacher(*self.xb)
+        self.learn.loss_grad = self.loss_grad + self.hints.loss(self.opt)
+        self.learn.loss = self.loss_grad.clone()
+    def after_fit(self): self.hints.detach()
+
+
+class RecordAdapters(Callback):
+    "Whether the adapters were in the optimizer's last group at each step, and their values at the first step"
+    order = HintLoss.order + 1
+    def __init__(self, hints: HintHooks): self.hints, self.in_opt, self.first = hints, [], None
+    def after_loss(self):
+        if self.first is None: self.first = [p.detach().clone() for p in self.hints.parameters()]
+    def before_step(self):
+        self.in_opt.append(param_ids(self.hints.parameters()) <= param_ids(self.opt.param_lists[-1]))
+
+    def changed(self) -> bool:
+        return all(not torch.equal(p, f) for p, f in zip(self.hints.parameters(), self.first))
+
+
+def test_adapters_train_across_fits_freeze_and_lr_find(dls):
+    student, teacher = hinted_pair()
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    hint_loss = HintLoss(teacher, [Hint('0.1', '0.1', FitNet()), Hint('0.2', '0.2', CosineHint())])
+    learn = Learner(dls, student, metrics=accuracy, splitter=default_split, cbs=hint_loss)
+    keys = learn.model.state_dict().keys()
+    n_model_params = len(list(learn.model.parameters()))
+    def fit(run):
+        record = RecordAdapters(hint_loss.hints)
+        with learn.no_bar(), learn.no_logging(): run(cbs=[record, ShortEpochCallback(pct=0.1)])
+        assert record.in_opt and all(record.in_opt) and record.changed()
+        assert forward_hooks(learn.model, teacher) == 0
+        assert sum(len(group) for group in learn.opt.param_lists) == n_model_params
+        return record
+    fit(partial(learn.fit, 1, 1e-2))
+    learn.freeze_to(1)
+    fit(partial(learn.fit, 1, 1e-2))
+    learn.unfreeze()
+    trained = {k: v.clone() for k, v in hint_loss.hints.state_dict().items()}
+    with warnings.catch_warnings(record=True) as caught, learn.no_bar():
+        warnings.simplefilter('always')
+        learn.lr_find(num_it=10, show_plot=False)
+    assert not [w for w in caught if 'optimizer state' in str(w.message)]  # it reloaded the optimizer it saved
+    assert all(torch.equal(v, trained[k]) for k, v in hint_loss.hints.state_dict().items())  # as lr_find left the model
+    assert forward_hooks(learn.model, teacher) == 0
+    fit(partial(learn.fit_one_cycle, 1, 1e-2))
+    assert learn.model.state_dict().keys() == keys
+    assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())
+
+
+# --- choosing layers
+
+
+def test_match_layers_lists_layers_whose_maps_have_the_same_size(dls, images):
+    student, teacher = hinted_pair(8, 32)
+    pairs = match_layers(student.train(), Learner(dls, teacher), images)
+    assert all(m.training for m in student.modules()) and not any(m.training for m in teacher.modules())
+    assert forward_hooks(student, teacher) == 0
+    with torch.no_grad(): stages = [(student[0][:k](images).shape, teacher[0][:k](images).shape) for k in (1, 2, 3, 4)]
+    expected = [(f'0.{k}', s_shape, f'0.{k}', t_shape) for k, (s_shape, t_shape) in enumerate(stages)]
+    assert list(pairs.itertuples(index=False, name=None)) == expected
+    assert stages[1] == ((32, 16, 8, 8), (32, 64, 8, 8))
+    deeper = match_layers(student, teacher, images, depth=3)
+    assert ('0.0.0', '0.0.2') in set(zip(deeper.student_layer, deeper.teacher_layer))
+    assert all(s[2:] == t[2:] for s, t in zip(deeper.student_shape, deeper.teacher_shape))
+
+
+def test_match_layers_pairs_resnet_stages(images):
+    student, teacher = (create_vision_model(arch, 10, pretrained=False) for arch in (resnet18, resnet34))
+    pairs = match_layers(student, teacher, images[:4])
+    shapes = {(row.student_layer, row.teacher_layer): (row.student_shape, row.teacher_shape) for row in pairs.itertuples()}
+    assert shapes[('0.6', '0.6')] == ((4, 256, 2, 2), (4, 256, 2, 2))
+    assert shapes[('0.7', '0.7')] == ((4, 512, 1, 1), (4, 512, 1, 1))
+    assert ('0.5', '0.6') not in shapes and all(s[2:] == t[2:] for s, t in shapes.values())
