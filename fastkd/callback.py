@@ -1,6 +1,7 @@
 """The `KnowledgeDistillation` callback, and `load_teacher`, which builds a frozen teacher from a weights file.
 
-Importing this module makes `Learner.export` leave `KnowledgeDistillation` out of the exported file."""
+Importing this module makes `Learner.export` leave `KnowledgeDistillation` out of the exported file, and `Learner.fit`
+remove the callback's hint hooks however the fit ends."""
 from __future__ import annotations
 
 import inspect
@@ -9,11 +10,12 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from functools import partial, wraps
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import cloudpickle
 import torch
 from fastai.callback.core import Callback
+from fastai.callback.schedule import LRFinder
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner, Recorder
 from fastai.torch_core import to_device
@@ -22,6 +24,7 @@ from fastcore.basics import store_attr
 from fastcore.foundation import L
 from torch import Tensor, nn
 
+from .hints import Hint, HintHooks
 from .tasks import task_of
 
 __all__ = ['KnowledgeDistillation', 'load_teacher']
@@ -95,13 +98,16 @@ class KnowledgeDistillation(Callback):
     `loss='auto'` picks the distillation loss from the learner's loss function: `SoftTarget` for cross-entropy
     (any class axis, segmentation included), `BinarySoftTarget` for BCE with logits, `LogitMSE` for regression.
     `weight` is a number or a schedule of training progress (e.g. `SchedLin(0, 0.5)`).
-    The teacher runs in training steps only (plus one check on a validation batch as each fit starts), in eval mode
-    and without gradients, and is left as it was given; validation, `get_preds`, `tta` and `valid_loss` are the
-    learner's own. `learn.export()` leaves this callback out."""
+    `hints` (a list of `Hint`) add `sum(hint.weight * hint.loss)` on the outputs of named layers; with `loss=None`
+    the training loss is the learner's loss plus the hints (no logit term). Their adapters are the parameters of
+    `learn.knowledge_distillation.hints`: `torch.save(learn.knowledge_distillation.hints.state_dict(), path)` keeps them.
+    The teacher runs in training steps only (plus, with a logit loss, one check on a validation batch as each fit
+    starts), in eval mode and without gradients, and is left as it was given; validation, `get_preds`, `tta` and
+    `valid_loss` are the learner's own. `learn.export()` leaves this callback out."""
     order, run_valid, beta = Recorder.order + 1, False, 0.98  # after Recorder sets its columns, before ProgressCallback prints them
 
-    def __init__(self, teacher, loss='auto', weight: float | Callable = 0.5, from_learner: bool | None = None,
-                 **loss_settings):
+    def __init__(self, teacher, loss='auto', weight: float | Callable = 0.5, hints: Sequence[Hint] = (),
+                 from_learner: bool | None = None, **loss_settings):
         "`from_learner` is accepted for older code and not needed: a `Learner` teacher is detected"
         if loss_settings:
             name = getattr(loss, '__name__', type(loss).__name__)
@@ -114,11 +120,20 @@ class KnowledgeDistillation(Callback):
             raise ValueError(f'weight must be between 0 and 1 (or a schedule of training progress), got {weight}')
         self.auto_loss = isinstance(loss, str) and loss == 'auto'
         self.kd_loss = None if self.auto_loss else _make_loss(loss)
+        if hints and len(self.teachers) > 1:
+            raise ValueError(f'Hints name layers of one teacher, and this is an ensemble of {len(self.teachers)}: which '
+                             "teacher's layer would it be? Distil the ensemble's outputs without hints, or give hints "
+                             'with a single teacher.')
+        if loss is None and not hints:
+            raise ValueError('loss=None leaves nothing to distil: pass a distillation loss, or hints (feature '
+                             'distillation without a logit term).')
+        self.hints = HintHooks(hints) if hints else None
         store_attr('weight')
 
     def __repr__(self) -> str:
         loss = 'auto (picked when the fit starts)' if self.auto_loss and self.kd_loss is None else self.kd_loss
-        return f'{type(self).__name__}(loss={loss}, weight={self.weight})'
+        hints = f', hints={self.hints.hints}' if self.hints else ''
+        return f'{type(self).__name__}(loss={loss}, weight={self.weight}{hints})'
 
     def __getstate__(self):
         "Leave the teachers out of pickles (`learn.export` leaves the whole callback out)"
@@ -147,14 +162,18 @@ class KnowledgeDistillation(Callback):
         if hasattr(self.learn, 'recorder') and 'train_loss' in self.recorder.metric_names:
             names = self.recorder.metric_names
             at = names.index('train_loss') + 1
-            self.recorder.metric_names = names[:at] + [self.task.column, 'train_kd'] + names[at:]
+            parts = [self.task.column] + ['train_kd'] * (self.kd_loss is not None) + ['train_hint'] * bool(self.hints)
+            self.recorder.metric_names = names[:at] + parts + names[at:]
 
     def before_train(self):
-        "Move the teachers to the student's device and dtype; before the fit's first step, check them on a validation batch"
+        """Move the teachers to the student's device and dtype; before the fit's first step, check them on a validation
+        batch; hook the hinted layers (here, not in `before_fit`, which `get_preds` and `validate` also call)"""
         param = next(self.model.parameters())
         for teacher in self.teachers: teacher.to(device=param.device, dtype=param.dtype)
-        if not self.checked: self._check_on_validation_batch()
+        if not self.checked and self.kd_loss is not None: self._check_on_validation_batch()
         self.checked = True
+        if self.hints and not self.hints.attached:  # lr_find puts back what it explored with: so do the hints
+            self.hints.attach(self.model, self.teachers[0], restore=any(isinstance(cb, LRFinder) for cb in self.cbs))
 
     @torch.no_grad()
     def teacher_output(self, xb: tuple) -> Tensor:
@@ -203,24 +222,33 @@ class KnowledgeDistillation(Callback):
                              'normalisation.')
 
     def after_loss(self):
-        "Mix the distillation loss into the loss that is backpropagated"
+        "Mix the distillation loss and the hints into the loss that is backpropagated"
         if not len(self.yb): return
-        student_pred, teacher_pred = _first(self.pred), self.teacher_output(self.xb)
-        self._check_outputs(teacher_pred, student_pred, f'at training batch {self.iter} of epoch {self.epoch}')
-        targets = [self.task.targets(y) for y in self.yb] if self.kd_loss_takes_target else []
-        kd_loss = self.kd_loss(self.task.items(student_pred), self.task.items(teacher_pred), *targets)
-        weight = self.weight(self.pct_train) if callable(self.weight) else self.weight
+        student_pred, teacher_pred = _first(self.pred), self.teacher_output(self.xb)  # hints capture features here
         base_loss = self.learn.loss  # the loss function's value: what callbacks added since (AR/TAR) keeps its weight
-        self.learn.loss_grad = self.loss_grad + weight * (kd_loss - base_loss)
+        parts = [base_loss]
+        if self.kd_loss is not None:
+            self._check_outputs(teacher_pred, student_pred, f'at training batch {self.iter} of epoch {self.epoch}')
+            targets = [self.task.targets(y) for y in self.yb] if self.kd_loss_takes_target else []
+            kd_loss = self.kd_loss(self.task.items(student_pred), self.task.items(teacher_pred), *targets)
+            weight = self.weight(self.pct_train) if callable(self.weight) else self.weight
+            self.learn.loss_grad = self.loss_grad + weight * (kd_loss - base_loss)
+            parts.append(kd_loss)
+        if self.hints:
+            parts.append(self.hints.loss(self.opt))
+            self.learn.loss_grad = self.loss_grad + parts[-1]
         self.learn.loss = self.loss_grad.clone()
-        self.n_batches += 1  # debiased moving average of both parts, as Recorder smooths train_loss
-        parts = torch.stack([base_loss, kd_loss]).detach().float()
-        self.smooth_parts = self.beta * self.smooth_parts + (1 - self.beta) * parts
+        self.n_batches += 1  # debiased moving average of the parts, as Recorder smooths train_loss
+        self.smooth_parts = self.beta * self.smooth_parts + (1 - self.beta) * torch.stack(parts).detach().float()
 
     def after_train(self):
         "Log the smoothed loss parts next to `train_loss`"
         if hasattr(self.learn, 'recorder') and not self.recorder.cancel_train and self.n_batches:
             self.recorder.log += (self.smooth_parts / (1 - self.beta**self.n_batches)).tolist()
+
+    def after_fit(self):
+        "Remove the hint hooks and take the adapters out of the optimizer (before `lr_find` reloads it)"
+        if self.hints: self.hints.detach()
 
 
 _fastai_export = Learner.export
@@ -241,6 +269,21 @@ def _export_without_distillation(self: Learner, *args, **kwargs):
 
 
 Learner.export = _export_without_distillation
+
+_fastai_fit = Learner.fit
+
+
+@wraps(_fastai_fit)
+def _fit_leaving_no_hooks(self: Learner, *args, **kwargs):
+    "fastai's `Learner.fit`, after which no hint hook remains even when it raises (which skips `after_fit`)"
+    fit_cbs = inspect.signature(_fastai_fit).bind(self, *args, **kwargs).arguments.get('cbs')
+    distillers = [cb for cb in L(self.cbs) + L(fit_cbs) if isinstance(cb, KnowledgeDistillation) and cb.hints]
+    try: return _fastai_fit(self, *args, **kwargs)
+    finally:
+        for cb in distillers: cb.hints.detach()
+
+
+Learner.fit = _fit_leaving_no_hooks
 
 
 def load_teacher(path: str | Path, arch: Callable | nn.Module, n_out: int | None = None, **kwargs) -> nn.Module:

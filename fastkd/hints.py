@@ -5,10 +5,10 @@ losses below compare the two outputs (one small class per paper, its formula in 
 plumbing the `KnowledgeDistillation` callback drives; `match_layers` lists layer pairs whose outputs fit together.
 
 How `HintHooks` works with fastai:
-- Forward hooks live from `attach` (start of training) to `detach` (end of the fit). The student's feature is kept only
-  when it is computed with gradient (a training forward), the teacher's detached; `loss` uses both and forgets them, so
-  nothing outlives a batch. `attach` first removes any hooks left (fastai skips `after_fit` when a fit raises);
-  `detach` may be called any number of times.
+- Forward hooks live from `attach` (the callback's `before_train`: `get_preds` and `validate` also send `before_fit`)
+  to `detach` (its `after_fit`, and fastkd's `Learner.fit` wrapper when a fit raises, which skips `after_fit`). The
+  student's feature is kept only when computed with gradient (a training forward), the teacher's detached; `loss` uses
+  both and forgets them, so nothing outlives a batch. `attach` replaces hooks still there; `detach` may be repeated.
 - Adapters (FitNet's 1x1 convolution or linear layer, CosineHint's where sizes differ) are parameters of the losses,
   created at their first call from the shapes of the first training batch (no extra forward), on the feature's device,
   in float32 (or the feature's dtype if wider). `HintHooks` is an `nn.Module` holding a copy of each hint's loss: its
@@ -23,6 +23,7 @@ How `HintHooks` works with fastai:
 - `lr_find` trains at growing learning rates, then reloads the model and optimizer as they were; `attach(restore=True)`
   does the same for the adapters: `detach` puts them back as they were at `attach` (those created meanwhile are dropped
   and created again at the next fit's first batch).
+- Under DDP each process trains its own adapters: their gradients are not averaged across processes.
 """
 from __future__ import annotations
 

@@ -1,12 +1,17 @@
-"Shared fixtures: seeded runs, the digits image folder, and the real GTSRB data in ../shared when present."
+"Shared fixtures: seeded runs, the digits image folder and a teacher trained on it, and the real GTSRB data in ../shared when present."
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from fastai.callback.core import CancelFitException
+from fastai.learner import Callback, Learner
+from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 
-from fastkd.digits import write_digits
+from fastkd.callback import KnowledgeDistillation
+from fastkd.digits import digits_dls, write_digits
+from fastkd.split import default_split
 
 GTSRB_DATA = Path(__file__).resolve().parents[1].parent/'shared'/'data'/'gtsrb'
 
@@ -22,6 +27,29 @@ def seeded():
 def digits_path(tmp_path_factory) -> Path:
     "scikit-learn's digits as a 32 px image folder: train/valid/test, one sub-folder per digit"
     return write_digits(tmp_path_factory.mktemp('digits'), size=32)
+
+
+@pytest.fixture(scope='session')
+def dls(digits_path):
+    return digits_dls(digits_path, size=32, bs=64)
+
+
+@pytest.fixture(scope='session')
+def teacher(dls):
+    "A tiny CNN trained on the digits to about 90% validation accuracy (shared: tests may change its mode, never its weights)"
+    set_seed(0, reproducible=True)
+    learn = Learner(dls, tiny_cnn(32), metrics=accuracy)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, 3e-2)
+    return learn
+
+
+@pytest.fixture
+def teacher_calls(teacher):
+    "The `training` flag of the teacher at each of its forward passes during the test"
+    calls = []
+    hook = teacher.model.register_forward_hook(lambda module, inputs, output: calls.append(module.training))
+    yield calls
+    hook.remove()
 
 
 @pytest.fixture(scope='session')
@@ -53,3 +81,39 @@ def tiny_cnn(width: int, n_out: int = 10) -> torch.nn.Sequential:
     body = torch.nn.Sequential(ConvLayer(3, width, stride=2), ConvLayer(width, 2 * width, stride=2),
                                ConvLayer(2 * width, 2 * width, stride=2), torch.nn.AdaptiveAvgPool2d(1), Flatten())
     return torch.nn.Sequential(body, torch.nn.Linear(2 * width, n_out))
+
+
+def student(dls, teacher, width=8, **kwargs) -> Learner:
+    "A smaller student with the KD callback attached through the constructor, as users do"
+    return Learner(dls, tiny_cnn(width), metrics=accuracy, splitter=default_split,
+                   cbs=KnowledgeDistillation(teacher, **kwargs))
+
+
+def state(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model, before: dict):
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+class RecordFirstBatch(Callback):
+    "Keep what the learner holds after the loss of the first training batch, then stop the fit"
+    order = KnowledgeDistillation.order + 1
+    def after_loss(self):
+        self.inputs, self.targets, self.logits = self.learn.xb, self.learn.yb, self.learn.pred.detach()
+        self.total_loss, self.progress = self.learn.loss_grad.detach(), self.learn.pct_train
+        raise CancelFitException()
+
+
+def eval_logits(model, xb):
+    "What the callback's teacher forward computes: eval mode, no gradient"
+    with torch.no_grad(): return model.eval()(*xb)
+
+
+def first_batch(learn: Learner) -> RecordFirstBatch:
+    recorder = RecordFirstBatch()
+    learn.fit(1, 1e-3, cbs=recorder)
+    return recorder

@@ -23,73 +23,11 @@ from fastai.torch_core import set_seed
 from fastai.vision.core import PILImage
 from fastcore.xtras import Path
 
-from conftest import tiny_cnn
+from conftest import assert_same_state, eval_logits, first_batch, state, student, tiny_cnn
 from fastkd.callback import KnowledgeDistillation
-from fastkd.digits import digits_dls
 from fastkd.losses import DKD, SoftTarget
-from fastkd.split import default_split
 
 matplotlib.use('Agg')
-
-
-@pytest.fixture(scope='module')
-def dls(digits_path):
-    return digits_dls(digits_path, size=32, bs=64)
-
-
-@pytest.fixture(scope='module')
-def teacher(dls):
-    "A tiny CNN trained on the digits to about 90% validation accuracy"
-    set_seed(0, reproducible=True)
-    learn = Learner(dls, tiny_cnn(32), metrics=accuracy)
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, 3e-2)
-    return learn
-
-
-@pytest.fixture
-def teacher_calls(teacher):
-    "The `training` flag of the teacher at each of its forward passes during the test"
-    calls = []
-    hook = teacher.model.register_forward_hook(lambda module, inputs, output: calls.append(module.training))
-    yield calls
-    hook.remove()
-
-
-def student(dls, teacher, width=8, **kwargs) -> Learner:
-    "A smaller student with the KD callback attached through the constructor, as users do"
-    return Learner(dls, tiny_cnn(width), metrics=accuracy, splitter=default_split,
-                   cbs=KnowledgeDistillation(teacher, **kwargs))
-
-
-def state(model) -> dict:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_same_state(model, before: dict):
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], before[k]) for k in before)
-
-
-class RecordFirstBatch(Callback):
-    "Keep what the learner holds after the loss of the first training batch, then stop the fit"
-    order = KnowledgeDistillation.order + 1
-    def after_loss(self):
-        self.inputs, self.targets, self.logits = self.learn.xb, self.learn.yb, self.learn.pred.detach()
-        self.total_loss, self.progress = self.learn.loss_grad.detach(), self.learn.pct_train
-        raise CancelFitException()
-
-
-
-def eval_logits(model, xb):
-    "What the callback's teacher forward computes: eval mode, no gradient"
-    with torch.no_grad(): return model.eval()(*xb)
-
-
-def first_batch(learn: Learner) -> RecordFirstBatch:
-    recorder = RecordFirstBatch()
-    learn.fit(1, 1e-3, cbs=recorder)
-    return recorder
 
 
 # --- training ----------------------------------------------------------------------------------------------

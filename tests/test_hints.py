@@ -1,5 +1,6 @@
 "Feature hints: the three losses against direct computations, and HintHooks on real models, real optimizers and real Learners."
 import difflib
+import re
 import warnings
 from copy import deepcopy
 from functools import partial
@@ -8,30 +9,27 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from fastai.callback.schedule import LRFinder
+from fastai.callback.mixup import MixUp
 from fastai.callback.training import ShortEpochCallback
-from fastai.learner import Callback, Learner, Recorder
+from fastai.learner import Callback, Learner, load_learner
 from fastai.metrics import accuracy
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import set_seed
+from fastai.vision.core import PILImage
 from fastai.vision.learner import create_vision_model
 from torch import nn
 from torchvision.models import resnet18, resnet34
 
-from conftest import tiny_cnn
-from fastkd.digits import digits_dls
+from conftest import assert_same_state, eval_logits, first_batch, state, student, tiny_cnn
+from fastkd.callback import KnowledgeDistillation
 from fastkd.hints import AttentionTransfer, CosineHint, FitNet, Hint, HintHooks, match_layers
+from fastkd.losses import SoftTarget
 from fastkd.split import default_split
-
-
-@pytest.fixture(scope='module')
-def dls(digits_path):
-    return digits_dls(digits_path, size=32, bs=32)
 
 
 @pytest.fixture
 def images(dls) -> torch.Tensor:
-    "A batch of 32 real digit images, 32 px"
+    "A batch of 64 real digit images, 32 px"
     return dls.one_batch()[0]
 
 
@@ -138,93 +136,94 @@ def test_hint_checks_its_arguments():
 
 
 def hinted_pair(width_student=8, width_teacher=16):
+    "An untrained student and teacher (in eval mode) of two widths, drawn from a fixed seed"
     set_seed(0, reproducible=True)
     return tiny_cnn(width_student), tiny_cnn(width_teacher).eval()
 
 
 def test_hooks_capture_the_named_layers_and_give_the_weighted_sum_of_the_losses(images):
-    student, teacher = hinted_pair()
+    student_model, teacher = hinted_pair()
     hooks = HintHooks([Hint('0.1', '0.1', FitNet(), weight=2.), Hint('0.2', '0.1', AttentionTransfer(), weight=3.)])
-    hooks.attach(student, teacher)
-    student(images)
+    hooks.attach(student_model, teacher)
+    student_model(images)
     with torch.no_grad(): teacher(images)
     loss = hooks.loss()
     with torch.no_grad(): t1 = teacher[0][:2](images)
-    s1 = student[0][:2](images)
-    s2 = student[0][2](s1)
+    s1 = student_model[0][:2](images)
+    s2 = student_model[0][2](s1)
     fitnet, attention = hooks.losses
     torch.testing.assert_close(loss, 2 * fitnet(s1, t1) + 3 * attention(s2, t1))
     loss.backward()
-    assert all(p.grad is not None for p in student[0][:3].parameters())
+    assert all(p.grad is not None for p in student_model[0][:3].parameters())
     assert fitnet.adapter.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
     hooks.detach()
 
 
 def test_features_are_used_once_and_only_from_forwards_with_gradient(images):
-    student, teacher = hinted_pair()
+    student_model, teacher = hinted_pair()
     hooks = HintHooks([Hint('0.1', '0.2', CosineHint())])
-    hooks.attach(student, teacher)
-    student(images)
+    hooks.attach(student_model, teacher)
+    student_model(images)
     with torch.no_grad(): teacher(images)
     hooks.loss()
     assert not hooks.student_features and not hooks.teacher_features
     with pytest.raises(RuntimeError, match=r"No output of the student layer '0.1' was captured"): hooks.loss()
-    with torch.no_grad(): student(images), teacher(images)  # a validation forward of the student keeps nothing
+    with torch.no_grad(): student_model(images), teacher(images)  # a validation forward of the student_model keeps nothing
     assert not hooks.student_features
     with pytest.raises(RuntimeError, match=r"student layer '0.1'"): hooks.loss()
     hooks.detach()
 
 
 def test_attach_and_detach_leave_no_hook_behind():
-    student, teacher = hinted_pair()
+    student_model, teacher = hinted_pair()
     hooks = HintHooks([Hint('0.1', '0.1', FitNet()), Hint('0.2', '0.2', AttentionTransfer())])
-    hooks.attach(student, teacher)
-    assert hooks.attached and forward_hooks(student) == 2 and forward_hooks(teacher) == 2
-    hooks.attach(student, teacher)  # again, as after a fit that raised: no second set
-    assert forward_hooks(student) == 2 and forward_hooks(teacher) == 2
+    hooks.attach(student_model, teacher)
+    assert hooks.attached and forward_hooks(student_model) == 2 and forward_hooks(teacher) == 2
+    hooks.attach(student_model, teacher)  # again, as after a fit that raised: no second set
+    assert forward_hooks(student_model) == 2 and forward_hooks(teacher) == 2
     hooks.detach()
-    assert not hooks.attached and forward_hooks(student, teacher) == 0
+    assert not hooks.attached and forward_hooks(student_model, teacher) == 0
     hooks.detach()
-    assert forward_hooks(student, teacher) == 0
+    assert forward_hooks(student_model, teacher) == 0
 
 
 def test_a_bad_layer_name_is_refused_with_the_closest_names_and_no_hook():
-    student, teacher = resnet18(), resnet34()
-    names = [name for name, _ in student.named_modules() if name]
+    student_model, teacher = resnet18(), resnet34()
+    names = [name for name, _ in student_model.named_modules() if name]
     hooks = HintHooks([Hint('layer2', 'layer3', FitNet()), Hint('layer5', 'layer4', FitNet())])
-    with pytest.raises(ValueError) as error: hooks.attach(student, teacher)
+    with pytest.raises(ValueError) as error: hooks.attach(student_model, teacher)
     closest = difflib.get_close_matches('layer5', names, n=3, cutoff=0)
     assert "The student model has no layer 'layer5'; the closest names are" in str(error.value)
     assert str(closest) in str(error.value) and 'layer4' in closest and len(closest) == 3
-    assert forward_hooks(student, teacher) == 0
+    assert forward_hooks(student_model, teacher) == 0
     with pytest.raises(ValueError, match=r"The teacher model has no layer '0.7'"):
-        HintHooks([Hint('layer4', '0.7', FitNet())]).attach(student, teacher)
+        HintHooks([Hint('layer4', '0.7', FitNet())]).attach(student_model, teacher)
 
 
 def test_hooks_reach_through_ddp(images, tmp_path):
-    student, teacher = hinted_pair()
+    student_model, teacher = hinted_pair()
     dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
     try:
-        wrapped = nn.parallel.DistributedDataParallel(student)
+        wrapped = nn.parallel.DistributedDataParallel(student_model)
         hooks = HintHooks([Hint('0.2', '0.2', FitNet())])
         hooks.attach(wrapped, teacher)
         wrapped(images)
         with torch.no_grad(): teacher(images)
         loss = hooks.loss()
-        with torch.no_grad(): expected = hooks.losses[0](student[0][:3](images), teacher[0][:3](images))
+        with torch.no_grad(): expected = hooks.losses[0](student_model[0][:3](images), teacher[0][:3](images))
         torch.testing.assert_close(loss, expected)
         hooks.detach()
-        assert forward_hooks(student) == 0
+        assert forward_hooks(student_model) == 0
     finally: dist.destroy_process_group()
 
 
 def test_hints_between_resnet_stages(images):
     "A ResNet-18 student and ResNet-34 teacher as fastai builds them: stage outputs of other sizes and channel counts"
-    student, teacher = (create_vision_model(arch, 10, pretrained=False) for arch in (resnet18, resnet34))
+    student_model, teacher = (create_vision_model(arch, 10, pretrained=False) for arch in (resnet18, resnet34))
     hooks = HintHooks([Hint('0.5', '0.5', FitNet()), Hint('0.5', '0.6', CosineHint()), Hint('0.6', '0.7', AttentionTransfer())])
-    hooks.attach(student, teacher.eval())
-    student(images[:4])
+    hooks.attach(student_model, teacher.eval())
+    student_model(images[:4])
     with torch.no_grad(): teacher(images[:4])
     loss = hooks.loss()
     loss.backward()
@@ -268,8 +267,8 @@ def test_adapters_join_the_last_parameter_group_and_leave_with_their_state(dls, 
     assert all(not torch.equal(p, b) for p, b in zip(adapters, before))
     hooks.detach()
     assert not param_ids(adapters) & param_ids(p for group in learn.opt.param_lists for p in group)
-    state = learn.opt.opt.state if opt_func else learn.opt.state
-    assert not param_ids(adapters) & param_ids(state)
+    opt_state = learn.opt.opt.state if opt_func else learn.opt.state
+    assert not param_ids(adapters) & param_ids(opt_state)
     fresh = student_learner(dls, opt_func)
     fresh.create_opt()
     fresh.opt.load_state_dict(learn.opt.state_dict())  # the student's optimizer state alone: fits a plain learner
@@ -277,60 +276,138 @@ def test_adapters_join_the_last_parameter_group_and_leave_with_their_state(dls, 
 
 
 def test_adapters_take_a_float64_students_dtype(images):
-    student, teacher = (model.double() for model in hinted_pair())
+    student_model, teacher = (model.double() for model in hinted_pair())
     hooks = HintHooks([Hint('0.1', '0.1', FitNet())])
-    hooks.attach(student, teacher)
-    student(images.double())
+    hooks.attach(student_model, teacher)
+    student_model(images.double())
     with torch.no_grad(): teacher(images.double())
     assert hooks.loss().dtype == torch.float64 and hooks.losses[0].adapter.weight.dtype == torch.float64
     hooks.detach()
 
 
 def test_restore_puts_the_adapters_back_as_they_were_at_attach(images):
-    student, teacher = hinted_pair()
+    student_model, teacher = hinted_pair()
     hooks = HintHooks([Hint('0.1', '0.1', FitNet())])
     def step():
-        student(images)
+        student_model(images)
         with torch.no_grad(): teacher(images)
         hooks.loss().backward()
         with torch.no_grad():
             for p in hooks.parameters(): p -= 0.1 * p.grad
-    hooks.attach(student, teacher, restore=True)
+    hooks.attach(student_model, teacher, restore=True)
     step()
     hooks.detach()
     assert hooks.losses[0].adapter is None  # created during the trial: dropped
-    hooks.attach(student, teacher)
+    hooks.attach(student_model, teacher)
     step()
     hooks.detach()
-    kept = {k: v.clone() for k, v in hooks.state_dict().items()}
-    hooks.attach(student, teacher, restore=True)
+    kept = state(hooks)
+    hooks.attach(student_model, teacher, restore=True)
     step()
     assert not torch.equal(hooks.losses[0].adapter.weight, kept['losses.0.adapter.weight'])
     hooks.detach()
-    assert all(torch.equal(v, kept[k]) for k, v in hooks.state_dict().items())
+    assert_same_state(hooks, kept)
 
 
-# --- on a real Learner, through a minimal callback (what KnowledgeDistillation does with hints)
+# --- through KnowledgeDistillation, on real Learners over the digits
 
 
-class HintLoss(Callback):
-    "Adds the hint loss of `hints` between the learner's model and `teacher` to the training loss"
-    order, run_valid = Recorder.order + 1, False
-    def __init__(self, teacher, hints): self.teacher, self.hints = teacher, HintHooks(hints)
-    def before_fit(self): self.hints.detach()  # anything a fit that raised left
-    def before_train(self):
-        if not self.hints.attached:
-            self.hints.attach(self.model, self.teacher, restore=any(isinstance(cb, LRFinder) for cb in self.learn.cbs))
-    def after_loss(self):
-        with torch.no_grad(): self.teacher(*self.xb)
-        self.learn.loss_grad = self.loss_grad + self.hints.loss(self.opt)
-        self.learn.loss = self.loss_grad.clone()
-    def after_fit(self): self.hints.detach()
+def two_hints() -> list[Hint]:
+    "A FitNet hint at the second stage and a cosine hint at the third, between tiny CNNs of widths 8 and 32"
+    return [Hint('0.1', '0.1', FitNet()), Hint('0.2', '0.2', CosineHint(), weight=2.)]
+
+
+def test_training_loss_adds_the_weighted_hint_losses(dls, teacher):
+    hints = [Hint('0.1', '0.1', FitNet(), weight=2.), Hint('0.2', '0.2', AttentionTransfer(), weight=100.)]
+    learn = student(dls, teacher, loss=SoftTarget(T=4), weight=0.3, hints=hints)
+    batch = first_batch(learn)
+    (xb,), (target,) = batch.inputs, batch.targets
+    fitnet, attention = learn.knowledge_distillation.hints.losses
+    with torch.no_grad():
+        t1 = teacher.model.eval()[0][:2](xb)
+        t2 = teacher.model[0][2](t1)
+        s1 = learn.model.train()[0][:2](xb)
+        s2 = learn.model[0][2](s1)
+        expected = (0.7 * F.cross_entropy(batch.logits, target) + 0.3 * SoftTarget(T=4)(batch.logits, eval_logits(teacher.model, (xb,)))
+                    + 2 * fitnet(s1, t1) + 100 * attention(s2, t2))
+    assert batch.total_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize('loss,parts', [(SoftTarget(T=4), ['train_ce', 'train_kd', 'train_hint']),
+                                        (None, ['train_ce', 'train_hint'])], ids=['with_logits', 'hints_only'])
+def test_recorder_shows_the_hint_term_and_train_loss_is_the_mix_of_its_columns(dls, teacher, loss, parts):
+    learn = student(dls, teacher, loss=loss, weight=0.3, hints=two_hints())
+    with learn.no_bar(): learn.fit(1, 1e-2)
+    assert list(learn.recorder.metric_names) == ['epoch', 'train_loss', *parts, 'valid_loss', 'accuracy', 'time']
+    train_loss, *values = learn.recorder.values[0]
+    columns = dict(zip(parts, values))
+    logit_term = 0.7 * columns['train_ce'] + 0.3 * columns['train_kd'] if loss else columns['train_ce']
+    assert train_loss == pytest.approx(logit_term + columns['train_hint'], rel=1e-4)
+    assert columns['train_hint'] > 0
+
+
+def test_hints_only_work_with_a_teacher_of_other_classes(dls):
+    "Without a logit term the teacher's head never meets the student's: a teacher trained on other classes can give hints"
+    teacher = tiny_cnn(32, n_out=5)
+    learn = student(dls, teacher, loss=None, hints=two_hints())
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2, cbs=ShortEpochCallback(pct=0.2))
+    assert learn.knowledge_distillation.smooth_parts[1] > 0
+
+
+@pytest.mark.parametrize('hint', [Hint('0.1', '0.1', FitNet()), Hint('0.1', '0.2', CosineHint()),
+                                  Hint('0.1', '0.1', AttentionTransfer(), weight=1e3)],
+                         ids=['FitNet', 'CosineHint', 'AttentionTransfer'])
+def test_a_short_fit_with_each_hint_loss_moves_the_metric_and_leaves_the_teacher_as_it_was(dls, teacher, teacher_calls, hint):
+    teacher_state = state(teacher.model)
+    learn = student(dls, teacher, loss=SoftTarget(T=4), hints=[hint])
+    _, accuracy_before = learn.validate()
+    teacher_calls.clear()
+    with learn.no_bar(): learn.fit_one_cycle(2, 3e-2)
+    hint_column = learn.recorder.metric_names.index('train_hint') - 1
+    first, last = (values[hint_column] for values in learn.recorder.values)
+    _, accuracy_after = learn.validate()
+    assert accuracy_after > accuracy_before + 0.2 and last < first  # from chance (0.1) to about 0.4 in 34 steps
+    assert len(teacher_calls) == 1 + 2 * len(dls.train) and not any(teacher_calls)  # the check, then one per step
+    assert_same_state(teacher.model, teacher_state)
+
+
+def test_mixup_composes_with_hints(dls, teacher, teacher_calls):
+    learn = student(dls, teacher, hints=two_hints())
+    teacher_calls.clear()
+    with learn.no_bar(): learn.fit(1, 1e-2, cbs=MixUp())
+    hint = learn.recorder.values[0][learn.recorder.metric_names.index('train_hint') - 1]
+    assert 0 < hint < float('inf') and len(teacher_calls) == 1 + len(dls.train)
+
+
+class RaiseAfterPred(Callback):
+    "Interrupt the second training step between the student's forward and the loss, while the hooks hold its features"
+    def after_pred(self):
+        if self.training and self.iter == 1:
+            self.hooks_at_raise = forward_hooks(self.model)
+            raise KeyboardInterrupt
+
+
+def test_no_hook_remains_after_any_learner_call(dls, teacher, tmp_path):
+    learn = student(dls, teacher, hints=two_hints())
+    learn.path = tmp_path
+    image, few = PILImage.create(dls.valid_ds.items[0]), dls.test_dl(dls.valid_ds.items[:16], with_labels=True)
+    calls = {'summary': learn.summary, 'fit': partial(learn.fit, 1, 1e-2, cbs=ShortEpochCallback(pct=0.1)),
+             'lr_find': partial(learn.lr_find, num_it=10, show_plot=False), 'get_preds': partial(learn.get_preds, dl=few),
+             'validate': partial(learn.validate, dl=few), 'tta': partial(learn.tta, dl=few, n=1),
+             'predict': partial(learn.predict, image), 'export': partial(learn.export, 'student.pkl')}
+    with learn.no_bar():
+        for name, call in calls.items():
+            call()
+            assert forward_hooks(learn.model, teacher.model) == 0, name
+        interrupt = RaiseAfterPred()
+        with pytest.raises(KeyboardInterrupt): learn.fit(1, 1e-2, cbs=interrupt)
+    assert interrupt.hooks_at_raise == 2 and forward_hooks(learn.model, teacher.model) == 0
+    assert not learn.knowledge_distillation.hints.student_features
 
 
 class RecordAdapters(Callback):
     "Whether the adapters were in the optimizer's last group at each step, and their values at the first step"
-    order = HintLoss.order + 1
+    order = KnowledgeDistillation.order + 1
     def __init__(self, hints: HintHooks): self.hints, self.in_opt, self.first = hints, [], None
     def after_loss(self):
         if self.first is None: self.first = [p.detach().clone() for p in self.hints.parameters()]
@@ -341,56 +418,81 @@ class RecordAdapters(Callback):
         return all(not torch.equal(p, f) for p, f in zip(self.hints.parameters(), self.first))
 
 
-def test_adapters_train_across_fits_freeze_and_lr_find(dls):
-    student, teacher = hinted_pair()
-    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
-    hint_loss = HintLoss(teacher, [Hint('0.1', '0.1', FitNet()), Hint('0.2', '0.2', CosineHint())])
-    learn = Learner(dls, student, metrics=accuracy, splitter=default_split, cbs=hint_loss)
-    keys = learn.model.state_dict().keys()
-    n_model_params = len(list(learn.model.parameters()))
+def test_adapters_train_across_fits_freeze_and_lr_find_and_never_join_the_student(dls):
+    student_model, teacher = hinted_pair()  # a plain-module teacher
+    teacher_state = state(teacher)
+    learn = Learner(dls, student_model, metrics=accuracy, splitter=default_split,
+                    cbs=KnowledgeDistillation(teacher, hints=two_hints()))
+    hints = learn.knowledge_distillation.hints
+    keys, n_student_params = learn.model.state_dict().keys(), len(list(learn.model.parameters()))
     def fit(run):
-        record = RecordAdapters(hint_loss.hints)
+        record = RecordAdapters(hints)
         with learn.no_bar(), learn.no_logging(): run(cbs=[record, ShortEpochCallback(pct=0.1)])
         assert record.in_opt and all(record.in_opt) and record.changed()
-        assert forward_hooks(learn.model, teacher) == 0
-        assert sum(len(group) for group in learn.opt.param_lists) == n_model_params
-        return record
+        assert sum(len(group) for group in learn.opt.param_lists) == n_student_params  # they left with the fit
     fit(partial(learn.fit, 1, 1e-2))
     learn.freeze_to(1)
     fit(partial(learn.fit, 1, 1e-2))
     learn.unfreeze()
-    trained = {k: v.clone() for k, v in hint_loss.hints.state_dict().items()}
+    trained = state(hints)
     with warnings.catch_warnings(record=True) as caught, learn.no_bar():
         warnings.simplefilter('always')
         learn.lr_find(num_it=10, show_plot=False)
     assert not [w for w in caught if 'optimizer state' in str(w.message)]  # it reloaded the optimizer it saved
-    assert all(torch.equal(v, trained[k]) for k, v in hint_loss.hints.state_dict().items())  # as lr_find left the model
-    assert forward_hooks(learn.model, teacher) == 0
+    assert_same_state(hints, trained)  # lr_find leaves the adapters as it leaves the model
     fit(partial(learn.fit_one_cycle, 1, 1e-2))
-    assert learn.model.state_dict().keys() == keys
-    assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())
+    fit(partial(learn.fit, 1, 1e-2, reset_opt=True))
+    assert learn.model.state_dict().keys() == keys == tiny_cnn(8).state_dict().keys()
+    assert_same_state(teacher, teacher_state)
+
+
+def test_export_holds_the_student_alone_and_loads_to_predict(dls, teacher, tmp_path):
+    learn = student(dls, teacher, hints=two_hints())
+    learn.path = tmp_path
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2, cbs=ShortEpochCallback(pct=0.2))
+    learn.export('student.pkl')
+    exported = (tmp_path/'student.pkl').read_bytes()
+    assert b'HintHooks' not in exported and b'FitNet' not in exported
+    loaded = load_learner(tmp_path/'student.pkl')
+    assert forward_hooks(loaded.model) == 0 and loaded.model.state_dict().keys() == tiny_cnn(8).state_dict().keys()
+    image = PILImage.create(dls.valid_ds.items[0])
+    torch.testing.assert_close(loaded.predict(image)[2], learn.predict(image)[2])
+
+
+def test_a_bad_layer_name_fails_as_the_fit_starts_with_the_closest_names_of_that_model(dls, teacher):
+    learn = student(dls, teacher, hints=[Hint('0.1', '0.9', FitNet())])
+    closest = difflib.get_close_matches('0.9', [name for name, _ in teacher.model.named_modules() if name], n=3, cutoff=0)
+    with learn.no_bar(), pytest.raises(ValueError, match=re.escape(f"teacher model has no layer '0.9'; the closest names are {closest}")):
+        learn.fit(1, 1e-2)
+    assert learn.train_iter == 0 and forward_hooks(learn.model, teacher.model) == 0
+
+
+def test_hints_are_refused_for_an_ensemble_and_loss_none_needs_hints(teacher):
+    with pytest.raises(ValueError, match=r"ensemble of 2: which teacher's layer would it be\?"):
+        KnowledgeDistillation([teacher, teacher.model], hints=two_hints())
+    with pytest.raises(ValueError, match='loss=None leaves nothing to distil'): KnowledgeDistillation(teacher, loss=None)
 
 
 # --- choosing layers
 
 
 def test_match_layers_lists_layers_whose_maps_have_the_same_size(dls, images):
-    student, teacher = hinted_pair(8, 32)
-    pairs = match_layers(student.train(), Learner(dls, teacher), images)
-    assert all(m.training for m in student.modules()) and not any(m.training for m in teacher.modules())
-    assert forward_hooks(student, teacher) == 0
-    with torch.no_grad(): stages = [(student[0][:k](images).shape, teacher[0][:k](images).shape) for k in (1, 2, 3, 4)]
+    student_model, teacher = hinted_pair(8, 32)
+    pairs = match_layers(student_model.train(), Learner(dls, teacher), images)
+    assert all(m.training for m in student_model.modules()) and not any(m.training for m in teacher.modules())
+    assert forward_hooks(student_model, teacher) == 0
+    with torch.no_grad(): stages = [(student_model[0][:k](images).shape, teacher[0][:k](images).shape) for k in (1, 2, 3, 4)]
     expected = [(f'0.{k}', s_shape, f'0.{k}', t_shape) for k, (s_shape, t_shape) in enumerate(stages)]
     assert list(pairs.itertuples(index=False, name=None)) == expected
-    assert stages[1] == ((32, 16, 8, 8), (32, 64, 8, 8))
-    deeper = match_layers(student, teacher, images, depth=3)
+    assert stages[1] == ((len(images), 16, 8, 8), (len(images), 64, 8, 8))
+    deeper = match_layers(student_model, teacher, images, depth=3)
     assert ('0.0.0', '0.0.2') in set(zip(deeper.student_layer, deeper.teacher_layer))
     assert all(s[2:] == t[2:] for s, t in zip(deeper.student_shape, deeper.teacher_shape))
 
 
 def test_match_layers_pairs_resnet_stages(images):
-    student, teacher = (create_vision_model(arch, 10, pretrained=False) for arch in (resnet18, resnet34))
-    pairs = match_layers(student, teacher, images[:4])
+    student_model, teacher = (create_vision_model(arch, 10, pretrained=False) for arch in (resnet18, resnet34))
+    pairs = match_layers(student_model, teacher, images[:4])
     shapes = {(row.student_layer, row.teacher_layer): (row.student_shape, row.teacher_shape) for row in pairs.itertuples()}
     assert shapes[('0.6', '0.6')] == ((4, 256, 2, 2), (4, 256, 2, 2))
     assert shapes[('0.7', '0.7')] == ((4, 512, 1, 1), (4, 512, 1, 1))
