@@ -11,7 +11,8 @@ How `HintHooks` works with fastai:
   both and forgets them, so nothing outlives a batch. `attach` replaces hooks still there; `detach` may be repeated.
 - Adapters (FitNet's 1x1 convolution or linear layer, CosineHint's where sizes differ) are parameters of the losses,
   created at their first call from the shapes of the first training batch (no extra forward), on the feature's device,
-  in float32 (or the feature's dtype if wider). `HintHooks` is an `nn.Module` holding a copy of each hint's loss: its
+  in float32 (or the feature's dtype if wider), drawn without moving the random generator (a seed's batches and
+  augmentations stay those of the student alone). `HintHooks` is an `nn.Module` holding a copy of each hint's loss: its
   parameters are the adapters and its `state_dict` saves them. The student never holds them: its `state_dict` keys and
   `export` are those of the student alone.
 - fastai builds the optimizer in `Learner.fit` before `before_fit`, and anew in `create_opt` (`export`, `reset_opt`).
@@ -53,7 +54,7 @@ def _compute_dtype(feature: Tensor) -> torch.dtype:
 
 
 def _check_features(name: str, s: Tensor, t: Tensor, maps_only: bool = False):
-    "Both features are (batch, channels, *spatial) of the same batch size and rank (spatial rank 1 to 3, or 0 unless `maps_only`)"
+    "Both features are (batch, channels, *spatial), of one batch size and rank: 1 to 3 spatial axes, or none unless `maps_only`"
     ranks = (1, 2, 3) if maps_only else (0, 1, 2, 3)
     if s.ndim != t.ndim or s.ndim - 2 not in ranks or len(s) != len(t):
         kind = 'feature maps (batch, channels, height, width)' if maps_only else \
@@ -65,7 +66,8 @@ def _check_features(name: str, s: Tensor, t: Tensor, maps_only: bool = False):
 def _adapter(student: Tensor, teacher: Tensor) -> nn.Module:
     "A 1x1 convolution (a linear layer for flat features) from the student's channels to the teacher's"
     n_in, n_out, n_spatial = student.shape[1], teacher.shape[1], student.ndim - 2
-    layer = _CONVS[n_spatial](n_in, n_out, kernel_size=1) if n_spatial else nn.Linear(n_in, n_out)
+    with torch.random.fork_rng(devices=[]):  # drawn aside: the fit's later batches and augmentations stay the same
+        layer = _CONVS[n_spatial](n_in, n_out, kernel_size=1) if n_spatial else nn.Linear(n_in, n_out)
     return layer.to(device=student.device, dtype=_compute_dtype(student))
 
 
@@ -142,7 +144,8 @@ class AttentionTransfer(nn.Module):
 
 @dataclass
 class Hint:
-    "Train the output of the student's layer `student_layer` to match the teacher's `teacher_layer` (`named_modules()` paths) with `loss`, scaled by `weight`"
+    """Train the output of the student's layer `student_layer` to match the output of the teacher's `teacher_layer`
+    (paths of `named_modules()`, such as `'0.6'`) with the feature loss `loss`, scaled by `weight`"""
     student_layer: str
     teacher_layer: str
     loss: nn.Module
@@ -243,7 +246,7 @@ class HintHooks(nn.Module):
         self.opt, self.n_joined = None, 0
 
     def detach(self):
-        "Remove the hooks, take the adapters out of the optimizer, forget captured features; restore the adapters if `attach` was asked to"
+        "Remove the hooks, take the adapters out of the optimizer, forget the features; restore the adapters if asked at `attach`"
         for handle in self.handles: handle.remove()
         self.handles, self.student_features, self.teacher_features = [], {}, {}
         if self.opt is not None: self._leave()
