@@ -1,5 +1,6 @@
 "`from fastkd.all import *`: the public API of every module, fastai-style."
 from .callback import *
+from .cache import *
 from .losses import *
 from .tasks import *
 from .split import *
