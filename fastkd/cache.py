@@ -25,19 +25,23 @@ __all__ = ['TeacherCache', 'random_augmentations']
 _PIPELINES = ('after_item', 'before_batch', 'after_batch')
 
 
+def user_loader(dl: DataLoader) -> DataLoader:
+    "The loader the user made: under `learn.distrib_ctx()`, fastai's `DistributedDL` wraps it in `.dl`"
+    inner = vars(dl).get('dl')
+    return inner if isinstance(inner, DataLoader) else dl
+
+
 def _transforms(dl: DataLoader) -> list[tuple[str, object]]:
     "The item and batch transforms of `dl`, each with the name of its pipeline"
-    inner = vars(dl).get('dl')  # a `DistributedDL` (`learn.distrib_ctx`) wraps the user's loader
-    if isinstance(inner, DataLoader): dl = inner
-    return [(name, tfm) for name in _PIPELINES for tfm in getattr(getattr(dl, name, None), 'fs', [])]
+    return [(name, tfm) for name in _PIPELINES for tfm in getattr(getattr(user_loader(dl), name, None), 'fs', [])]
 
 
 def random_augmentations(learn: Learner) -> list[str]:
     """What gives an item a different input from one training epoch to the next: fastai `RandTransform`s of the
-    training loader that apply in training (probability above 0), and `MixHandler` callbacks (MixUp, CutMix).
+    training loader (with a probability above 0), and `MixHandler` callbacks (MixUp, CutMix).
     `Resize` is left out: it only crops or pads at a random place when an image is not of its aspect ratio."""
     found = [f'{type(tfm).__name__} (dls.train.{name})' for name, tfm in _transforms(learn.dls.train)
-             if isinstance(tfm, RandTransform) and not isinstance(tfm, Resize) and tfm.split_idx != 1 and tfm.p > 0]
+             if isinstance(tfm, RandTransform) and not isinstance(tfm, Resize) and tfm.p > 0]
     return found + [f'{type(cb).__name__} (callback)' for cb in learn.cbs if isinstance(cb, MixHandler)]
 
 
@@ -89,8 +93,8 @@ class TeacherCache:
         "Pickles (`learn.export`) keep the settings and no stored output"
         return {**self.__dict__, 'outputs': None, 'stored': None, 'inputs': None, 'source': None}
 
-    def before_fit(self, learn: Learner, teachers: list[nn.Module]):
-        "Refuse random augmentation; forget the stored outputs when the data or a teacher changed since they were stored"
+    def prepare(self, learn: Learner, teachers: list[nn.Module]):
+        "Before a fit's first step: refuse random augmentation; forget the outputs stored for other data or teachers"
         randoms = random_augmentations(learn)
         if randoms and not self.allow_random:
             raise ValueError(
@@ -99,7 +103,7 @@ class TeacherCache:
                 'saw. Train without them to use the cache (e.g. no `batch_tfms`, no MixUp), or keep cache=False to run '
                 'the teacher on every view, or pass cache=TeacherCache(allow_random=True) to reuse the output of '
                 "each item's first view.")
-        dl = learn.dls.train
+        dl = user_loader(learn.dls.train)
         if not dl.indexed or dl.bs is None:
             raise ValueError('The teacher cache keys outputs by dataset index: it needs a training DataLoader over an '
                              'indexed dataset, with a batch size. Use cache=False for iterable or pre-batched data.')
@@ -130,7 +134,7 @@ class TeacherCache:
 
     def __call__(self, learn: Learner, xb: tuple, forward: Callable[[tuple], Tensor]) -> Tensor:
         "The teacher's output for the training batch `xb`: stored outputs, and `forward` on the items not stored yet"
-        if self.source is None: raise RuntimeError('TeacherCache.before_fit must run before the cache is used.')
+        if self.source is None: raise RuntimeError('TeacherCache.prepare must run before the cache is used.')
         n = find_bs(xb)
         items, fingerprints = self.batch_items(learn, n), _fingerprints(xb)
         stored = self.stored[items] if self.outputs is not None else torch.zeros(n, dtype=torch.bool)

@@ -8,6 +8,7 @@ import sys
 import warnings
 from contextlib import contextmanager, nullcontext
 from functools import partial, wraps
+from itertools import chain
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +23,7 @@ from fastcore.basics import store_attr
 from fastcore.foundation import L
 from torch import Tensor, nn
 
+from .cache import TeacherCache, user_loader
 from .tasks import task_of
 
 __all__ = ['KnowledgeDistillation', 'load_teacher']
@@ -53,6 +55,13 @@ def _evaluating(model: nn.Module):
     try: yield model
     finally:
         for module, mode in zip(model.modules(), modes): module.training = mode
+
+
+def _to_channels_last(model: nn.Module) -> list[Tensor]:
+    "Lay `model`'s 4-d weights out channels-last in place (values and objects unchanged); those converted, to put back"
+    converted = [t for t in chain(model.parameters(), model.buffers()) if t.ndim == 4 and t.is_contiguous()]
+    for t in converted: t.data = t.data.contiguous(memory_format=torch.channels_last)
+    return converted
 
 
 def _first(output):
@@ -95,13 +104,16 @@ class KnowledgeDistillation(Callback):
     `loss='auto'` picks the distillation loss from the learner's loss function: `SoftTarget` for cross-entropy
     (any class axis, segmentation included), `BinarySoftTarget` for BCE with logits, `LogitMSE` for regression.
     `weight` is a number or a schedule of training progress (e.g. `SchedLin(0, 0.5)`).
+    `cache=True` (or a `TeacherCache`) runs the teacher once per training item and reuses its outputs in later
+    epochs: for training inputs without random augmentation. `teacher_channels_last=True` lays the teachers' weights
+    out channels-last during each fit (faster convolutions on CPUs; put back when the fit ends).
     The teacher runs in training steps only (plus one check on a validation batch as each fit starts), in eval mode
     and without gradients, and is left as it was given; validation, `get_preds`, `tta` and `valid_loss` are the
     learner's own. `learn.export()` leaves this callback out."""
     order, run_valid, beta = Recorder.order + 1, False, 0.98  # after Recorder sets its columns, before ProgressCallback prints them
 
     def __init__(self, teacher, loss='auto', weight: float | Callable = 0.5, from_learner: bool | None = None,
-                 **loss_settings):
+                 cache: bool | TeacherCache = False, teacher_channels_last: bool = False, **loss_settings):
         "`from_learner` is accepted for older code and not needed: a `Learner` teacher is detected"
         if loss_settings:
             name = getattr(loss, '__name__', type(loss).__name__)
@@ -114,7 +126,8 @@ class KnowledgeDistillation(Callback):
             raise ValueError(f'weight must be between 0 and 1 (or a schedule of training progress), got {weight}')
         self.auto_loss = isinstance(loss, str) and loss == 'auto'
         self.kd_loss = None if self.auto_loss else _make_loss(loss)
-        store_attr('weight')
+        self.cache = TeacherCache() if cache is True else cache or None
+        store_attr('weight,teacher_channels_last')
 
     def __repr__(self) -> str:
         loss = 'auto (picked when the fit starts)' if self.auto_loss and self.kd_loss is None else self.kd_loss
@@ -143,18 +156,27 @@ class KnowledgeDistillation(Callback):
             raise ValueError('KnowledgeDistillation does not support GradientAccumulation yet (it scales the loss before '
                              'the distillation term is mixed in): remove one of them, e.g. use a smaller batch size.')
         self._pick_loss()
-        self.smooth_parts, self.n_batches, self.checked = 0., 0, False
+        self.smooth_parts, self.n_batches, self.checked, self.channels_last = 0., 0, False, []
         if hasattr(self.learn, 'recorder') and 'train_loss' in self.recorder.metric_names:
             names = self.recorder.metric_names
             at = names.index('train_loss') + 1
             self.recorder.metric_names = names[:at] + [self.task.column, 'train_kd'] + names[at:]
 
     def before_train(self):
-        "Move the teachers to the student's device and dtype; before the fit's first step, check them on a validation batch"
+        """Move the teachers to the student's device and dtype; before the fit's first step, check them on a validation
+        batch, prepare the cache and lay them out channels-last when asked"""
         param = next(self.model.parameters())
         for teacher in self.teachers: teacher.to(device=param.device, dtype=param.dtype)
-        if not self.checked: self._check_on_validation_batch()
+        if self.checked: return
+        self._check_on_validation_batch()
+        if self.cache: self.cache.prepare(self.learn, self.teachers)
+        if self.teacher_channels_last: self.channels_last = [t for m in self.teachers for t in _to_channels_last(m)]
         self.checked = True
+
+    def after_fit(self):
+        "Give the teachers back their memory layout"
+        for t in self.channels_last: t.data = t.data.contiguous()
+        self.channels_last = []
 
     @torch.no_grad()
     def teacher_output(self, xb: tuple) -> Tensor:
@@ -167,7 +189,7 @@ class KnowledgeDistillation(Callback):
 
     def _check_on_validation_batch(self):
         "Before the first step: teacher and student must predict alike, and the teacher should beat chance"
-        dl = self.dls.valid if len(self.dls.valid) else self.dls.train
+        dl = user_loader(self.dls.valid if len(self.dls.valid) else self.dls.train)  # a DistributedDL has no one_batch
         with torch.random.fork_rng(devices=[]):  # a loader draws its seed from torch: leave the fit's batches as they were
             batch = to_device(dl.one_batch(), next(self.model.parameters()).device)
         xb, yb = batch[:dl.n_inp], batch[dl.n_inp:]
@@ -205,7 +227,8 @@ class KnowledgeDistillation(Callback):
     def after_loss(self):
         "Mix the distillation loss into the loss that is backpropagated"
         if not len(self.yb): return
-        student_pred, teacher_pred = _first(self.pred), self.teacher_output(self.xb)
+        teacher_pred = self.cache(self.learn, self.xb, self.teacher_output) if self.cache else self.teacher_output(self.xb)
+        student_pred = _first(self.pred)
         self._check_outputs(teacher_pred, student_pred, f'at training batch {self.iter} of epoch {self.epoch}')
         targets = [self.task.targets(y) for y in self.yb] if self.kd_loss_takes_target else []
         kd_loss = self.kd_loss(self.task.items(student_pred), self.task.items(teacher_pred), *targets)

@@ -1,5 +1,6 @@
 """Distillation under `learn.distrib_ctx()`, one process of a CPU run: `torchrun --standalone --nproc_per_node 2
-tests/distributed_kd.py DIGITS OUT` trains a few steps and writes OUT/rank<R>.json (each step's loss, what was wrapped).
+tests/distributed_kd.py DIGITS OUT` trains a few steps and writes OUT/rank<R>.json (each step's loss, what was wrapped,
+how many items the teacher ran on in a cached run).
 Also imported by test_distributed.py, whose single-process reference run uses the same learner on the global batch."""
 import json
 import math
@@ -36,7 +37,7 @@ class RecordSteps(Callback):
     order = KnowledgeDistillation.order + 1
     def __init__(self): self.losses, self.wrapped = [], set()
     def after_loss(self):
-        self.losses.append(float(self.learn.loss_grad))
+        self.losses.append(float(self.learn.loss_grad.detach()))
         teacher = self.learn.knowledge_distillation.teachers[0]
         self.wrapped |= {f'student {type(self.learn.model).__name__}', f'teacher {type(teacher).__name__}'}
         if not isinstance(self.learn.model, DistributedDataParallel) and num_distrib() > 1:
@@ -56,11 +57,28 @@ def teacher() -> nn.Module:
     return tiny_cnn(16).eval()
 
 
-def learner(digits: Path, bs: int) -> Learner:
+def learner(digits: Path, bs: int, cache: bool = False) -> Learner:
     "Digits in file order (no shuffling, no augmentation), and the KD callback with a fixed teacher"
     dls = digits_dls(digits, size=32, bs=bs, augment=False, num_workers=0)
     dls.train = dls.train.new(shuffle=False)
-    return Learner(dls, student(), cbs=[KnowledgeDistillation(teacher()), RecordSteps()])
+    return Learner(dls, student(), cbs=[KnowledgeDistillation(teacher(), cache=cache)] + ([] if cache else [RecordSteps()]))
+
+
+def distributed_fit(learn: Learner, epochs: int):
+    "`learn.fit` in this process's share of a distributed run"
+    learn.dls.loaders = [GlooDistributedDL(dl) for dl in learn.dls.loaders]
+    with learn.distrib_ctx(sync_bn=False, cpu=True), learn.no_bar(), learn.no_logging(): learn.fit(epochs, 1e-2)
+
+
+def cached_items(digits: Path) -> int:
+    "Items the teacher ran on in this process over 2 epochs of 8 steps with cache=True (1 validation batch included)"
+    learn = learner(digits, BS, cache=True)
+    items = list(range(8 * BS * num_distrib()))
+    learn.dls.train = learn.dls.train.new(get_idxs=lambda: items)
+    seen = []
+    learn.knowledge_distillation.teachers[0].register_forward_hook(lambda m, inputs, output: seen.append(len(inputs[0])))
+    distributed_fit(learn, 2)
+    return sum(seen)
 
 
 def global_batches(n_items: int, world_size: int) -> list[int]:
@@ -73,11 +91,10 @@ def global_batches(n_items: int, world_size: int) -> list[int]:
 def main(digits: Path, out: Path):
     torch.set_num_threads(1)
     learn = learner(digits, BS)
-    learn.dls.loaders = [GlooDistributedDL(dl) for dl in learn.dls.loaders]
-    with learn.distrib_ctx(sync_bn=False, cpu=True), learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    distributed_fit(learn, 1)
     record = learn.record_steps
     (out/f'rank{rank_distrib()}.json').write_text(json.dumps(dict(losses=record.losses, wrapped=sorted(record.wrapped),
-                                                                   world_size=num_distrib())))
+                                                                   world_size=num_distrib(), cached_items=cached_items(digits))))
 
 
 if __name__ == '__main__': main(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -26,6 +26,7 @@ def test_two_processes_match_one_on_the_same_global_batches(digits_path, tmp_pat
         assert rank['world_size'] == 2 and len(rank['losses']) == STEPS
         assert rank['wrapped'] == ['student DistributedDataParallel', 'teacher Sequential']  # the teacher is not wrapped
     assert ranks[0]['losses'] != ranks[1]['losses']  # each process distils its own shard
+    assert all(rank['cached_items'] == 8 * BS + BS for rank in ranks)  # its 8 batches once, and 1 check batch
 
     single = learner(digits_path, 2 * BS)
     order = global_batches(len(single.dls.train.dataset), world_size=2)
