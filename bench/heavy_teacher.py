@@ -6,8 +6,9 @@ small CNN student whose forward pass costs a fraction of the teacher's (measured
   cache, in rotating order; the cost of each epoch after the first, against the student alone (target: <= 1.2x with
   the cache), and how many items the teacher saw.
 - With augmentation (the cache is refused there): the teacher's forward passes over the same augmented batches in
-  float32, with channels-last inputs, with a channels-last copy of the teacher and under bfloat16 autocast, in
-  rotating order; their cost against float32 and how far they move the distillation loss.
+  float32, with channels-last inputs, with channels-last weights and under bfloat16 autocast, in rotating order;
+  their cost against float32 and how far they move the distillation loss; then distilled epochs with and without
+  `teacher_channels_last=True`.
 Writes bench/results/heavy_teacher.md. Run: `.venv/bin/python bench/heavy_teacher.py [--repeats 2]`.
 """
 from __future__ import annotations
@@ -101,11 +102,11 @@ def teacher_variants(teacher: nn.Module) -> dict:
             with torch.autocast('cpu', dtype=torch.bfloat16) if autocast else nullcontext(): return model(xb).float()
         return forward
     return {'float32': run(teacher), 'channels-last inputs': run(teacher, to_channels_last=True),
-            'channels-last copy of the teacher': run(channels_last, to_channels_last=True),
+            'channels-last weights (teacher_channels_last=True)': run(channels_last),
             'bfloat16 autocast': run(teacher, autocast=True)}
 
 
-def augmented_runs(dls, teacher, repeats: int, n_batches: int) -> tuple[list[dict], dict]:
+def augmented_forwards(dls, teacher, repeats: int, n_batches: int) -> tuple[list[dict], dict]:
     "CPU seconds of each teacher variant over the same augmented batches, and the largest change of the KD loss"
     batches = [xb.as_subclass(torch.Tensor) for _, (xb, _) in zip(range(n_batches), dls.train)]
     student, kd_loss = student_cnn().eval(), SoftTarget(T=T)
@@ -129,10 +130,22 @@ def augmented_runs(dls, teacher, repeats: int, n_batches: int) -> tuple[list[dic
     return rows, change
 
 
-def report(setup: list[str], cache_rows, seen, augmented_rows, change, n_train: int) -> str:
-    later = lambda name, i: [cpu for row in cache_rows for _, cpu in row[name][0][1:]]
+def augmented_epochs(dls, teacher, repeats: int) -> list[dict]:
+    "CPU seconds of a distilled epoch on augmented data with and without `teacher_channels_last`, in alternating order"
+    runs = {'fastkd': {}, 'fastkd teacher_channels_last=True': dict(teacher_channels_last=True)}
+    rows = []
+    for repeat in range(repeats):
+        row = {name: fit_epochs(dls, 1, [KnowledgeDistillation(teacher, SoftTarget(T=T), **runs[name])])[0][0][1]
+               for name in (list(runs) if repeat % 2 == 0 else list(runs)[::-1])}
+        rows.append({name: row[name] for name in runs})
+        print(f'augmented epoch {repeat}:', {n: round(s, 2) for n, s in rows[-1].items()}, flush=True)
+    return rows
+
+
+def report(setup: list[str], cache_rows, seen, augmented_rows, change, epoch_rows, n_train: int) -> str:
+    later = lambda name: [cpu for row in cache_rows for _, cpu in row[name][0][1:]]  # epochs after the first
     first = lambda name: [row[name][0][0][1] for row in cache_rows]
-    alone = statistics.median(later('student alone', 1))
+    alone = statistics.median(later('student alone'))
     lines = ['# A heavy teacher: the teacher-output cache, and cheaper teacher forwards', '',
              *[f'- {line}' for line in setup], '', '## Without augmentation: the cache', '',
              'CPU seconds of each epoch (training and validation), per run; wall seconds in brackets.', '',
@@ -141,7 +154,7 @@ def report(setup: list[str], cache_rows, seen, augmented_rows, change, n_train: 
         for name, (epochs, acc) in row.items():
             lines.append(f'| {i} | {name} | ' + ', '.join(f'{c:.1f} ({w:.1f})' for w, c in epochs) +
                          f' | {seen[name] if name != "student alone" else 0} | {acc:.3f} |')
-    cached, uncached = (statistics.median(later(n, 1)) for n in ('fastkd cache=True', 'fastkd, no cache'))
+    cached, uncached = (statistics.median(later(n)) for n in ('fastkd cache=True', 'fastkd, no cache'))
     lines += ['', '| median over epochs after the first (CPU) | against the student alone | target |', '|---|---|---|',
               f'| fastkd cache=True | {cached / alone:.2f}x | <= 1.2x |', f'| fastkd, no cache | {uncached / alone:.2f}x | |',
               f'| first epoch, fastkd cache=True | {statistics.median(first("fastkd cache=True")) / statistics.median(first("student alone")):.2f}x | |',
@@ -158,6 +171,13 @@ def report(setup: list[str], cache_rows, seen, augmented_rows, change, n_train: 
         times = [r[name] for r in augmented_rows]
         lines.append(f'| {name} | ' + ' | '.join(f'{t:.2f}' for t in times) +
                      f' | {statistics.median(times) / base:.2f}x | {change[name]:.1e} |')
+    lines += ['', 'CPU seconds of a distilled epoch (training and validation) on augmented data:', '',
+              '| run | ' + ' | '.join(f'repeat {i}' for i in range(len(epoch_rows))) + ' | median vs fastkd |',
+              '|---' * (len(epoch_rows) + 2) + '|']
+    base = statistics.median(r['fastkd'] for r in epoch_rows)
+    for name in epoch_rows[0]:
+        times = [r[name] for r in epoch_rows]
+        lines.append(f'| {name} | ' + ' | '.join(f'{t:.1f}' for t in times) + f' | {statistics.median(times) / base:.2f}x |')
     return '\n'.join(lines) + '\n'
 
 
@@ -169,14 +189,16 @@ def main(repeats: int, epochs: int, n_train: int, n_valid: int, n_batches: int):
     batches = [xb for xb, _ in dls.train]
     cost = forward_seconds(teacher, batches) / forward_seconds(student_cnn(), batches)
     cache_rows, seen = cache_runs(dls, teacher, epochs, repeats)
-    augmented_rows, change = augmented_runs(gtsrb_part(n_train, n_valid, augment=True), gtsrb_teacher(), repeats, n_batches)
+    augmented, teacher = gtsrb_part(n_train, n_valid, augment=True), gtsrb_teacher()
+    augmented_rows, change = augmented_forwards(augmented, teacher, repeats, n_batches)
+    epoch_rows = augmented_epochs(augmented, teacher, repeats)
     setup = [f'{platform.machine()}, torch {torch.__version__}, 1 torch thread, CPU shared with other work',
              f'real GTSRB 32x32: {n_train} training and {n_valid} validation images (fixed, drawn with seed 0), batch 64; '
              f'teacher: ResNet-34 trained on GTSRB 32x32; student: a 3-convolution CNN (99k parameters) whose forward '
              f'pass costs 1/{cost:.0f} of the teacher\'s on these batches; SoftTarget(T={T:g}), weight 0.5, '
              f'{epochs} epochs per run at lr {LR:g}; {repeats} repeats, order rotating',
              f'whole run {(time.perf_counter() - start) / 60:.1f} minutes']
-    text = report(setup, cache_rows, seen, augmented_rows, change, n_train)
+    text = report(setup, cache_rows, seen, augmented_rows, change, epoch_rows, n_train)
     RESULTS.parent.mkdir(exist_ok=True)
     atomic_write(RESULTS, lambda tmp: Path(tmp).write_text(text))
     print(text)
@@ -188,6 +210,6 @@ if __name__ == '__main__':
     parser.add_argument('--epochs', type=int, default=3)
     parser.add_argument('--train-items', type=int, default=2048)
     parser.add_argument('--valid-items', type=int, default=512)
-    parser.add_argument('--augmented-batches', type=int, default=8, help='augmented batches the teacher variants run on')
+    parser.add_argument('--augmented-batches', type=int, default=4, help='augmented batches the teacher variants run on')
     args = parser.parse_args()
     main(args.repeats, args.epochs, args.train_items, args.valid_items, args.augmented_batches)
