@@ -1,6 +1,7 @@
 "`from fastkd.all import *`: the public API of every module, fastai-style."
 from .callback import *
 from .hints import *
+from .cache import *
 from .losses import *
 from .tasks import *
 from .split import *

@@ -9,6 +9,7 @@ import sys
 import warnings
 from contextlib import contextmanager, nullcontext
 from functools import partial, wraps
+from itertools import chain
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,6 +26,7 @@ from fastcore.foundation import L
 from torch import Tensor, nn
 
 from .hints import Hint, HintHooks
+from .cache import TeacherCache, user_loader
 from .tasks import task_of
 
 __all__ = ['KnowledgeDistillation', 'load_teacher']
@@ -56,6 +58,13 @@ def _evaluating(model: nn.Module):
     try: yield model
     finally:
         for module, mode in zip(model.modules(), modes): module.training = mode
+
+
+def _to_channels_last(model: nn.Module) -> list[Tensor]:
+    "Lay `model`'s 4-d weights out channels-last in place (values and objects unchanged); those converted, to put back"
+    converted = [t for t in chain(model.parameters(), model.buffers()) if t.ndim == 4 and t.is_contiguous()]
+    for t in converted: t.data = t.data.contiguous(memory_format=torch.channels_last)
+    return converted
 
 
 def _first(output):
@@ -101,12 +110,16 @@ class KnowledgeDistillation(Callback):
     `hints` (a list of `Hint`) add `sum(hint.weight * hint.loss)` on the outputs of named layers; with `loss=None`
     the training loss is the learner's loss plus the hints (no logit term). Their adapters are the parameters of
     `learn.knowledge_distillation.hints`: `torch.save(learn.knowledge_distillation.hints.state_dict(), path)` keeps them.
+    `cache=True` (or a `TeacherCache`) runs the teacher once per training item and reuses its outputs in later
+    epochs: for training inputs without random augmentation. `teacher_channels_last=True` lays the teachers' weights
+    out channels-last during each fit (faster convolutions on CPUs; put back when the fit ends).
     The teacher runs in training steps only (plus, with a logit loss, one check on a validation batch as each fit
     starts), in eval mode and without gradients, and is left as it was given; validation, `get_preds`, `tta` and
     `valid_loss` are the learner's own. `learn.export()` leaves this callback out."""
     order, run_valid, beta = Recorder.order + 1, False, 0.98  # after Recorder sets its columns, before ProgressCallback prints them
 
     def __init__(self, teacher, loss='auto', weight: float | Callable = 0.5, hints: Sequence[Hint] = (),
+                 cache: bool | TeacherCache = False, teacher_channels_last: bool = False,
                  from_learner: bool | None = None, **loss_settings):
         "`from_learner` is accepted for older code and not needed: a `Learner` teacher is detected"
         if loss_settings:
@@ -127,8 +140,12 @@ class KnowledgeDistillation(Callback):
         if loss is None and not hints:
             raise ValueError('loss=None leaves nothing to distil: pass a distillation loss, or hints (feature '
                              'distillation without a logit term).')
+        if hints and cache:
+            raise ValueError("A teacher cache stores outputs, and hints need the teacher's features at every step: "
+                             'use cache=True or hints, not both.')
         self.hints = HintHooks(hints) if hints else None
-        store_attr('weight')
+        self.cache = TeacherCache() if cache is True else cache or None
+        store_attr('weight,teacher_channels_last')
 
     def __repr__(self) -> str:
         loss = 'auto (picked when the fit starts)' if self.auto_loss and self.kd_loss is None else self.kd_loss
@@ -158,7 +175,7 @@ class KnowledgeDistillation(Callback):
             raise ValueError('KnowledgeDistillation does not support GradientAccumulation yet (it scales the loss before '
                              'the distillation term is mixed in): remove one of them, e.g. use a smaller batch size.')
         self._pick_loss()
-        self.smooth_parts, self.n_batches, self.checked = 0., 0, False
+        self.smooth_parts, self.n_batches, self.checked, self.channels_last = 0., 0, False, []
         if hasattr(self.learn, 'recorder') and 'train_loss' in self.recorder.metric_names:
             names = self.recorder.metric_names
             at = names.index('train_loss') + 1
@@ -167,13 +184,17 @@ class KnowledgeDistillation(Callback):
 
     def before_train(self):
         """Move the teachers to the student's device and dtype; before the fit's first step, check them on a validation
-        batch; hook the hinted layers (here, not in `before_fit`, which `get_preds` and `validate` also call)"""
+        batch; hook the hinted layers (here, not in `before_fit`, which `get_preds` and `validate` also call); prepare
+        the cache and lay the teachers out channels-last when asked"""
         param = next(self.model.parameters())
         for teacher in self.teachers: teacher.to(device=param.device, dtype=param.dtype)
-        if not self.checked and self.kd_loss is not None: self._check_on_validation_batch()
-        self.checked = True
         if self.hints and not self.hints.attached:  # lr_find puts back what it explored with: so do the hints
             self.hints.attach(self.model, self.teachers[0], restore=any(isinstance(cb, LRFinder) for cb in self.cbs))
+        if self.checked: return
+        if self.kd_loss is not None: self._check_on_validation_batch()
+        if self.cache: self.cache.prepare(self.learn, self.teachers)
+        if self.teacher_channels_last: self.channels_last = [t for m in self.teachers for t in _to_channels_last(m)]
+        self.checked = True
 
     @torch.no_grad()
     def teacher_output(self, xb: tuple) -> Tensor:
@@ -186,7 +207,7 @@ class KnowledgeDistillation(Callback):
 
     def _check_on_validation_batch(self):
         "Before the first step: teacher and student must predict alike, and the teacher should beat chance"
-        dl = self.dls.valid if len(self.dls.valid) else self.dls.train
+        dl = user_loader(self.dls.valid if len(self.dls.valid) else self.dls.train)  # a DistributedDL has no one_batch
         with torch.random.fork_rng(devices=[]):  # a loader draws its seed from torch: leave the fit's batches as they were
             batch = to_device(dl.one_batch(), next(self.model.parameters()).device)
         xb, yb = batch[:dl.n_inp], batch[dl.n_inp:]
@@ -224,7 +245,8 @@ class KnowledgeDistillation(Callback):
     def after_loss(self):
         "Mix the distillation loss and the hints into the loss that is backpropagated"
         if not len(self.yb): return
-        student_pred, teacher_pred = _first(self.pred), self.teacher_output(self.xb)  # hints capture features here
+        teacher_pred = self.cache(self.learn, self.xb, self.teacher_output) if self.cache else self.teacher_output(self.xb)
+        student_pred = _first(self.pred)  # hints captured the teachers' features during its forward
         base_loss = self.learn.loss  # the loss function's value: what callbacks added since (AR/TAR) keeps its weight
         parts = [base_loss]
         if self.kd_loss is not None:
@@ -247,8 +269,11 @@ class KnowledgeDistillation(Callback):
             self.recorder.log += (self.smooth_parts / (1 - self.beta**self.n_batches)).tolist()
 
     def after_fit(self):
-        "Remove the hint hooks and take the adapters out of the optimizer (before `lr_find` reloads it)"
+        """Remove the hint hooks and take the adapters out of the optimizer (before `lr_find` reloads it); give the
+        teachers back their memory layout"""
         if self.hints: self.hints.detach()
+        for t in self.channels_last: t.data = t.data.contiguous()
+        self.channels_last = []
 
 
 _fastai_export = Learner.export

@@ -474,11 +474,11 @@ def _class_images(path: Path, folders: list[str], classes: set[int] | None = Non
 
 
 def gtsrb_dls(path: str | Path, size: int = 96, bs: int = 256, classes: Iterable[int] | None = None,
-              train: str = 'train', valid: str = 'valid', **kwargs) -> DataLoaders:
+              train: str = 'train', valid: str = 'valid', augment: bool = True, **kwargs) -> DataLoaders:
     """`DataLoaders` over the folders of `prepare_gtsrb` as in the reference notebook: `Resize(size)`, flip-free
-    augmentation and ImageNet normalisation. The vocab is the 43 ClassIds as ints in numeric order, so class index
-    == ClassId even on a subset of `classes` (folder names sorted as strings would give '0','1','10',...).
-    `train='all'` trains on train+valid for the final retrain (validation is then not held out)."""
+    augmentation (unless `augment=False`) and ImageNet normalisation. The vocab is the 43 ClassIds as ints in numeric
+    order, so class index == ClassId even on a subset of `classes` (folder names sorted as strings would give
+    '0','1','10',...). `train='all'` trains on train+valid for the final retrain (validation is then not held out)."""
     path, classes = Path(path), _check_classes(classes)
     for folder in (train, valid):
         if not (path/folder).is_dir():
@@ -487,7 +487,7 @@ def gtsrb_dls(path: str | Path, size: int = 96, bs: int = 256, classes: Iterable
     dblock = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=list(range(N_CLASSES)))),
                        get_items=partial(_class_images, folders=[train, valid], classes=classes),
                        splitter=GrandparentSplitter(train_name=train, valid_name=valid), get_y=_class_id,
-                       item_tfms=Resize(size), batch_tfms=[*tfms, Normalize.from_stats(*imagenet_stats)])
+                       item_tfms=Resize(size), batch_tfms=[*(tfms if augment else []), Normalize.from_stats(*imagenet_stats)])
     return ImageDataLoaders.from_dblock(dblock, path, path=path, bs=bs, **kwargs)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastai.data.transforms import Normalize
+from fastai.vision.augment import RandTransform
 
 from conftest import data_folder
 from fastkd.gtsrb import (copy_test_set, gtsrb_class_names, gtsrb_dls, gtsrb_test_dl, load_training_annotations,
@@ -182,13 +183,15 @@ def test_dls_vocab_is_class_id(prepared):
     assert {f.parts[-3] for f in dls.valid_ds.items} == {'valid'}
     x, y = dls.one_batch()
     assert x.shape == (16, 3, 32, 32) and set(y.tolist()) <= set(CLASSES)
+    assert any(isinstance(t, RandTransform) for t in dls.train.after_batch)
     norm = next(t for t in dls.after_batch if isinstance(t, Normalize))
     assert torch.allclose(norm.mean.flatten().cpu(), torch.tensor([0.485, 0.456, 0.406]))
 
 
 def test_dls_class_subset_and_all(prepared):
     path, paths, _ = prepared
-    dls = gtsrb_dls(path, size=32, bs=16, classes=[14, 42], train='all', num_workers=0)
+    dls = gtsrb_dls(path, size=32, bs=16, classes=[14, 42], train='all', augment=False, num_workers=0)
+    assert [type(t).__name__ for t in dls.train.after_batch] == ['IntToFloatTensor', 'Normalize']  # no augmentation
     assert len(dls.train_ds) == len(names(paths['all']/'14')) + len(names(paths['all']/'42'))
     assert {int(y) for _, y in dls.valid_ds} == {14, 42} and list(dls.vocab) == list(range(43))
 

@@ -1,0 +1,100 @@
+"""Distillation under `learn.distrib_ctx()`, one process of a CPU run: `torchrun --standalone --nproc_per_node 2
+tests/distributed_kd.py DIGITS OUT` trains a few steps and writes OUT/rank<R>.json (each step's loss, what was wrapped,
+how many items the teacher ran on in a cached run).
+Also imported by test_distributed.py, whose single-process reference run uses the same learner on the global batch."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
+import torch
+import torch.distributed as dist
+from fastai.callback.core import Callback, CancelFitException
+from fastai.distributed import DistributedDL
+from fastai.learner import Learner
+from fastai.torch_core import num_distrib, rank_distrib, set_seed
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from conftest import tiny_cnn
+from fastkd.callback import KnowledgeDistillation
+from fastkd.digits import digits_dls
+
+STEPS, BS = 4, 16  # steps recorded, batch size of one process
+
+
+class GlooDistributedDL(DistributedDL):
+    "fastai's `DistributedDL` broadcasts the item order with a CUDA tensor (for nccl); gloo on CPUs takes a CPU one"
+    def _broadcast(self, t, rank):
+        t = torch.tensor(t)
+        dist.broadcast(t, rank)
+        return t.tolist()
+
+
+class RecordSteps(Callback):
+    "Each training step's loss as backpropagated, what the student and teacher were during it; stop after `STEPS`"
+    order = KnowledgeDistillation.order + 1
+    def __init__(self): self.losses, self.wrapped = [], set()
+    def after_loss(self):
+        self.losses.append(float(self.learn.loss_grad.detach()))
+        teacher = self.learn.knowledge_distillation.teachers[0]
+        self.wrapped |= {f'student {type(self.learn.model).__name__}', f'teacher {type(teacher).__name__}'}
+        if not isinstance(self.learn.model, DistributedDataParallel) and num_distrib() > 1:
+            raise RuntimeError('the student is not wrapped in DistributedDataParallel')
+        if len(self.losses) == STEPS: raise CancelFitException()
+
+
+def student() -> nn.Module:
+    "A student without batch norm, whose loss on a batch is the mean of its losses on the halves"
+    set_seed(0, reproducible=True)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+def teacher() -> nn.Module:
+    set_seed(1, reproducible=True)
+    return tiny_cnn(16).eval()
+
+
+def learner(digits: Path, bs: int, cache: bool = False) -> Learner:
+    "Digits in file order (no shuffling, no augmentation), and the KD callback with a fixed teacher"
+    dls = digits_dls(digits, size=32, bs=bs, augment=False, num_workers=0)
+    dls.train = dls.train.new(shuffle=False)
+    return Learner(dls, student(), cbs=[KnowledgeDistillation(teacher(), cache=cache)] + ([] if cache else [RecordSteps()]))
+
+
+def distributed_fit(learn: Learner, epochs: int):
+    "`learn.fit` in this process's share of a distributed run"
+    learn.dls.loaders = [GlooDistributedDL(dl) for dl in learn.dls.loaders]
+    with learn.distrib_ctx(sync_bn=False, cpu=True), learn.no_bar(), learn.no_logging(): learn.fit(epochs, 1e-2)
+
+
+def cached_items(digits: Path) -> int:
+    "Items the teacher ran on in this process over 2 epochs of 8 steps with cache=True (1 validation batch included)"
+    learn = learner(digits, BS, cache=True)
+    items = list(range(8 * BS * num_distrib()))
+    learn.dls.train = learn.dls.train.new(get_idxs=lambda: items)
+    seen = []
+    learn.knowledge_distillation.teachers[0].register_forward_hook(lambda m, inputs, output: seen.append(len(inputs[0])))
+    distributed_fit(learn, 2)
+    return sum(seen)
+
+
+def global_batches(n_items: int, world_size: int) -> list[int]:
+    "The items of each step of a `world_size`-process run in one list: `DistributedDL` deals process r the r-th slice"
+    per_rank = math.ceil(n_items / world_size)
+    return [i for step in range(STEPS) for r in range(world_size)
+            for i in range(r * per_rank + step * BS, r * per_rank + (step + 1) * BS)]
+
+
+def main(digits: Path, out: Path):
+    torch.set_num_threads(1)
+    learn = learner(digits, BS)
+    distributed_fit(learn, 1)
+    record = learn.record_steps
+    (out/f'rank{rank_distrib()}.json').write_text(json.dumps(dict(losses=record.losses, wrapped=sorted(record.wrapped),
+                                                                   world_size=num_distrib(), cached_items=cached_items(digits))))
+
+
+if __name__ == '__main__': main(Path(sys.argv[1]), Path(sys.argv[2]))

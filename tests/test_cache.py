@@ -1,0 +1,138 @@
+"KnowledgeDistillation(cache=...) on real fastai Learners over the digits image folder: shuffled, with workers, a whole schedule, refusals."
+import pickle
+
+import fastai.callback.schedule  # noqa: F401  (Learner.lr_find, fit_one_cycle)
+import pytest
+import torch
+from fastai.callback.mixup import MixUp
+from fastai.data.transforms import IntToFloatTensor
+from fastai.learner import Learner, load_learner
+from fastai.torch_core import set_seed
+
+from conftest import tiny_cnn
+from fastkd.cache import TeacherCache
+from fastkd.callback import KnowledgeDistillation
+from fastkd.digits import digits_dls
+from fastkd.losses import SoftTarget
+from fastkd.split import default_split
+
+
+@pytest.fixture(scope='module')
+def dls(digits_path):
+    "Deterministic inputs and shuffled training batches (fastai's default)"
+    return digits_dls(digits_path, size=32, bs=64, augment=False, num_workers=0)
+
+
+@pytest.fixture
+def teacher():
+    "A teacher whose outputs differ from item to item (a random CNN does: the cache need not know what it learnt)"
+    set_seed(1, reproducible=True)
+    return tiny_cnn(16).eval()
+
+
+class Record:
+    "The distillation loss of these tests (SoftTarget): keeps each training step's epoch, inputs and teacher output"
+    def __init__(self, teacher):
+        self.loss, self.batches, self.items = SoftTarget(), [], 0
+        teacher.register_forward_hook(lambda module, inputs, output: setattr(self, 'items', self.items + len(inputs[0])))
+    def __call__(self, student_logits, teacher_logits):
+        self.batches.append((self.learn.epoch, self.learn.xb[0], teacher_logits))
+        return self.loss(student_logits, teacher_logits)
+
+
+def distilled(dls, teacher, cache=True, cbs=()) -> tuple[Learner, Record]:
+    "A student distilled from `teacher` with a cache, and the record of its training steps"
+    record = Record(teacher)
+    learn = Learner(dls, tiny_cnn(8), splitter=default_split,
+                    cbs=[KnowledgeDistillation(teacher, record, cache=cache), *cbs])
+    record.learn = learn
+    return learn, record
+
+
+def fit(learn: Learner, epochs: int = 2):
+    with learn.no_bar(), learn.no_logging(): learn.fit(epochs, 1e-3)
+
+
+@torch.no_grad()
+def assert_outputs_of_their_inputs(batches, teacher, dtype=torch.float32):
+    "Each batch's teacher outputs are a live forward of the teacher on that batch, to the stored precision"
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
+    for _, inputs, cached in batches: torch.testing.assert_close(cached, teacher(inputs).to(dtype).float(), **tolerance)
+
+
+def test_shuffled_epochs_get_each_items_own_outputs(digits_path, teacher):
+    dls = digits_dls(digits_path, size=32, bs=64, augment=False, num_workers=2)  # worker processes load the batches
+    learn, record = distilled(dls, teacher)
+    fit(learn, epochs=2)
+    n_items = len(dls.train.dataset)
+    assert n_items - dls.bs < record.items <= 1.2 * n_items  # once per item seen, and one check batch per fit
+    second = [b for b in record.batches if b[0] == 1]
+    assert len(second) == len(dls.train)
+    assert_outputs_of_their_inputs(second, teacher)
+    assert not torch.equal(record.batches[0][1], second[0][1])  # shuffled: the epochs' first batches hold other items
+
+
+def test_a_whole_schedule_runs_the_teacher_once_per_item_and_exports_no_cache(dls, teacher, tmp_path):
+    learn, record = distilled(dls, teacher)
+    learn.path = tmp_path
+    with learn.no_bar(), learn.no_logging():
+        learn.lr_find(num_it=5, show_plot=False)
+        assert 0 < int(learn.knowledge_distillation.cache.stored.sum()) < len(dls.train.dataset) / 2  # half an epoch
+        learn.freeze_to(1)
+        learn.fit_one_cycle(1, 1e-2)
+        learn.unfreeze()
+        learn.fit_one_cycle(2, 1e-3)
+    assert record.items <= 1.2 * len(dls.train.dataset)
+    assert_outputs_of_their_inputs(record.batches, teacher)
+    learn.export('student.pkl')
+    assert not any(isinstance(cb, KnowledgeDistillation) for cb in load_learner(tmp_path/'student.pkl').cbs)
+
+
+def test_float16_storage(dls, teacher):
+    learn, record = distilled(dls, teacher, cache=TeacherCache(dtype=torch.float16))
+    fit(learn)
+    assert_outputs_of_their_inputs(record.batches, teacher, torch.float16)
+
+
+def test_a_changed_teacher_or_dataset_refills_the_cache(digits_path, dls, teacher):
+    learn, record = distilled(dls, teacher)
+    fit(learn, epochs=1)
+    with torch.no_grad(): teacher[1].weight.mul_(2)  # new weights in the same module
+    record.items, record.batches = 0, []
+    fit(learn, epochs=1)
+    assert record.items > len(dls.train.dataset) - dls.bs
+    assert_outputs_of_their_inputs(record.batches, teacher)
+    learn.dls = digits_dls(digits_path, size=32, bs=32, augment=False, num_workers=0, valid_pct=None)
+    record.items = 0
+    fit(learn, epochs=1)
+    assert record.items > len(learn.dls.train.dataset) - 32
+
+
+def test_inputs_changed_in_place_stop_training(digits_path, teacher):
+    dls = digits_dls(digits_path, size=32, bs=64, augment=False, num_workers=0)
+    learn, _ = distilled(dls, teacher)
+    fit(learn, epochs=1)
+    to_float = next(t for t in dls.train.after_batch.fs if isinstance(t, IntToFloatTensor))
+    to_float.div = 128.  # every input doubles, behind the cache's back
+    with pytest.raises(RuntimeError, match=r'inputs of training items \[.*changed.*allow_random'): fit(learn, epochs=1)
+
+
+def test_random_augmentation_is_refused_by_name(digits_path, dls, teacher):
+    augmented = digits_dls(digits_path, size=32, bs=64, num_workers=0)
+    with pytest.raises(ValueError, match=r'Rotate \(dls\.train\.after_batch\).*allow_random=True'):
+        fit(distilled(augmented, teacher)[0])
+    with pytest.raises(ValueError, match=r'MixUp \(callback\)'): fit(distilled(dls, teacher, cbs=[MixUp()])[0])
+    learn, record = distilled(augmented, teacher, cache=TeacherCache(allow_random=True))
+    fit(learn, epochs=2)
+    assert record.items <= 1.2 * len(augmented.train.dataset)  # the first view's output, reused
+
+
+def test_memory_bound_and_pickles(dls, teacher):
+    with pytest.raises(MemoryError, match=r'max_gib=1e-06.*float16'):
+        fit(distilled(dls, teacher, cache=TeacherCache(max_gib=1e-6))[0])
+    learn, _ = distilled(dls, teacher)
+    fit(learn, epochs=1)
+    cache = learn.knowledge_distillation.cache
+    assert cache.stored.any()
+    copy = pickle.loads(pickle.dumps(cache))
+    assert copy.outputs is None and copy.stored is None and copy.allow_random is False

@@ -1,0 +1,36 @@
+"Distillation under fastai's distributed training: two CPU processes (gloo) against one process on the same global batches."
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
+import pytest
+
+import distributed_kd
+from distributed_kd import BS, STEPS, global_batches, learner
+
+pytest.importorskip('accelerate', reason="fastai's distrib_ctx needs accelerate (a dev requirement)")
+
+
+def test_two_processes_match_one_on_the_same_global_batches(digits_path, tmp_path):
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get('PYTHONPATH', '')]),
+           'OMP_NUM_THREADS': '1'}
+    run = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                          distributed_kd.__file__, str(digits_path), str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path/f'rank{r}.json').read_text()) for r in range(2)]
+    for rank in ranks:
+        assert rank['world_size'] == 2 and len(rank['losses']) == STEPS
+        assert rank['wrapped'] == ['student DistributedDataParallel', 'teacher Sequential']  # the teacher is not wrapped
+    assert ranks[0]['losses'] != ranks[1]['losses']  # each process distils its own shard
+    assert all(rank['cached_items'] == 8 * BS + BS for rank in ranks)  # its 8 batches once, and 1 check batch
+
+    single = learner(digits_path, 2 * BS)
+    order = global_batches(len(single.dls.train.dataset), world_size=2)
+    single.dls.train = single.dls.train.new(get_idxs=lambda: order)
+    with single.no_bar(), single.no_logging(): single.fit(1, 1e-2)
+    mean_of_processes = [(a + b) / 2 for a, b in zip(ranks[0]['losses'], ranks[1]['losses'])]
+    assert mean_of_processes == pytest.approx(single.record_steps.losses, rel=1e-5)  # steps after the first: same updates

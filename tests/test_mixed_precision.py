@@ -1,0 +1,85 @@
+"How the teacher computes: under the learner's mixed-precision autocast (distillation term in float32), and channels-last."
+import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
+import pytest
+import torch
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.fp16 import MixedPrecision
+from fastai.learner import Learner
+from fastai.torch_core import set_seed
+
+from conftest import tiny_cnn
+from fastkd.callback import KnowledgeDistillation
+from fastkd.digits import digits_dls
+from fastkd.losses import SoftTarget
+
+
+class CPUAutocast(Callback):
+    "fastai's `MixedPrecision` autocasts CUDA operations only: point its autocast at the CPU (bf16 is the CPU's type)"
+    order = MixedPrecision.order + 1
+    def before_fit(self): self.learn.mixed_precision.autocast = torch.autocast('cpu', dtype=torch.bfloat16)
+
+
+class RecordingKD:
+    "SoftTarget(T=1) that keeps the dtypes of what it was given and gave"
+    def __init__(self): self.loss, self.dtypes = SoftTarget(T=1), set()
+    def __call__(self, student_logits, teacher_logits):
+        value = self.loss(student_logits, teacher_logits)
+        self.dtypes.add((student_logits.dtype, teacher_logits.dtype, value.dtype))
+        return value
+
+
+class FirstSteps(Callback):
+    "Each training step's loss as backpropagated, for 3 steps"
+    order = KnowledgeDistillation.order + 1
+    def before_fit(self): self.losses = []
+    def after_loss(self):
+        self.losses.append(float(self.learn.loss_grad.detach()))
+        if len(self.losses) == 3: raise CancelFitException()
+
+
+def first_losses(digits_path, autocast: bool = False, teacher=None, **kwargs):
+    "Three steps of a student distilled from a fixed teacher, in float32 or under bf16 autocast; what the teacher output"
+    set_seed(0, reproducible=True)  # the loader draws its shuffling seed when it is made
+    dls = digits_dls(digits_path, size=32, bs=64, augment=False, num_workers=0)
+    if teacher is None:
+        set_seed(1, reproducible=True)
+        teacher = tiny_cnn(16).eval()
+    teacher_outputs = []
+    hook = teacher.register_forward_hook(lambda module, inputs, output: teacher_outputs.append(output.dtype))
+    kd_loss, steps = RecordingKD(), FirstSteps()
+    set_seed(0, reproducible=True)
+    learn = Learner(dls, tiny_cnn(8), cbs=[KnowledgeDistillation(teacher, kd_loss, **kwargs), steps])
+    if autocast: learn.to_bf16().add_cb(CPUAutocast())
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    hook.remove()
+    return steps.losses, set(teacher_outputs), kd_loss.dtypes
+
+
+def test_bf16_autocast_reaches_the_teacher_and_the_distillation_term_stays_float32(digits_path):
+    losses, teacher_dtypes, kd_dtypes = first_losses(digits_path, autocast=True)
+    assert teacher_dtypes == {torch.bfloat16}  # the teacher ran under the learner's autocast
+    assert kd_dtypes == {(torch.float32, torch.float32, torch.float32)}
+    reference, teacher_dtypes, _ = first_losses(digits_path, autocast=False)
+    assert teacher_dtypes == {torch.float32}
+    assert losses == pytest.approx(reference, rel=5e-3)  # bf16 keeps about 3 significant digits
+
+
+def test_channels_last_teacher_gives_the_same_losses_and_is_given_back_as_it_was(digits_path):
+    set_seed(1, reproducible=True)
+    teacher = tiny_cnn(16).train()  # as a user might leave it: train mode, gradients on
+    teacher[0][0][0].requires_grad_(False)
+    params, flags, before = list(teacher.parameters()), [p.requires_grad for p in teacher.parameters()], teacher.state_dict()
+    before = {k: v.clone() for k, v in before.items()}
+    conv = teacher[0][0][0]
+    layouts = []
+    conv.register_forward_pre_hook(lambda module, inputs: layouts.append(module.weight.is_contiguous(memory_format=torch.channels_last)
+                                                                          and not module.weight.is_contiguous()))
+    losses, _, _ = first_losses(digits_path, teacher=teacher, teacher_channels_last=True)
+    assert layouts == [False, True, True, True]  # the check on a validation batch, then 3 steps on channels-last weights
+    reference, _, _ = first_losses(digits_path, teacher=teacher)
+    assert layouts[4:] == [False] * 4
+    assert losses == pytest.approx(reference, rel=1e-5)
+    after = teacher.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].is_contiguous() for k, v in before.items())
+    assert list(teacher.parameters()) == params and [p.requires_grad for p in teacher.parameters()] == flags
+    assert all(m.training for m in teacher.modules())
