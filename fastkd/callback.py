@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import cloudpickle
+import numpy as np
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.schedule import LRFinder
@@ -219,7 +220,7 @@ class KnowledgeDistillation(Callback):
         if self.task.kind == 'categorical' and yb and not yb[0].is_floating_point():
             targets = self.task.targets(yb[0])
             predicted = self.task.items(teacher_pred).argmax(dim=-1)
-            if predicted.shape == targets.shape:
+            if predicted.shape == targets.shape and targets.unique().numel() > 1:  # one class: no chance level to beat
                 accuracy, majority = (predicted == targets).float().mean().item(), targets.bincount().max().item() / len(targets)
                 if accuracy <= majority:
                     warnings.warn(f'The teacher is no better than chance on a validation batch (accuracy {accuracy:.3f}, '
@@ -311,6 +312,11 @@ def _fit_leaving_no_hooks(self: Learner, *args, **kwargs):
 Learner.fit = _fit_leaving_no_hooks
 
 
+# What `learn.save`'s optimizer state holds besides tensors: fastcore's list, and the numpy scalars (with their dtype)
+# that schedulers such as fit_one_cycle leave in its hyper-parameters. Plain data: nothing here runs code when loaded.
+_OPTIMIZER_STATE_GLOBALS = [L, (np._core if hasattr(np, '_core') else np.core).multiarray.scalar, np.dtype, *{type(np.dtype(t)) for t in 'fdlib?'}]
+
+
 def load_teacher(path: str | Path, arch: Callable | nn.Module, n_out: int | None = None, **kwargs) -> nn.Module:
     """A frozen teacher: `arch` (a model, or an architecture such as `resnet34` built by
     `create_vision_model(arch, n_out, pretrained=False, **kwargs)`) with the weights of the state dict at `path`.
@@ -320,7 +326,7 @@ def load_teacher(path: str | Path, arch: Callable | nn.Module, n_out: int | None
     if isinstance(arch, nn.Module): model = arch
     elif n_out is None: raise ValueError('n_out is needed to build the teacher from an architecture: pass its class count.')
     else: model = create_vision_model(arch, n_out, pretrained=False, **kwargs)
-    with torch.serialization.safe_globals([L]):  # fastcore's list, in the optimizer state that learn.save adds
+    with torch.serialization.safe_globals(_OPTIMIZER_STATE_GLOBALS):
         state = torch.load(path, map_location='cpu', weights_only=True)
     if isinstance(state, dict) and set(state) == {'model', 'opt'}: state = state['model']  # learn.save(with_opt=True)
     try: result = model.load_state_dict(state, strict=False)

@@ -137,10 +137,10 @@ def tta_preds(learner: Learner, dl, n_augs: int | Sequence[int] = (10,),
 
 
 def test_time_aug(learner: Learner, test_dataloader, y_true, metric: Callable, n_augs: int | Sequence[int] = [10],
-                  beta: float = 0.1, mask=None) -> pd.DataFrame:
+                  beta: float = 0.1, mask=None, verbose: bool = False) -> pd.DataFrame:
     """Score `metric(y_true, y_pred)` on the test items `mask` selects for each number of augmented passes in `n_augs`
     (0: plain predictions); a DataFrame with columns `n_aug`, `score` and `time` (seconds of that setting on its own),
-    one printed line per row. `y_true` holds one label or class index per item of `test_dataloader`, which may be
+    and with `verbose` also one printed line per row. `y_true` holds one label or class index per item of `test_dataloader`, which may be
     unlabelled. See `tta_preds` for the passes."""
     _check_dl(test_dataloader)
     n_items = len(test_dataloader.dataset)
@@ -153,7 +153,7 @@ def test_time_aug(learner: Learner, test_dataloader, y_true, metric: Callable, n
     rows = []
     for n, p in probs.items():
         score = float(metric(targets, p[torch.as_tensor(items)].argmax(dim=1).numpy()))
-        print(f'n_aug={n:>3}  score={score:.4f}  time={seconds[n]:.2f}s')
+        if verbose: print(f'n_aug={n:>3}  score={score:.4f}  time={seconds[n]:.2f}s')
         rows.append((n, score, seconds[n]))
     return pd.DataFrame(rows, columns=['n_aug', 'score', 'time'])
 

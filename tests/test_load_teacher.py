@@ -20,9 +20,10 @@ def test_loads_a_state_dict_into_a_vision_model_frozen(tmp_path):
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
 
 
-def test_loads_the_model_part_of_learn_save(digits_path, tmp_path):
+@pytest.mark.parametrize('fit', ['fit', 'fit_one_cycle'])
+def test_loads_the_model_part_of_learn_save(digits_path, tmp_path, fit):
     learn = Learner(digits_dls(digits_path, size=32, bs=64), tiny_cnn(8), path=tmp_path)
-    learn.fit(1, 1e-2)
+    getattr(learn, fit)(1, 1e-2)  # fit_one_cycle leaves numpy scalars in the optimizer's hyper-parameters
     learn.save('teacher')  # weights and optimizer state
     teacher = load_teacher(tmp_path/'models'/'teacher.pth', tiny_cnn(8))
     assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), learn.model.state_dict().values()))

@@ -62,6 +62,15 @@ def test_plain_pass_is_get_preds(learn, test_files):
     assert results.score[0] == pytest.approx(f1_score(targets, expected.argmax(1), average='weighted'))
 
 
+def test_sweep_prints_only_when_verbose(learn, test_files, capsys):
+    dl = learn.dls.test_dl(test_files[:16], with_labels=True)
+    rows = lambda: [line for line in capsys.readouterr().out.splitlines() if line.startswith('n_aug=')]  # not the bars
+    results = tta.test_time_aug(learn, dl, labels_of(test_files[:16]), weighted_f1, n_augs=[0, 1])
+    assert rows() == []  # notebooks show the returned table once
+    tta.test_time_aug(learn, dl, labels_of(test_files[:16]), weighted_f1, n_augs=[0, 1], verbose=True)
+    assert [line[:9] for line in rows()] == [f'n_aug={n:>3}' for n in results.n_aug]
+
+
 def test_sweep_equals_learner_tta_with_seeded_augmentation(learn, test_files):
     dl = learn.dls.test_dl(test_files)
     set_seed(7)
