@@ -11,7 +11,8 @@ import torch
 import torchvision.models
 from fastai.vision.models.xresnet import xresnet18, xresnet34
 
-from .losses import SoftTarget
+from .workflow import (KD_METHODS, MIXES, Schedule, distillation_job, kd_method, scratch_learner, weighted_f1,
+                       write_report)
 
 __all__ = ['main', 'ARCHS']
 
@@ -21,7 +22,7 @@ ARCHS = {**{name: getattr(torchvision.models, name) for name in ('resnet18', 're
 
 
 def _schedule_args(parser: argparse.ArgumentParser, size: int, epochs: int, bs: int, lr_find_iters: int,
-                   teacher: str, student: str):
+                   teacher: str, student: str, seeds: int):
     "Options shared by the commands that train: sizes, schedule, distillation settings, TTA sweep, report folder"
     parser.add_argument('--size', type=int, default=size, help='image size in pixels (default: %(default)s)')
     parser.add_argument('--bs', type=int, default=bs, help='batch size (default: %(default)s)')
@@ -33,12 +34,26 @@ def _schedule_args(parser: argparse.ArgumentParser, size: int, epochs: int, bs: 
                         help='steps of lr_find when --lr is not given (default: %(default)s)')
     parser.add_argument('--teacher', choices=ARCHS, default=teacher, help='teacher architecture (default: %(default)s)')
     parser.add_argument('--student', choices=ARCHS, default=student, help='student architecture (default: %(default)s)')
-    parser.add_argument('--temperature', type=float, default=4., help='SoftTarget temperature T (default: %(default)s)')
+    parser.add_argument('--method', choices=KD_METHODS, default='softtarget',
+                        help='distillation loss: softtarget (Hinton), dkd (decoupled KD), dist (DIST) or fm (function '
+                        'matching: SoftTarget on batches mixed by --mix, the teacher seeing the same mixed images; '
+                        'the student alone trains without mixing) (default: %(default)s)')
+    parser.add_argument('--temperature', type=float, default=None,
+                        help="temperature T of the loss (default: the loss's own: 4 for softtarget, dkd and fm, "
+                        '1 for dist)')
+    parser.add_argument('--standardize', action='store_true',
+                        help='z-score both logits per row first (logit standardization; softtarget, dkd, fm)')
+    parser.add_argument('--mix', choices=MIXES, default=None, help='augmentation of --method fm (default: mixup)')
+    parser.add_argument('--mix-alpha', type=float, default=None,
+                        help="Beta parameter of --mix (default: fastai's, 0.4 for mixup and 1 for cutmix)")
     parser.add_argument('--weight', type=float, default=0.5,
                         help='weight of the distillation loss, between 0 and 1 (default: %(default)s)')
     parser.add_argument('--n-augs', type=int, nargs='+', default=[4, 8],
                         help='numbers of augmented TTA passes to score, besides plain predictions (default: 4 8)')
     parser.add_argument('--seed', type=int, default=42, help='random seed of every model (default: %(default)s)')
+    parser.add_argument('--seeds', type=int, default=seeds,
+                        help='students trained alone and distilled from seeds SEED, SEED+1, ...; the report gives '
+                        'mean and spread and says whether the gain exceeds the spread (default: %(default)s)')
     _threads_arg(parser)
     parser.add_argument('--out', type=Path, default=Path('fastkd-report'),
                         help='report folder (default: %(default)s)')
@@ -65,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
                                description='Teacher, student alone, distilled student and their TTA scores on '
                                'scikit-learn\'s digits written as an image folder; writes a report folder.')
     _schedule_args(demo, size=16, epochs=6, bs=64, lr_find_iters=100, teacher='xresnet34-half',
-                   student='xresnet18-quarter')
+                   student='xresnet18-quarter', seeds=1)
     demo.add_argument('--data', type=Path, default=None,
                       help='where to write the digits image folder (default: OUT/digits)')
     gtsrb = commands.add_parser('gtsrb', help='the whole job on GTSRB (ResNet-34 teacher, ResNet-18 student)',
@@ -75,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     gtsrb.add_argument('--teacher-weights', type=Path, default=None,
                        help='state dict of a trained teacher (skips training the teacher)')
     gtsrb.add_argument('--validation-fraction', type=float, default=0.2, help='share of tracks held out (default: 0.2)')
-    _schedule_args(gtsrb, size=96, epochs=4, bs=64, lr_find_iters=100, teacher='resnet34', student='resnet18')
+    _schedule_args(gtsrb, size=96, epochs=4, bs=64, lr_find_iters=100, teacher='resnet34', student='resnet18', seeds=1)
     prepare = commands.add_parser('prepare', help='GTSRB zips or folders to train/valid/all/test folders',
                                   description='Make train/, valid/, all/ and test/ folders (one sub-folder per '
                                   'ClassId) in --data from the official zips or their unpacked GTSRB/ folder.')
@@ -100,9 +115,17 @@ def _parser() -> argparse.ArgumentParser:
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace):
     "Refuse values argparse lets through, naming the fix"
     if hasattr(args, 'weight') and not 0 <= args.weight <= 1: parser.error('--weight must be between 0 and 1')
-    for name in ('size', 'bs', 'epochs', 'lr_find_iters', 'threads'):
+    for name in ('size', 'bs', 'epochs', 'lr_find_iters', 'threads', 'seeds'):
         if getattr(args, name, None) is not None and getattr(args, name) < 1: parser.error(f'--{name.replace("_", "-")} must be at least 1')
     if getattr(args, 'freeze_epochs', 0) < 0: parser.error('--freeze-epochs must be 0 or more')
+    for name in ('temperature', 'mix_alpha'):
+        if getattr(args, name, None) is not None and getattr(args, name) <= 0:
+            parser.error(f'--{name.replace("_", "-")} must be above 0')
+    if getattr(args, 'standardize', False) and args.method == 'dist':
+        parser.error('--standardize works with --method softtarget, dkd or fm (DIST compares correlations, which '
+                     'z-scoring leaves unchanged)')
+    if (getattr(args, 'mix', None) or getattr(args, 'mix_alpha', None)) and args.method != 'fm':
+        parser.error('--mix and --mix-alpha set the augmentation of function matching: add --method fm')
     if any(n < 0 for n in getattr(args, 'n_augs', [])): parser.error('--n-augs must be 0 or more')
     if hasattr(args, 'validation_fraction') and not 0 < args.validation_fraction < 1:
         parser.error('--validation-fraction must be between 0 and 1')
@@ -127,18 +150,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _schedule(args):
-    from .workflow import Schedule
     return Schedule(args.freeze_epochs, args.epochs, args.lr, args.lr_find_iters, args.seed)
 
 
 def _job(args, dls, test_dl, y_true, teacher=None, mask=None, title: str = ''):
     "Run the distillation job with the command-line settings and write its report"
-    from .workflow import distillation_job, write_report
-    job = distillation_job(dls, test_dl, y_true, ARCHS[args.teacher],
-                           ARCHS[args.student], _schedule(args), teacher=teacher,
-                           kd_loss=SoftTarget(T=args.temperature), kd_weight=args.weight, n_augs=args.n_augs, mask=mask)
-    report = write_report(job, args.out, title)
+    loss_kwargs = {**({'T': args.temperature} if args.temperature else {}),
+                   **({'standardize': True} if args.standardize else {})}
+    kd_loss, mix = kd_method(args.method, args.mix or 'mixup', args.mix_alpha, **loss_kwargs)
+    job = distillation_job(dls, test_dl, y_true, ARCHS[args.teacher], ARCHS[args.student], _schedule(args),
+                           teacher=teacher, kd_loss=kd_loss, kd_weight=args.weight, n_augs=args.n_augs, mask=mask,
+                           seeds=range(args.seed, args.seed + args.seeds), mix=mix)
+    mixing = f' on {mix().__class__.__name__} batches' if mix else ''
+    report = write_report(job, args.out, f'{title}: {kd_loss}{mixing}, weight {args.weight}')
     print(job['table'].to_string(float_format='{:.4g}'.format))
+    print(job['verdict'])
     print(f'Report written to {report}')
 
 
@@ -191,7 +217,6 @@ def _evaluate(args):
     from .gtsrb import gtsrb_class_names, gtsrb_dls
     from .report import per_class_table, plot_confusion
     from .tta import plot_tta, test_time_aug
-    from .workflow import scratch_learner, weighted_f1
     dls = gtsrb_dls(args.data, size=args.size, bs=args.bs, classes=args.classes)
     learn = scratch_learner(dls, ARCHS[args.arch])
     load_teacher(args.weights, learn.model)

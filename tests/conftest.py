@@ -53,6 +53,18 @@ def teacher_calls(teacher):
 
 
 @pytest.fixture(scope='session')
+def few_digits(digits_path, tmp_path_factory) -> Path:
+    "The first images of every digit and split of `digits_path` (links): 30 to train, 10 to validate, 10 to test"
+    dest = tmp_path_factory.mktemp('few_digits')
+    for split, n in (('train', 30), ('valid', 10), ('test', 10)):
+        for folder in sorted((digits_path/split).iterdir()):
+            (dest/split/folder.name).mkdir(parents=True)
+            for image in sorted(folder.iterdir())[:n]: (dest/split/folder.name/image.name).symlink_to(image)
+    (dest/'.complete').touch()  # what write_digits leaves in a finished folder: the demo uses it as it is
+    return dest
+
+
+@pytest.fixture(scope='session')
 def gtsrb_data() -> Path:
     "The real GTSRB data of ../shared/data/gtsrb (README.md there); tests that need it skip without it"
     if not (GTSRB_DATA/'gtsrb32.tar.gz').exists():

@@ -1,4 +1,4 @@
-"The `fastkd` command: every --help, bad arguments, and the demo at a tiny size."
+"The `fastkd` command: every --help, bad arguments, and the demo (two seeds) and GTSRB jobs at a tiny size."
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +21,10 @@ def test_console_script_is_installed_and_lists_commands():
 
 
 @pytest.mark.parametrize('command,options', [
-    ('demo', ['--size', '--epochs', '--freeze-epochs', '--teacher', '--student', '--temperature', '--weight', '--out']),
-    ('gtsrb', ['--data', '--download', '--classes', '--size', '--epochs', '--teacher-weights']),
+    ('demo', ['--size', '--epochs', '--freeze-epochs', '--teacher', '--student', '--temperature', '--weight', '--out',
+              '--seeds', '--method', '--mix']),
+    ('gtsrb', ['--data', '--download', '--classes', '--size', '--epochs', '--teacher-weights', '--seeds', '--method',
+               '--standardize', '--mix-alpha']),
     ('prepare', ['--data', '--download', '--classes', '--validation-fraction', '--link']),
     ('evaluate', ['--data', '--weights', '--arch', '--n-augs', '--classes'])])
 def test_every_help_is_complete(capsys, command, options):
@@ -40,6 +42,11 @@ def test_every_help_is_complete(capsys, command, options):
     (['demo', '--threads', '0'], '--threads must be at least 1'),
     (['demo', '--teacher', 'vgg99'], "invalid choice: 'vgg99'"),
     (['demo', '--n-augs', '-1'], '--n-augs must be 0 or more'),
+    (['demo', '--seeds', '0'], '--seeds must be at least 1'),
+    (['demo', '--method', 'fitnet'], "invalid choice: 'fitnet'"),
+    (['demo', '--temperature', '0'], '--temperature must be above 0'),
+    (['demo', '--mix', 'cutmix'], '--mix and --mix-alpha set the augmentation of function matching: add --method fm'),
+    (['demo', '--method', 'dist', '--standardize'], '--standardize works with --method softtarget, dkd or fm'),
     (['gtsrb'], 'the following arguments are required: --data'),
     (['prepare', '--data', 'DATA', '--classes', '43'], '--classes are GTSRB ClassIds, from 0 to 42'),
     (['evaluate', '--data', 'DATA', '--weights', 'nothing.pth'], '--weights nothing.pth: no such file')])
@@ -57,16 +64,25 @@ def test_missing_data_folder_says_how_to_get_it(tmp_path):
     assert 'no such folder' in result.stderr and '--download' in result.stderr
 
 
-def test_demo_writes_a_report_from_the_run(tmp_path, capsys):
+def test_demo_over_two_seeds_with_function_matching_writes_a_report(few_digits, tmp_path, capsys):
     out = tmp_path/'report'
-    assert main(['demo', '--out', str(out), *TINY]) == 0
-    assert f'Report written to {out/"report.md"}' in capsys.readouterr().out
+    assert main(['demo', '--data', str(few_digits), '--out', str(out), '--seeds', '2', '--method', 'fm',
+                 '--mix', 'cutmix', *TINY, '--freeze-epochs', '0']) == 0
+    printed = capsys.readouterr().out
+    assert f'Report written to {out/"report.md"}' in printed
     results = pd.read_csv(out/'results.csv', index_col='model')
-    assert list(results.index) == ['teacher', 'student', 'distilled student']
+    assert list(zip(results.index, results.seed)) == [('teacher', 42), ('student', 42), ('distilled student', 42),
+                                                      ('student', 43), ('distilled student', 43)]
     assert {'parameters', 'latency_ms', 'valid_accuracy', 'test_f1', 'test_f1_tta1', 'train_s'} <= set(results.columns)
     assert results.test_f1.between(0, 1).all() and (results.train_s > 0).all()
     report = (out/'report.md').read_text()
-    assert f"{results.loc['student', 'test_f1']:.4g}" in report and 'losses.png' in report
+    assert report.startswith('# fastkd demo: distillation on scikit-learn digits: SoftTarget(T=4.0, standardize=False) '
+                             'on CutMix batches, weight 0.5')
+    gains = 100 * (results.loc['distilled student'].test_f1.values - results.loc['student'].test_f1.values)
+    verdict = next(line for line in printed.splitlines() if 'gain' in line)
+    assert f'**{verdict}**' in report and f'{gains.mean():+.1f} +- {gains.std(ddof=1):.1f} points' in verdict
+    student_mean = f"| student | 2 | {results.loc['student'].valid_accuracy.mean():.4g} |"
+    assert '## Per model' in report and student_mean in report and 'A gain is claimed only when' in report
     for png in ('losses.png', 'tta.png'): assert (out/png).read_bytes()[:4] == b'\x89PNG'
     weights = torch.load(out/'student.pth', weights_only=True)
     assert weights.keys() and all(isinstance(v, torch.Tensor) for v in weights.values())
@@ -85,7 +101,7 @@ def test_prepare_on_the_original_size_sample(gtsrb_data, tmp_path, capsys):
 def test_gtsrb_job_then_evaluate_its_student(gtsrb32, tmp_path, capsys):
     data, out, evaluation = data_folder(gtsrb32, tmp_path/'data'), tmp_path/'report', tmp_path/'evaluation'
     classes = ['0', '19', '37']  # 210 training images each: the smallest classes
-    assert main(['gtsrb', '--data', str(data), '--classes', *classes, '--out', str(out), *TINY]) == 0
+    assert main(['gtsrb', '--data', str(data), '--classes', *classes, '--out', str(out), '--method', 'dist', *TINY]) == 0
     results = pd.read_csv(out/'results.csv', index_col='model')
     assert list(results.index) == ['teacher', 'student', 'distilled student'] and results.test_f1.between(0, 1).all()
     assert main(['evaluate', '--data', str(data), '--weights', str(out/'student.pth'), '--arch', 'xresnet18-quarter',

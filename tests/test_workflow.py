@@ -1,0 +1,105 @@
+"The main job over several seeds: paired runs, one teacher, the per-model summary and the verdict's rule."
+import statistics
+from functools import partial
+
+import pandas as pd
+import pytest
+import torch
+from fastai.callback.mixup import CutMix, MixUp
+from fastai.vision.models.xresnet import xresnet18
+
+from fastkd.digits import digits_dls
+from fastkd.losses import DIST, SoftTarget
+from fastkd.workflow import Schedule, distillation_job, distillation_verdict, kd_method, scratch_learner, seed_summary
+
+TINY_ARCH = partial(xresnet18, widen=0.25)
+
+
+def results(alone: list[float], distilled: list[float], seeds=(1, 2, 3)) -> pd.DataFrame:
+    "A results table as `distillation_job` makes it: a teacher row, then the two students of each seed"
+    rows = [dict(model='teacher', seed=seeds[0], test_f1=0.99)]
+    for seed, a, d in zip(seeds, alone, distilled):
+        rows += [dict(model='student', seed=seed, test_f1=a), dict(model='distilled student', seed=seed, test_f1=d)]
+    return pd.DataFrame(rows).set_index('model')
+
+
+@pytest.mark.parametrize('alone,distilled,verdict', [
+    ([0.90, 0.91, 0.92], [0.93, 0.935, 0.95], 'Distillation gained 2.8 +- 0.3 points of test_f1 over 3 seeds.'),
+    ([0.90, 0.91, 0.92], [0.95, 0.90, 0.93], 'No gain beyond seed-to-seed spread: distillation changed test_f1 by '
+                                             '+1.7 +- 3.1 points over 3 seeds (student alone: +- 1.0).'),
+    ([0.88, 0.90, 0.92], [0.895, 0.915, 0.935], 'No gain beyond seed-to-seed spread: distillation changed test_f1 by '
+                                                '+1.5 +- 0.0 points over 3 seeds (student alone: +- 2.0).'),
+    ([0.90, 0.91, 0.92], [0.88, 0.89, 0.905], 'No gain beyond seed-to-seed spread: distillation changed test_f1 by '
+                                              '-1.8 +- 0.3 points over 3 seeds (student alone: +- 1.0).')])
+def test_verdict_claims_a_gain_only_beyond_both_spreads(alone, distilled, verdict):
+    "Gains of every seed but noisy, steady gains smaller than the student's own spread, and losses are no gain"
+    assert distillation_verdict(results(alone, distilled)) == verdict
+
+
+def test_verdict_pairs_runs_by_seed_not_by_row_order():
+    table = results([0.90, 0.92], [0.93, 0.95], seeds=(7, 8))
+    shuffled = pd.concat([table.iloc[[0, 3, 4]], table.iloc[[1, 2]]])  # seed 8's runs first
+    assert distillation_verdict(shuffled) == distillation_verdict(table) == \
+        'Distillation gained 3.0 +- 0.0 points of test_f1 over 2 seeds.'
+
+
+def test_verdict_on_one_seed_asks_for_more():
+    verdict = distillation_verdict(results([0.9], [0.95], seeds=(1,)))
+    assert verdict.startswith("Distillation changed the student's test_f1 by +5.0 points on one seed")
+    assert verdict.endswith('this says nothing yet (run with --seeds 3 or more).')
+
+
+def test_seed_summary_gives_mean_and_sample_std_per_model():
+    table = results([0.90, 0.91, 0.95], [0.93, 0.935, 0.95]).assign(valid_accuracy=0.5, train_s=1.)
+    summary = seed_summary(table)
+    assert list(summary.index) == ['teacher', 'student', 'distilled student']
+    assert list(summary.seeds) == [1, 3, 3]
+    assert summary.at['student', 'test_f1_mean'] == pytest.approx(statistics.mean([0.90, 0.91, 0.95]))
+    assert summary.at['student', 'test_f1_std'] == pytest.approx(statistics.stdev([0.90, 0.91, 0.95]))
+    assert pd.isna(summary.at['teacher', 'test_f1_std'])  # one run: no spread
+
+
+@pytest.mark.parametrize('method,mix,alpha,loss,mix_cb', [
+    ('softtarget', 'mixup', None, SoftTarget, None), ('dist', 'mixup', None, DIST, None),
+    ('fm', 'mixup', None, SoftTarget, MixUp), ('fm', 'cutmix', 0.3, SoftTarget, CutMix)])
+def test_kd_method_builds_the_loss_and_the_mixing_of_function_matching(method, mix, alpha, loss, mix_cb):
+    kd_loss, make_mix = kd_method(method, mix, alpha, T=3)
+    assert type(kd_loss) is loss and kd_loss.T == 3
+    if mix_cb is None:
+        assert make_mix is None
+    else:
+        first, second = make_mix(), make_mix()
+        assert type(first) is mix_cb and first is not second  # a fresh callback for every learner
+        expected = alpha if alpha is not None else mix_cb().distrib.concentration1.item()  # fastai's default
+        assert first.distrib.concentration1.item() == pytest.approx(expected)
+
+
+def test_unknown_method_or_mix_names_the_choices():
+    with pytest.raises(ValueError, match="Unknown method 'kd': choose one of softtarget, dkd, dist, fm"):
+        kd_method('kd')
+    with pytest.raises(ValueError, match="Unknown mix 'mixin': choose one of mixup, cutmix"): kd_method('fm', 'mixin')
+
+
+def test_each_seed_pairs_the_student_alone_with_the_distilled_student(few_digits):
+    """With a distillation weight of 0 the distilled student must end exactly where the student alone ends: same
+    initial weights, same batches, same augmentation draws within a seed. The teacher is taken once (its row has
+    the schedule's seed)."""
+    dls = digits_dls(few_digits, size=16, bs=30, num_workers=0)
+    teacher = scratch_learner(dls, TINY_ARCH, seed=0).model
+    job = distillation_job(dls, dls.test_dl(sorted((few_digits/'test').glob('*/*.png'))),
+                           [int(f.parent.name) for f in sorted((few_digits/'test').glob('*/*.png'))],
+                           TINY_ARCH, TINY_ARCH, Schedule(freeze_epochs=0, epochs=2, lr=1e-2), teacher=teacher,
+                           kd_loss=SoftTarget(T=4), kd_weight=0., n_augs=[1], seeds=[5, 6])
+    table = job['table']
+    assert list(zip(table.index, table.seed)) == [('teacher', 42), ('student', 5), ('distilled student', 5),
+                                                  ('student', 6), ('distilled student', 6)]
+    assert 'teacher' not in job['training'] and pd.isna(table.loc['teacher', 'train_s'])
+    for seed in (5, 6):
+        runs = table[table.seed == seed].drop(index='teacher', errors='ignore')
+        assert runs.valid_accuracy.nunique() == 1 and runs.test_f1.nunique() == 1
+    alone, distilled = (job['learners'][name].model.state_dict() for name in ('student', 'distilled student'))
+    assert all(torch.equal(alone[k], distilled[k]) for k in alone)  # seed 5's models, kept for the report
+    initial = scratch_learner(dls, TINY_ARCH, seed=5).model.state_dict()
+    assert not torch.equal(alone['0.0.0.weight'], initial['0.0.0.weight'])  # and they did train
+    assert list(job['summary'].seeds) == [1, 2, 2]
+    assert job['verdict'].startswith('No gain beyond seed-to-seed spread: distillation changed test_f1 by +0.0 +- 0.0')
