@@ -32,7 +32,7 @@ from .report import compare_models, compression_summary
 from .split import default_split
 from .tta import plot_tta, test_time_aug
 
-__all__ = ['weighted_f1', 'scratch_learner', 'train_schedule', 'Schedule', 'KD_METHODS', 'MIXES', 'kd_method', 'reseed',
+__all__ = ['weighted_f1', 'scratch_learner', 'train_schedule', 'Schedule', 'KD_METHODS', 'MIXES', 'kd_method', 'Reseed',
            'distillation_job', 'seed_summary', 'VERDICT_RULE', 'distillation_verdict', 'write_report']
 
 
@@ -52,18 +52,18 @@ class Schedule:
 
 
 def train_schedule(learn: Learner, schedule: Schedule) -> dict:
-    """The reference notebook's schedule: `lr_find` (when `schedule.lr` is None), `reseed` to `schedule.seed`,
-    `fit_one_cycle` with the body frozen (`freeze_to(1)`), `unfreeze`, `fit_one_cycle` again. Returns the learning rate, the seconds it took, the
-    Recorder's rows of every epoch and its smoothed loss at every step (evaluation resets the Recorder: keep these)."""
+    """The reference notebook's schedule: `lr_find` (when `schedule.lr` is None), `fit_one_cycle` with the body
+    frozen (`freeze_to(1)`), `unfreeze`, `fit_one_cycle` again, each fit drawing from `schedule.seed` (`Reseed`).
+    Returns the learning rate, the seconds it took, the Recorder's rows of every epoch and its smoothed loss at every
+    step (evaluation resets the Recorder: keep these)."""
     start = time.perf_counter()
     lr = schedule.lr or learn.lr_find(num_it=schedule.lr_find_iters, show_plot=False).valley
-    reseed(learn.dls, schedule.seed)
     epochs, losses = [], []
     for frozen, n_epochs in ((True, schedule.freeze_epochs), (False, schedule.epochs)):
         if not n_epochs: continue
         if frozen: learn.freeze_to(1)
         else: learn.unfreeze()
-        learn.fit_one_cycle(n_epochs, lr)
+        with learn.added_cbs(Reseed(schedule.seed)): learn.fit_one_cycle(n_epochs, lr)
         epochs.append(pd.DataFrame(learn.recorder.values, columns=list(learn.recorder.metric_names[1:-1])))
         losses += learn.recorder.losses
     return dict(lr=lr, seconds=time.perf_counter() - start, epochs=pd.concat(epochs, ignore_index=True),
@@ -92,11 +92,19 @@ def kd_method(method: str = 'softtarget', mix: str = 'mixup', mix_alpha: float |
     return KD_METHODS[method](**loss_kwargs), mix_cb
 
 
-def reseed(dls: DataLoaders, seed: int):
-    """Reset every random state a training run draws from to `seed`: torch, numpy and Python, and the batch order of
-    each loader of `dls` (a DataLoader keeps its own generator), so runs from one seed see the same batches"""
-    set_seed(seed, reproducible=True)
-    for dl in dls.loaders: dl.rng = random.Random(seed)
+class Reseed(Callback):
+    """Reset every random state training draws from to `seed` just before each fit's first training batch: torch,
+    numpy and Python, and the batch order of each DataLoader (which keeps its own generator). It runs after the other
+    callbacks' `before_train` (checks that draw a batch included), so that runs from one seed see the same batches
+    and augmentations whatever ran before"""
+    order = KnowledgeDistillation.order + 1
+
+    def __init__(self, seed: int): self.seed = seed
+
+    def before_train(self):
+        if self.epoch: return
+        set_seed(self.seed, reproducible=True)
+        for dl in self.dls.loaders: dl.rng = random.Random(self.seed)
 
 
 def _train_students(dls: DataLoaders, teacher: Learner, student_arch: Callable, schedule: Schedule, kd_loss,
