@@ -33,7 +33,7 @@ from .split import default_split
 from .tta import plot_tta, test_time_aug
 
 __all__ = ['weighted_f1', 'scratch_learner', 'train_schedule', 'Schedule', 'KD_METHODS', 'MIXES', 'kd_method', 'Reseed',
-           'distillation_job', 'seed_summary', 'VERDICT_RULE', 'distillation_verdict', 'write_report']
+           'distillation_job', 'seed_summary', 'VERDICT_RULE', 'seed_gain', 'distillation_verdict', 'write_report']
 
 
 def weighted_f1(y_true, y_pred) -> float:
@@ -179,20 +179,29 @@ VERDICT_RULE = ('A gain is claimed only when the mean of the per-seed gains (dis
                 "deviation of the student alone's scores across seeds (sample standard deviations).")
 
 
+def seed_gain(alone: pd.Series, distilled: pd.Series) -> dict:
+    """The gain of distillation in points (100 x the score) over seeds: `alone` and `distilled` hold one score per
+    seed (indexed by seed), paired by seed. Returns the number of seeds, the mean and sample standard deviation of the
+    per-seed gains, the student alone's standard deviation, and whether the gain counts by `VERDICT_RULE`."""
+    gains = 100 * (distilled - alone.reindex(distilled.index))
+    mean, std, alone_std = gains.mean(), gains.std(), 100 * alone.std()
+    return dict(seeds=len(gains), mean=mean, std=std, alone_std=alone_std,
+                beyond_spread=bool(len(gains) > 1 and mean > 0 and mean > std and mean > alone_std))
+
+
 def distillation_verdict(table: pd.DataFrame, score: str = 'test_f1') -> str:
     """Whether distillation paid on `score` over the seeds of `table` (rows 'student' and 'distilled student', a
     `seed` column), by `VERDICT_RULE`: 'distillation gained X +- Y points' (mean and standard deviation of the
     per-seed gains, in points of 100), else 'no gain beyond seed-to-seed spread'"""
     alone, distilled = (table.loc[[name]].set_index('seed')[score] for name in ('student', 'distilled student'))
-    gains = 100 * (distilled - alone)
-    if len(gains) < 2:
-        return (f'Distillation changed the student\'s {score} by {gains.iloc[0]:+.1f} points on one seed: with no '
+    gain = seed_gain(alone, distilled)
+    if gain['seeds'] < 2:
+        return (f'Distillation changed the student\'s {score} by {gain["mean"]:+.1f} points on one seed: with no '
                 'seed-to-seed spread to compare with, this says nothing yet (run with --seeds 3 or more).')
-    spread = max(gains.std(), 100 * alone.std())
-    if gains.mean() > 0 and gains.mean() > spread:
-        return f'Distillation gained {gains.mean():.1f} +- {gains.std():.1f} points of {score} over {len(gains)} seeds.'
-    return (f'No gain beyond seed-to-seed spread: distillation changed {score} by {gains.mean():+.1f} +- '
-            f'{gains.std():.1f} points over {len(gains)} seeds (student alone: +- {100 * alone.std():.1f}).')
+    if gain['beyond_spread']:
+        return f'Distillation gained {gain["mean"]:.1f} +- {gain["std"]:.1f} points of {score} over {gain["seeds"]} seeds.'
+    return (f'No gain beyond seed-to-seed spread: distillation changed {score} by {gain["mean"]:+.1f} +- '
+            f'{gain["std"]:.1f} points over {gain["seeds"]} seeds (student alone: +- {gain["alone_std"]:.1f}).')
 
 
 def _loss_figure(training: dict) -> Figure:

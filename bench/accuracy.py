@@ -1,0 +1,346 @@
+"""Benchmark: how much of the teacher's accuracy a small student gets back on GTSRB 32x32, for each distillation method.
+
+Data: the whole 32x32 training set of ../shared/data/gtsrb/gtsrb32.tar.gz, split by whole tracks with
+`prepare_gtsrb`'s defaults (20% of tracks to validation, seed 42: the split the shared teacher was trained on, so
+it never saw a validation track), scored on the 3,789-image test part (all 43 classes): weighted F1 and accuracy,
+plain and with the number of TTA passes that scored best on the validation split.
+Teacher: the ResNet-34 of ../shared/data/gtsrb/teachers/resnet34-gtsrb32.pth, loaded with `load_teacher`.
+Student: a 4-layer CNN (`student_model`); the run stops unless `compare_models` finds it at most 1/5 of the
+teacher's parameters and at least 2x faster at batch 1.
+Rows (`ROWS`): the teacher, the student alone, the student distilled with SoftTarget, DKD, DIST, SoftTarget on
+standardized logits, and function matching (MixUp on the student's batches, the teacher seeing the same mixed
+images, plus SoftTarget); then, at the longer `--patient-epochs` schedule, the student alone and function matching
+again. Every run of a row trains with the same schedule and learning rate; runs of one seed start from the same
+weights and see the same batches.
+Settings: each distillation row lists candidate settings (temperature, weight, ...). Every candidate is trained from
+the first seed, and the one with the best weighted F1 on the validation split is kept and trained from the other
+seeds; the patient row reuses the setting kept for its row. The TTA setting of each row is chosen the same way, on
+the validation split. The test part is scored only for kept runs, and never used to choose anything.
+Every trained student is exported with `learn.export()` to OUT/students/ROW-SETTING-seedSEED.pkl (outside git).
+Writes bench/results/accuracy.md atomically, with the command that produced it and the time it took.
+Run: `python bench/accuracy.py` (`--help` for the sizes); `--quick` is a smoke run on a few classes and images.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import sys
+import tarfile
+import time
+from contextlib import redirect_stdout
+from dataclasses import dataclass, field
+from io import StringIO
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from fastai.layers import ConvLayer, Flatten
+from fastai.learner import Learner
+from fastai.metrics import accuracy
+from fastai.torch_core import set_seed
+from torch import nn
+from torchvision.models import resnet34
+
+from fastkd.callback import KnowledgeDistillation, load_teacher
+from fastkd.files import atomic_write
+from fastkd.gtsrb import gtsrb_dls, gtsrb_test_dl, prepare_gtsrb
+from fastkd.report import compare_models
+from fastkd.split import default_split
+from fastkd.tta import tta_preds
+from fastkd.workflow import VERDICT_RULE, Schedule, kd_method, seed_gain, train_schedule, weighted_f1
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent/'shared'/'data'/'gtsrb'
+ARCHIVE, TEACHER = SHARED/'gtsrb32.tar.gz', SHARED/'teachers'/'resnet34-gtsrb32.pth'
+RESULTS, OUT = ROOT/'bench'/'results'/'accuracy.md', ROOT/'bench'/'out'
+QUICK_CLASSES = [0, 19, 37]  # the three smallest classes: 210 training images each
+SIZES = dict(epochs=8, patient_epochs=20, seeds=[0, 1, 2], candidates=2, n_augs=[0, 4, 8])  # unless given
+QUICK = dict(epochs=1, patient_epochs=1, seeds=[0, 1], candidates=1, n_augs=[0, 1])  # with --quick, unless given
+
+
+@dataclass
+class Row:
+    "A line of the table: the student alone (`method` None) or distilled by `method` (see `kd_method`)"
+    key: str
+    label: str
+    method: str | None = None
+    settings: list[dict] = field(default_factory=lambda: [{}])  # candidates: loss settings, `weight`, `mix_alpha`
+    patient: bool = False  # trained for --patient-epochs
+    settings_of: str | None = None  # reuse the setting kept for that row instead of choosing again
+
+    @property
+    def baseline(self) -> str: return 'alone-patient' if self.patient else 'alone'
+
+
+ROWS = [Row('alone', 'student alone'),
+        Row('softtarget', '+ SoftTarget', 'softtarget', [dict(T=4, weight=0.5), dict(T=2, weight=0.25)]),
+        Row('dkd', '+ DKD', 'dkd', [dict(alpha=1, beta=8, T=4, weight=0.5), dict(alpha=1, beta=2, T=4, weight=0.5)]),
+        Row('dist', '+ DIST', 'dist', [dict(T=1, weight=0.5), dict(T=1, weight=0.8)]),
+        Row('softtarget-std', '+ SoftTarget, standardized logits', 'softtarget',
+            [dict(T=2, standardize=True, weight=0.5), dict(T=4, standardize=True, weight=0.5)]),
+        Row('fm', '+ function matching (MixUp + SoftTarget)', 'fm', [dict(T=4, weight=0.5), dict(T=4, weight=1.0)]),
+        Row('alone-patient', 'student alone, patient', patient=True),
+        Row('fm-patient', '+ function matching, patient', 'fm', patient=True, settings_of='fm')]
+
+
+def student_model(width: int = 24, n_out: int = 43) -> nn.Sequential:
+    "A small CNN for 32 px images as `Sequential(body, head)`, built from fastai layers (so exports load anywhere)"
+    body = nn.Sequential(ConvLayer(3, width), ConvLayer(width, 2 * width, stride=2),
+                         ConvLayer(2 * width, 4 * width, stride=2), ConvLayer(4 * width, 4 * width, stride=2),
+                         nn.AdaptiveAvgPool2d(1), Flatten())
+    return nn.Sequential(body, nn.Linear(4 * width, n_out))
+
+
+def setting_name(setting: dict) -> str:
+    "A setting as text for tables and file names: 'T4-weight0.5'"
+    return '-'.join(f'{k}{v}' for k, v in setting.items()) or 'default'
+
+
+def prepared_data(data: Path, classes: list[int] | None) -> Path:
+    "`data` with the folders of `prepare_gtsrb` (hard links), after unpacking the 32x32 archive there if needed"
+    if not (data/'GTSRB').is_dir():
+        if not ARCHIVE.exists():
+            raise SystemExit(f'GTSRB archive not found at {ARCHIVE} (see shared/data/gtsrb/README.md).')
+        data.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(ARCHIVE) as archive: archive.extractall(data, filter='data')
+    with redirect_stdout(StringIO()): prepare_gtsrb(data, classes=classes, link=True)
+    return data
+
+
+def check_gap(teacher: nn.Module, width: int) -> pd.DataFrame:
+    "`compare_models` of teacher and student at 32 px; stop unless the student is <= 1/5 the size and >= 2x faster"
+    sizes = compare_models(teacher, student_model(width), input_size=(3, 32, 32), batch_size=128)
+    params, speedup = sizes.at['parameters', 'student/teacher'], 1 / sizes.at['latency_ms', 'student/teacher']
+    if params > 0.2 or speedup < 2:
+        raise SystemExit(f'No real capacity gap: the student has {params:.1%} of the teacher\'s parameters and is '
+                         f'{speedup:.1f}x faster at batch 1 (need <= 20% and >= 2x): make --width smaller.')
+    return sizes
+
+
+class Scorer:
+    "Weighted F1 and accuracy of a learner on the validation split and the test part, plain and with TTA"
+    def __init__(self, dls, data: Path, classes: list[int] | None, n_augs: list[int]):
+        self.valid_dl, self.n_augs = dls.valid, n_augs
+        self.y_valid = np.array([int(Path(f).parent.name) for f in dls.valid.items])  # class index == ClassId
+        self.test_dl, y_test = gtsrb_test_dl(dls, data, classes)
+        self.y_test = y_test.numpy()
+
+    def _scores(self, learn: Learner, dl, y: np.ndarray, n_augs: list[int]) -> dict[int, tuple[float, float]]:
+        with learn.no_bar(): probs, _ = tta_preds(learn, dl, n_augs)
+        return {n: (weighted_f1(y, p.argmax(dim=1).numpy()), float((p.argmax(dim=1).numpy() == y).mean()))
+                for n, p in probs.items()}
+
+    def valid_f1(self, learn: Learner) -> float: return self._scores(learn, self.valid_dl, self.y_valid, [0])[0][0]
+
+    def best_n_aug(self, learn: Learner) -> int:
+        "The number of augmented passes with the best validation F1 (the fewest on a tie)"
+        scores = self._scores(learn, self.valid_dl, self.y_valid, self.n_augs)
+        return max(scores, key=lambda n: (scores[n][0], -n))
+
+    def test(self, learn: Learner, n_aug: int) -> dict:
+        scores = self._scores(learn, self.test_dl, self.y_test, sorted({0, n_aug}))
+        return dict(test_f1=scores[0][0], test_acc=scores[0][1], test_f1_tta=scores[n_aug][0],
+                    test_acc_tta=scores[n_aug][1], n_aug=n_aug)
+
+
+def train_student(dls, teacher: nn.Module, row: Row, setting: dict, seed: int, epochs: int, lr: float,
+                  width: int) -> tuple[Learner, float]:
+    "The student of `row` with `setting`, trained from `seed`; and the seconds its training took"
+    cbs = []
+    if row.method:
+        loss_settings = {k: v for k, v in setting.items() if k not in ('weight', 'mix_alpha')}
+        kd_loss, mix = kd_method(row.method, 'mixup', setting.get('mix_alpha'), **loss_settings)
+        cbs = [KnowledgeDistillation(teacher, kd_loss, weight=setting['weight']), *([mix()] if mix else [])]
+    set_seed(seed, reproducible=True)
+    learn = Learner(dls, student_model(width), metrics=accuracy, splitter=default_split, cbs=cbs)
+    with learn.no_bar(), learn.no_logging():
+        seconds = train_schedule(learn, Schedule(freeze_epochs=0, epochs=epochs, lr=lr, seed=seed))['seconds']
+    return learn, seconds
+
+
+def run_rows(rows: list[Row], dls, teacher: nn.Module, scorer: Scorer, args) -> tuple[list[dict], list[dict]]:
+    """Every row's runs: its candidate settings from the first seed (the best validation F1 is kept, and its TTA
+    setting chosen on validation too), then the kept setting from the other seeds; every student is exported, and the
+    kept runs are scored on the test part. Returns the kept runs and the selection runs."""
+    kept, selection, chosen = [], [], {}
+    (args.out/'students').mkdir(parents=True, exist_ok=True)
+
+    def run(row: Row, setting: dict, seed: int) -> dict:
+        epochs = args.patient_epochs if row.patient else args.epochs
+        learn, seconds = train_student(dls, teacher, row, setting, seed, epochs, args.lr, args.width)
+        file = args.out/'students'/f'{row.key}-{setting_name(setting)}-seed{seed}.pkl'
+        learn.export(file)
+        result = dict(row=row.key, setting=setting_name(setting), seed=seed, epochs=epochs,
+                      valid_f1=scorer.valid_f1(learn), seconds=seconds, file=file.name, learn=learn)
+        print(f'{row.key} {result["setting"]} seed {seed}: valid F1 {result["valid_f1"]:.4f}, {seconds:.0f} s',
+              flush=True)
+        return result
+
+    for row in rows:
+        candidates = [chosen[row.settings_of]] if row.settings_of else row.settings[:args.candidates]
+        first = [run(row, setting, args.seeds[0]) for setting in candidates]
+        best = max(first, key=lambda result: result['valid_f1'])
+        chosen[row.key] = candidates[first.index(best)]
+        selection += [{**{k: v for k, v in result.items() if k != 'learn'}, 'kept': result is best}
+                      for result in first]
+        n_aug = scorer.best_n_aug(best['learn'])
+        for result in [best, *(run(row, chosen[row.key], seed) for seed in args.seeds[1:])]:
+            result.update(scorer.test(result.pop('learn'), n_aug))
+            kept.append(result)
+    return kept, selection
+
+
+def summary(runs: pd.DataFrame, teacher: dict) -> pd.DataFrame:
+    """One line per row: means and sample standard deviations over seeds, the paired gain over the student alone of
+    the same schedule and the share of the teacher-student gap closed"""
+    lines = []
+    for key, group in runs.groupby('row', sort=False):
+        row = next(r for r in ROWS if r.key == key)
+        line = dict(key=key, baseline=row.baseline, row=row.label, setting=group.setting.iloc[0],
+                    epochs=group.epochs.iloc[0], seeds=len(group), valid_f1=group.valid_f1.mean(),
+                    seconds=group.seconds.mean(), n_aug=group.n_aug.iloc[0], gain_mean=float('nan'))
+        for score in ('test_f1', 'test_acc', 'test_f1_tta', 'test_acc_tta'):
+            line[score], line[f'{score}_std'] = group[score].mean(), group[score].std()
+        if row.method:
+            alone = runs[runs.row == row.baseline].set_index('seed').test_f1
+            line.update({f'gain_{k}': v for k, v in seed_gain(alone, group.set_index('seed').test_f1).items()})
+            line['gap_closed'] = (line['test_f1'] - alone.mean()) / (teacher['test_f1'] - alone.mean())
+        lines.append(line)
+    return pd.DataFrame(lines)
+
+
+def _mean_std(mean: float, std: float) -> str:
+    return f'{mean:.4f}' if pd.isna(std) else f'{mean:.4f} ± {std:.4f}'
+
+
+def _table_line(line) -> str:
+    "A row of the results table"
+    gain = '| | |' if pd.isna(line.gain_mean) else (
+        f'| {line.gain_mean:+.1f} ± {line.gain_std:.1f} | {"yes" if line.gain_beyond_spread else "no"} '
+        f'| {line.gap_closed:.0%} |')
+    return (f'| {line.row} | {line.setting} | {line.epochs} | {line.seeds} '
+            f'| {_mean_std(line.test_f1, line.test_f1_std)} | {_mean_std(line.test_acc, line.test_acc_std)} '
+            f'| {_mean_std(line.test_f1_tta, line.test_f1_tta_std)} ({line.n_aug}) | {line.valid_f1:.4f} {gain} '
+            f'{line.seconds:.0f} |')
+
+
+def targets(table: pd.DataFrame, runs: pd.DataFrame) -> str:
+    "The issue's targets, checked on the distillation row with the best validation F1 (not the best test F1)"
+    distilled = table[table.gain_mean.notna()]
+    if distilled.empty: return 'No distillation row was run: no target to check.'
+    best = distilled.loc[distilled.valid_f1.idxmax()]
+    alone_std = 100 * runs[runs.row == best.baseline].test_f1.std()
+    two_std, half_gap = best.gain_mean > 2 * alone_std, best.gap_closed >= 0.5
+    return (f'Targets, on the distillation row with the best validation F1 ({best.row}): gain over the student alone '
+            f'of the same schedule {best.gain_mean:+.1f} points, against two standard deviations of the student alone '
+            f'= {2 * alone_std:.1f} points: **{"met" if two_std else "not met"}**; share of the gap closed '
+            f'{best.gap_closed:.0%} (target >= 50%): **{"met" if half_gap else "not met"}**.')
+
+
+def report(table: pd.DataFrame, runs: pd.DataFrame, selection: pd.DataFrame, teacher: dict, sizes: pd.DataFrame,
+           setup: dict) -> str:
+    "The results as Markdown"
+    ratio = sizes['student/teacher']
+    return '\n'.join([
+        '# Accuracy benchmark: how much of the teacher a small student gets back (GTSRB 32x32)', '',
+        *[f'- {k}: {v}' for k, v in setup.items()], '', '## Results', '',
+        'Test part, weighted F1 and accuracy: mean ± sample standard deviation over seeds. TTA: the number of '
+        'augmented passes (n) chosen on the validation split. Gain: distilled minus alone of the same seed and '
+        'schedule, in points (mean ± std over seeds); "beyond spread" by the rule below. Gap closed: '
+        '(F1 distilled - F1 alone) / (F1 teacher - F1 alone), on the means. Seconds: training time per run.', '',
+        '| row | setting | epochs | seeds | test F1 | test accuracy | test F1, TTA (n) | valid F1 | gain (points) '
+        '| beyond spread | gap closed | s per run |', '|---|---|---|---|---|---|---|---|---|---|---|---|',
+        f"| teacher (ResNet-34) | {teacher['weights']} | - | - | {teacher['test_f1']:.4f} | {teacher['test_acc']:.4f} "
+        f"| {teacher['test_f1_tta']:.4f} ({teacher['n_aug']}) | {teacher['valid_f1']:.4f} | | | | |",
+        *map(_table_line, table.itertuples()), '',
+        f'Rule for "beyond spread": {VERDICT_RULE}', '', targets(table, runs), '',
+        '## Teacher and student', '',
+        f"Student: {sizes.at['parameters', 'student']:,.0f} parameters ({ratio['parameters']:.1%} of the teacher's "
+        f"{sizes.at['parameters', 'teacher']:,.0f}), {1 / ratio['latency_ms']:.1f}x faster at batch 1 "
+        f"({sizes.at['latency_ms', 'student']:.2f} ms against {sizes.at['latency_ms', 'teacher']:.2f} ms, "
+        'measured with compare_models on this machine).', '',
+        '## Settings chosen on the validation split', '',
+        'Each candidate trained from the first seed; the best validation F1 is kept (no test scores were computed '
+        'for the others).', '', '| row | setting | valid F1 | kept |', '|---|---|---|---|',
+        *[f'| {s.row} | {s.setting} | {s.valid_f1:.4f} | {"yes" if s.kept else ""} |' for s in selection.itertuples()],
+        '', '## Every run', '',
+        '| row | setting | seed | valid F1 | test F1 | test accuracy | test F1, TTA (n) | seconds | exported as |',
+        '|---|---|---|---|---|---|---|---|---|',
+        *[f'| {r.row} | {r.setting} | {r.seed} | {r.valid_f1:.4f} | {r.test_f1:.4f} | {r.test_acc:.4f} | '
+          f'{r.test_f1_tta:.4f} ({r.n_aug}) | {r.seconds:.0f} | {r.file} |' for r in runs.itertuples()], ''])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--quick', action='store_true',
+                        help=f'smoke run: classes {QUICK_CLASSES}, {QUICK} unless given, no DataLoader workers, '
+                        'and the results under --out instead of bench/results')
+    parser.add_argument('--rows', nargs='+', choices=[r.key for r in ROWS], default=[r.key for r in ROWS],
+                        help="rows to run (default: all; each row's baseline, and the row whose setting it reuses, "
+                        'are added)')
+    for name, text in (('epochs', 'epochs of every row but the patient ones'), ('patient-epochs', 'epochs of the '
+                       'patient rows'), ('candidates', 'candidate settings tried per row')):
+        parser.add_argument(f'--{name}', type=int, help=f"{text} (default: {SIZES[name.replace('-', '_')]})")
+    for name, text in (('seeds', 'seeds of every row'), ('n-augs', 'TTA settings to choose from')):
+        parser.add_argument(f'--{name}', type=int, nargs='+', help=f"{text} (default: {SIZES[name.replace('-', '_')]})")
+    parser.add_argument('--lr', type=float, default=3e-3, help='learning rate of fit_one_cycle (default: 3e-3)')
+    parser.add_argument('--bs', type=int, default=128, help='batch size (default: 128)')
+    parser.add_argument('--width', type=int, default=24, help='channels of the student\'s first layer (default: 24)')
+    parser.add_argument('--teacher-weights', type=Path, default=TEACHER, help='ResNet-34 state dict (default: shared)')
+    parser.add_argument('--data', type=Path, default=None, help='data folder (default: OUT/data, unpacked there)')
+    parser.add_argument('--out', type=Path, default=None, help='students and data (default: bench/out/accuracy)')
+    parser.add_argument('--results', type=Path, default=None, help='results file (default: bench/results/accuracy.md)')
+    parser.add_argument('--workers', type=int, default=None,
+                        help="DataLoader worker processes (default: fastai's, one per CPU; 0 in --quick)")
+    parser.add_argument('--threads', type=int, default=1,
+                        help='torch threads (default: 1, steadiest on a shared machine)')
+    args = parser.parse_args(argv)
+    for name, value in (QUICK if args.quick else SIZES).items():
+        if getattr(args, name) is None: setattr(args, name, value)
+    if args.quick and args.workers is None: args.workers = 0
+    args.out = args.out or OUT/('accuracy-quick' if args.quick else 'accuracy')
+    args.data = args.data or args.out/'data'
+    args.results = args.results or (args.out/'accuracy.md' if args.quick else RESULTS)
+    keys = set(args.rows) | {r.settings_of for r in ROWS if r.key in args.rows and r.settings_of}
+    keys |= {r.baseline for r in ROWS if r.key in keys and r.method}
+    args.rows = [r for r in ROWS if r.key in keys]
+    return args
+
+
+def main(argv: list[str] | None = None):
+    start, args = time.perf_counter(), parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not args.teacher_weights.is_file(): raise SystemExit(f'No teacher weights at {args.teacher_weights}.')
+    classes = QUICK_CLASSES if args.quick else None
+    data = prepared_data(args.data, classes)
+    dls = gtsrb_dls(data, size=32, bs=args.bs, classes=classes,
+                    **({} if args.workers is None else dict(num_workers=args.workers)))
+    teacher = load_teacher(args.teacher_weights, resnet34, 43)
+    sizes, scorer = check_gap(teacher, args.width), Scorer(dls, data, classes, args.n_augs)
+    teacher_learn = Learner(dls, teacher, metrics=accuracy)
+    teacher_scores = dict(weights=args.teacher_weights.name, valid_f1=scorer.valid_f1(teacher_learn),
+                          **scorer.test(teacher_learn, scorer.best_n_aug(teacher_learn)))
+    kept, selection = run_rows(args.rows, dls, teacher, scorer, args)
+    runs, selection = pd.DataFrame(kept), pd.DataFrame(selection)
+    runs.to_csv(args.out/'runs.csv', index=False)
+    table = summary(runs, teacher_scores)
+    command = ' '.join(['python bench/accuracy.py', *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    setup = {'command': f'`{command}`',
+             'machine': f'{platform.machine()}, {args.threads} torch thread(s), torch {torch.__version__}, CPU, '
+                        'shared with other work',
+             'data': f"{'classes ' + str(classes) if classes else 'all 43 classes'}: {len(dls.train_ds):,} training "
+                     f'and {len(dls.valid_ds):,} validation images (whole tracks), {len(scorer.y_test):,} test images, '
+                     '32 px',
+             'schedule': f'fit_one_cycle at lr {args.lr}, batch {args.bs}, {args.epochs} epochs ({args.patient_epochs} '
+                         f'for patient rows), seeds {args.seeds}, up to {args.candidates} candidate settings per row',
+             'whole run': f'{(time.perf_counter() - start) / 60:.1f} minutes'}
+    text = report(table, runs, selection, teacher_scores, sizes, setup)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.results, lambda tmp: Path(tmp).write_text(text, encoding='utf-8'))
+    print(text)
+    return table
+
+
+if __name__ == '__main__': main()

@@ -1,0 +1,75 @@
+"bench/accuracy.py --quick on the real GTSRB 32x32 data and the shared teacher: the table, its choices and its files."
+import importlib.util
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from fastai.learner import load_learner
+
+from conftest import GTSRB_DATA, data_folder
+
+SCRIPT = Path(__file__).resolve().parents[1]/'bench'/'accuracy.py'
+
+
+def load_bench():
+    "bench/accuracy.py as a module (bench/ is not a package)"
+    spec = importlib.util.spec_from_file_location('accuracy_bench', SCRIPT)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def quick_run(gtsrb32, tmp_path_factory):
+    "One quick run of function matching at both schedules (its baselines come along), two candidate settings"
+    if not (GTSRB_DATA/'teachers'/'resnet34-gtsrb32.pth').is_file(): pytest.skip('no shared teacher weights')
+    tmp = tmp_path_factory.mktemp('accuracy')
+    argv = ['--quick', '--rows', 'fm-patient', '--candidates', '2', '--out', str(tmp/'out'),
+            '--data', str(data_folder(gtsrb32, tmp/'data')), '--results', str(tmp/'accuracy.md')]
+    table = load_bench().main(argv)
+    return dict(table=table, runs=pd.read_csv(tmp/'out'/'runs.csv'), text=(tmp/'accuracy.md').read_text(),
+                out=tmp/'out', argv=argv)
+
+
+def test_rows_and_their_baselines_are_run_from_every_seed(quick_run):
+    runs = quick_run['runs']
+    assert list(runs.row.unique()) == ['alone', 'fm', 'alone-patient', 'fm-patient']
+    assert (runs.groupby('row').seed.apply(list) == [[0, 1]] * 4).all()
+    assert runs.test_f1.between(0, 1).all() and runs.valid_f1.between(0, 1).all() and (runs.seconds > 0).all()
+    alone, again = (runs[runs.row == key].set_index('seed').test_f1 for key in ('alone', 'alone-patient'))
+    assert alone.equals(again)  # --quick gives both schedules one epoch: same seed, same run
+
+
+def test_setting_is_chosen_on_validation_and_reused_by_the_patient_row(quick_run):
+    text, runs = quick_run['text'], quick_run['runs']
+    selection = text[text.index('## Settings chosen'):text.index('## Every run')]
+    fm_lines = [line.split(' | ') for line in selection.splitlines() if line.startswith('| fm |')]
+    assert [line[1] for line in fm_lines] == ['T4-weight0.5', 'T4-weight1.0']  # both candidates, from the first seed
+    valid = {line[1]: float(line[2]) for line in fm_lines}
+    kept = next(line[1] for line in fm_lines if line[3].startswith('yes'))
+    assert valid[kept] == max(valid.values())
+    assert set(runs[runs.row == 'fm'].setting) == set(runs[runs.row == 'fm-patient'].setting) == {kept}
+
+
+def test_gain_and_gap_closed_come_from_paired_seeds(quick_run):
+    table, runs = quick_run['table'].set_index('key'), quick_run['runs']
+    alone, fm = (runs[runs.row == key].set_index('seed').test_f1 for key in ('alone', 'fm'))
+    assert table.at['fm', 'gain_mean'] == pytest.approx(100 * (fm - alone).mean())
+    assert table.at['fm', 'gain_std'] == pytest.approx(100 * (fm - alone).std())
+    teacher_f1 = float(quick_run['text'].split('| teacher (ResNet-34) |')[1].split('|')[4])
+    assert table.at['fm', 'gap_closed'] == pytest.approx((fm.mean() - alone.mean()) / (teacher_f1 - alone.mean()), abs=1e-3)
+
+
+def test_every_student_is_exported_under_out_and_loads(quick_run):
+    files = sorted(p.name for p in (quick_run['out']/'students').glob('*.pkl'))
+    assert len(files) == 9 and 'fm-T4-weight1.0-seed0.pkl' in files and 'alone-patient-default-seed1.pkl' in files
+    learn = load_learner(quick_run['out']/'students'/'fm-patient-T4-weight0.5-seed1.pkl')
+    assert learn.model[1].out_features == 43
+
+
+def test_results_say_how_they_were_made(quick_run):
+    text = quick_run['text']
+    assert f"`python bench/accuracy.py {' '.join(quick_run['argv'])}`" in text
+    assert '- whole run: ' in text and 'minutes' in text and 'Targets, on the distillation row' in text
+    assert 'Student: ' in text and 'faster at batch 1' in text
