@@ -275,8 +275,10 @@ def report(table: pd.DataFrame, runs: pd.DataFrame, selection: pd.DataFrame, tea
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true',
-                        help=f'smoke run: classes {QUICK_CLASSES}, {QUICK} unless given, no DataLoader workers, '
+                        help=f'smoke run: classes {QUICK_CLASSES}, {QUICK}, no DataLoader workers (each unless given), '
                         'and the results under --out instead of bench/results')
+    parser.add_argument('--classes', type=int, nargs='+', default=None,
+                        help=f'ClassIds to train and score on (default: all 43; {QUICK_CLASSES} with --quick)')
     parser.add_argument('--rows', nargs='+', choices=[r.key for r in ROWS], default=[r.key for r in ROWS],
                         help="rows to run (default: all; each row's baseline, and the row whose setting it reuses, "
                         'are added)')
@@ -300,6 +302,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, value in (QUICK if args.quick else SIZES).items():
         if getattr(args, name) is None: setattr(args, name, value)
     if args.quick and args.workers is None: args.workers = 0
+    if args.quick and args.classes is None: args.classes = QUICK_CLASSES
     args.out = args.out or OUT/('accuracy-quick' if args.quick else 'accuracy')
     args.data = args.data or args.out/'data'
     args.results = args.results or (args.out/'accuracy.md' if args.quick else RESULTS)
@@ -313,7 +316,7 @@ def main(argv: list[str] | None = None):
     start, args = time.perf_counter(), parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.teacher_weights.is_file(): raise SystemExit(f'No teacher weights at {args.teacher_weights}.')
-    classes = QUICK_CLASSES if args.quick else None
+    classes = args.classes
     data = prepared_data(args.data, classes)
     dls = gtsrb_dls(data, size=32, bs=args.bs, classes=classes,
                     **({} if args.workers is None else dict(num_workers=args.workers)))
