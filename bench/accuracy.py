@@ -217,7 +217,7 @@ def _mean_std(mean: float, std: float) -> str:
 
 def _table_line(line) -> str:
     "A row of the results table"
-    gain = '| | |' if pd.isna(line.gain_mean) else (
+    gain = '| | | |' if pd.isna(line.gain_mean) else (
         f'| {line.gain_mean:+.1f} ± {line.gain_std:.1f} | {"yes" if line.gain_beyond_spread else "no"} '
         f'| {line.gap_closed:.0%} |')
     return (f'| {line.row} | {line.setting} | {line.epochs} | {line.seeds} '
@@ -336,8 +336,9 @@ def main(argv: list[str] | None = None):
              'data': f"{'classes ' + str(classes) if classes else 'all 43 classes'}: {len(dls.train_ds):,} training "
                      f'and {len(dls.valid_ds):,} validation images (whole tracks), {len(scorer.y_test):,} test images, '
                      '32 px',
-             'schedule': f'fit_one_cycle at lr {args.lr}, batch {args.bs}, {args.epochs} epochs ({args.patient_epochs} '
-                         f'for patient rows), seeds {args.seeds}, up to {args.candidates} candidate settings per row',
+             'schedule': f'fit_one_cycle at lr {args.lr}, batch {args.bs}, epochs: {args.epochs}'
+                         + (f', patient rows {args.patient_epochs}' if any(r.patient for r in args.rows) else '')
+                         + f'; seeds {args.seeds}; candidate settings per row: at most {args.candidates}',
              'whole run': f'{(time.perf_counter() - start) / 60:.1f} minutes'}
     text = report(table, runs, selection, teacher_scores, sizes, setup)
     args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -73,3 +73,5 @@ def test_results_say_how_they_were_made(quick_run):
     assert f"`python bench/accuracy.py {' '.join(quick_run['argv'])}`" in text
     assert '- whole run: ' in text and 'minutes' in text and 'Targets, on the distillation row' in text
     assert 'Student: ' in text and 'faster at batch 1' in text
+    results = text[text.index('## Results'):text.index('Rule for')]
+    assert {line.count('|') for line in results.splitlines() if line.startswith('|')} == {13}  # 12 cells on every line
