@@ -32,8 +32,8 @@ from .report import compare_models, compression_summary
 from .split import default_split
 from .tta import plot_tta, test_time_aug
 
-__all__ = ['weighted_f1', 'scratch_learner', 'train_schedule', 'Schedule', 'KD_METHODS', 'MIXES', 'kd_method', 'Reseed',
-           'distillation_job', 'seed_summary', 'VERDICT_RULE', 'seed_gain', 'distillation_verdict', 'write_report']
+__all__ = ['weighted_f1', 'scratch_learner', 'train_schedule', 'Schedule', 'kd_method', 'Reseed', 'distillation_job',
+           'seed_summary', 'seed_gain', 'distillation_verdict', 'write_report']
 
 
 def weighted_f1(y_true, y_pred) -> float:
