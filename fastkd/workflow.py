@@ -199,7 +199,8 @@ def distillation_verdict(table: pd.DataFrame, score: str = 'test_f1') -> str:
         return (f'Distillation changed the student\'s {score} by {gain["mean"]:+.1f} points on one seed: with no '
                 'seed-to-seed spread to compare with, this says nothing yet (run with --seeds 3 or more).')
     if gain['beyond_spread']:
-        return f'Distillation gained {gain["mean"]:.1f} +- {gain["std"]:.1f} points of {score} over {gain["seeds"]} seeds.'
+        return (f'Distillation gained {gain["mean"]:.1f} +- {gain["std"]:.1f} points of {score} over '
+                f'{gain["seeds"]} seeds.')
     return (f'No gain beyond seed-to-seed spread: distillation changed {score} by {gain["mean"]:+.1f} +- '
             f'{gain["std"]:.1f} points over {gain["seeds"]} seeds (student alone: +- {gain["alone_std"]:.1f}).')
 
