@@ -189,13 +189,13 @@ class KnowledgeDistillation(Callback):
         the cache and lay the teachers out channels-last when asked"""
         param = next(self.model.parameters())
         for teacher in self.teachers: teacher.to(device=param.device, dtype=param.dtype)
+        if not self.checked:
+            if self.kd_loss is not None: self._check_on_validation_batch()
+            if self.cache: self.cache.prepare(self.learn, self.teachers)
+            if self.teacher_channels_last: self.channels_last = [t for m in self.teachers for t in _to_channels_last(m)]
+            self.checked = True
         if self.hints and not self.hints.attached:  # lr_find puts back what it explored with: so do the hints
             self.hints.attach(self.model, self.teachers[0], restore=any(isinstance(cb, LRFinder) for cb in self.cbs))
-        if self.checked: return
-        if self.kd_loss is not None: self._check_on_validation_batch()
-        if self.cache: self.cache.prepare(self.learn, self.teachers)
-        if self.teacher_channels_last: self.channels_last = [t for m in self.teachers for t in _to_channels_last(m)]
-        self.checked = True
 
     @torch.no_grad()
     def teacher_output(self, xb: tuple) -> Tensor:

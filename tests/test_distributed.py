@@ -17,9 +17,11 @@ pytest.importorskip('accelerate', reason="fastai's distrib_ctx needs accelerate 
 def test_two_processes_match_one_on_the_same_global_batches(digits_path, tmp_path):
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get('PYTHONPATH', '')]),
            'OMP_NUM_THREADS': '1'}
-    run = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                          distributed_kd.__file__, str(digits_path), str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+               distributed_kd.__file__, str(digits_path), str(tmp_path)]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    if 'terminate called without an active exception' in run.stderr:  # gloo's threads aborted a process (seen once
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)  # under load): once more
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads((tmp_path/f'rank{r}.json').read_text()) for r in range(2)]
     for rank in ranks:
