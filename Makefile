@@ -22,6 +22,7 @@ test: $(STAMP)
 
 bench: $(STAMP)  # each writes its table to bench/results/
 	$(BIN)/python bench/kd_overhead.py
+	$(BIN)/python bench/heavy_teacher.py
 	$(BIN)/python bench/tta_sweep.py
 	$(BIN)/python bench/prepare_gtsrb.py
 
