@@ -362,12 +362,13 @@ def test_a_short_fit_with_each_hint_loss_moves_the_metric_and_leaves_the_teacher
     learn = student(dls, teacher, loss=SoftTarget(T=4), hints=[hint])
     _, accuracy_before = learn.validate()
     teacher_calls.clear()
-    with learn.no_bar(): learn.fit_one_cycle(2, 3e-2)
+    with learn.no_bar(): learn.fit_one_cycle(3, 3e-2)
     hint_column = learn.recorder.metric_names.index('train_hint') - 1
-    first, last = (values[hint_column] for values in learn.recorder.values)
+    first, *_, last = (values[hint_column] for values in learn.recorder.values)
     _, accuracy_after = learn.validate()
-    assert accuracy_after > accuracy_before + 0.2 and last < first  # from chance (0.1) to about 0.4 in 34 steps
-    assert len(teacher_calls) == 1 + 2 * len(dls.train) and not any(teacher_calls)  # the check, then one per step
+    # from chance (0.1): over seeds 0-4, 3 epochs gained 0.38 to 0.67 for each loss (2 epochs: 0.13 to 0.35, too close to call)
+    assert accuracy_after > accuracy_before + 0.2 and last < first
+    assert len(teacher_calls) == 1 + 3 * len(dls.train) and not any(teacher_calls)  # the check, then one per step
     assert_same_state(teacher.model, teacher_state)
 
 
