@@ -8,8 +8,9 @@ Teacher: the ResNet-34 of ../shared/data/gtsrb/teachers/resnet34-gtsrb32.pth, lo
 Student: a 4-layer CNN (`student_model`); the run stops unless `compare_models` finds it at most 1/5 of the
 teacher's parameters and at least 2x faster at batch 1.
 Rows (`ROWS`): the teacher, the student alone, the student distilled with SoftTarget, DKD, DIST, SoftTarget on
-standardized logits, and function matching (MixUp on the student's batches, the teacher seeing the same mixed
-images, plus SoftTarget); then, at the longer `--patient-epochs` schedule, the student alone and function matching
+standardized logits, DIST plus a FitNet hint (the student's last convolution, 4x4, trained through a 1x1 adapter
+to match the output of the teacher's `layer2`, 4x4), and function matching (MixUp on the student's batches, the teacher
+seeing the same mixed images, plus SoftTarget); then, at the longer `--patient-epochs` schedule, the student alone and function matching
 again. Every run of a row trains with the same schedule and learning rate; runs of one seed start from the same
 weights and see the same batches.
 Settings: each distillation row lists candidate settings (temperature, weight, ...). Every candidate is trained from
@@ -46,6 +47,7 @@ from torchvision.models import resnet34
 from fastkd.callback import KnowledgeDistillation, load_teacher
 from fastkd.files import atomic_write
 from fastkd.gtsrb import gtsrb_dls, gtsrb_test_dl, prepare_gtsrb
+from fastkd.hints import FitNet, Hint
 from fastkd.report import compare_models
 from fastkd.split import default_split
 from fastkd.tta import tta_preds
@@ -69,6 +71,8 @@ class Row:
     settings: list[dict] = field(default_factory=lambda: [{}])  # candidates: loss settings, `weight`, `mix_alpha`
     patient: bool = False  # trained for --patient-epochs
     settings_of: str | None = None  # reuse the setting kept for that row instead of choosing again
+    hinted: bool = False  # adds `fitnet_hint()` to the distillation
+
 
     @property
     def baseline(self) -> str: return 'alone-patient' if self.patient else 'alone'
@@ -80,6 +84,7 @@ ROWS = [Row('alone', 'student alone'),
         Row('dist', '+ DIST', 'dist', [dict(T=1, weight=0.5), dict(T=1, weight=0.8)]),
         Row('softtarget-std', '+ SoftTarget, standardized logits', 'softtarget',
             [dict(T=2, standardize=True, weight=0.5), dict(T=4, standardize=True, weight=0.5)]),
+        Row('hint', '+ DIST + FitNet hint', 'dist', [dict(T=1, weight=0.5)], hinted=True),
         Row('fm', '+ function matching (MixUp + SoftTarget)', 'fm', [dict(T=4, weight=0.5), dict(T=4, weight=1.0)]),
         Row('alone-patient', 'student alone, patient', patient=True),
         Row('fm-patient', '+ function matching, patient', 'fm', patient=True, settings_of='fm')]
@@ -91,6 +96,12 @@ def student_model(width: int = 24, n_out: int = 43) -> nn.Sequential:
                          ConvLayer(2 * width, 4 * width, stride=2), ConvLayer(4 * width, 4 * width, stride=2),
                          nn.AdaptiveAvgPool2d(1), Flatten())
     return nn.Sequential(body, nn.Linear(4 * width, n_out))
+
+
+def fitnet_hint() -> Hint:
+    """The hint row's hint: the student's last convolution (`student_model`'s '0.3', 4x4 at 32 px) to the output of
+    ResNet-34's layer2 ('0.5' in the teacher `load_teacher` builds: `Sequential(body, head)`), 4x4 too"""
+    return Hint('0.3', '0.5', FitNet())
 
 
 def setting_name(setting: dict) -> str:
@@ -152,7 +163,8 @@ def train_student(dls, teacher: nn.Module, row: Row, setting: dict, seed: int, e
     if row.method:
         loss_settings = {k: v for k, v in setting.items() if k not in ('weight', 'mix_alpha')}
         kd_loss, mix = kd_method(row.method, 'mixup', setting.get('mix_alpha'), **loss_settings)
-        cbs = [KnowledgeDistillation(teacher, kd_loss, weight=setting['weight']), *([mix()] if mix else [])]
+        hints = [fitnet_hint()] if row.hinted else []
+        cbs = [KnowledgeDistillation(teacher, kd_loss, weight=setting['weight'], hints=hints), *([mix()] if mix else [])]
     set_seed(seed, reproducible=True)
     learn = Learner(dls, student_model(width), metrics=accuracy, splitter=default_split, cbs=cbs)
     with learn.no_bar(), learn.no_logging():
