@@ -181,7 +181,8 @@ def test_distillation_methods(kernel_dirs, small_digits, tmp_path):
     assert list(results.index) == ['teacher', 'student alone', 'CE + SoftTarget', 'CE + DKD', 'CE + DIST',
                                    'CE + LogitMSE', 'CE + SoftTarget, standardised logits',
                                    'CE + SoftTarget, weight SchedLin(0, 0.5)',
-                                   'CE + SoftTarget, ensemble of 2 teachers']
+                                   'CE + SoftTarget, ensemble of 2 teachers', 'CE + SoftTarget + FitNet hint',
+                                   'CE + SoftTarget + cosine hint', 'CE + SoftTarget + attention transfer']
     assert results[['accuracy', 'weighted_f1']].stack().between(0, 1).all() and (results.runs == 1).all()
     assert results.accuracy.nunique() > 1  # the losses train different students
     conclusion = ''.join(o.text for o in next(c for c in nb.cells if 'gains_over_student(results' in c.source).outputs)
