@@ -2,6 +2,7 @@
 trained on them (../shared/data/gtsrb, see its README.md), and a probe of time and peak memory."""
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import time
@@ -16,6 +17,7 @@ from torch import nn
 from torchvision.models import resnet34
 
 from fastkd.callback import load_teacher
+from fastkd.files import atomic_write
 from fastkd.gtsrb import gtsrb_dls, prepare_gtsrb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,3 +73,19 @@ def measure(f: Callable) -> dict:
     f()
     return dict(wall=time.perf_counter() - wall, cpu=time.process_time() - cpu,
                 memory=(_status_kib('VmHWM') - memory) / 1024)
+
+
+def part_parser(description: str) -> argparse.ArgumentParser:
+    "A command line with the options every benchmark on `gtsrb_part` shares: repeats and the part's size"
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--train-items', type=int, default=2048)
+    parser.add_argument('--valid-items', type=int, default=512)
+    return parser
+
+
+def write_results(path: Path, text: str):
+    "Write a benchmark's Markdown `text` to `path` atomically, and print it"
+    path.parent.mkdir(exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    print(text)

@@ -13,7 +13,6 @@ Writes bench/results/heavy_teacher.md. Run: `.venv/bin/python bench/heavy_teache
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import platform
 import statistics
@@ -29,8 +28,8 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from torch import nn
 
-from fastkd.all import KnowledgeDistillation, SoftTarget, atomic_write
-from gtsrb_part import check_data, gtsrb_part, gtsrb_teacher, measure
+from fastkd.all import KnowledgeDistillation, SoftTarget
+from gtsrb_part import check_data, gtsrb_part, gtsrb_teacher, measure, part_parser, write_results
 
 RESULTS = Path(__file__).parent/'results'/'heavy_teacher.md'
 LR, T = 3e-3, 4.
@@ -204,17 +203,12 @@ def main(repeats: int, epochs: int, n_train: int, n_valid: int, n_batches: int):
              f'{epochs} epochs per run (2 without the cache) at lr {LR:g}; {repeats} repeats, order rotating',
              f'whole run {(time.perf_counter() - start) / 60:.1f} minutes']
     text = report(setup, cache_rows, seen, augmented_rows, change, epoch_rows, n_train)
-    RESULTS.parent.mkdir(exist_ok=True)
-    atomic_write(RESULTS, lambda tmp: Path(tmp).write_text(text))
-    print(text)
+    write_results(RESULTS, text)
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--repeats', type=int, default=3)
+    parser = part_parser(__doc__.splitlines()[0])
     parser.add_argument('--epochs', type=int, default=4)
-    parser.add_argument('--train-items', type=int, default=2048)
-    parser.add_argument('--valid-items', type=int, default=512)
     parser.add_argument('--augmented-batches', type=int, default=4, help='augmented batches the teacher variants run on')
     args = parser.parse_args()
     main(args.repeats, args.epochs, args.train_items, args.valid_items, args.augmented_batches)

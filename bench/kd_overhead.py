@@ -14,7 +14,6 @@ resident memory. Writes bench/results/kd_overhead.md. Run: `.venv/bin/python ben
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import time
@@ -25,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from fastai.vision.all import resnet18
 
-from fastkd.all import KnowledgeDistillation, SoftTarget, atomic_write, scratch_learner
-from gtsrb_part import check_data, gtsrb_part, gtsrb_teacher, measure
+from fastkd.all import KnowledgeDistillation, SoftTarget, scratch_learner
+from gtsrb_part import check_data, gtsrb_part, gtsrb_teacher, measure, part_parser, write_results
 
 RESULTS = Path(__file__).parent/'results'/'kd_overhead.md'
 LR, T, WEIGHT = 1e-3, 4., 0.5
@@ -127,15 +126,10 @@ def main(repeats: int, n_train: int, n_valid: int):
              f'scratch; SoftTarget(T={T:g}), weight {WEIGHT}; {repeats} repeats, order rotating',
              f'whole run {(time.perf_counter() - start) / 60:.1f} minutes (the data folder prepared by an earlier run or this one)']
     text = report(rows, setup)
-    RESULTS.parent.mkdir(exist_ok=True)
-    atomic_write(RESULTS, lambda tmp: Path(tmp).write_text(text))
-    print(text)
+    write_results(RESULTS, text)
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--repeats', type=int, default=3)
-    parser.add_argument('--train-items', type=int, default=2048)
-    parser.add_argument('--valid-items', type=int, default=512)
+    parser = part_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
     main(args.repeats, args.train_items, args.valid_items)
