@@ -3,6 +3,8 @@ trained on them (../shared/data/gtsrb, see its README.md), and a probe of time a
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import re
 import subprocess
 import time
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 from fastai.data.core import DataLoaders
 from torch import nn
 from torchvision.models import resnet34
@@ -73,6 +76,13 @@ def measure(f: Callable) -> dict:
     f()
     return dict(wall=time.perf_counter() - wall, cpu=time.process_time() - cpu,
                 memory=(_status_kib('VmHWM') - memory) / 1024)
+
+
+def machine_line(threads: int) -> str:
+    "The machine a benchmark ran on, its torch threads, and how busy the CPU was (load average now, over 1 and 15 min)"
+    one, _, fifteen = os.getloadavg()
+    return (f'{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} torch thread(s); '
+            f'load average at the end {one:.1f} (1 min), {fifteen:.1f} (15 min)')
 
 
 def part_parser(description: str) -> argparse.ArgumentParser:

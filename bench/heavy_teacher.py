@@ -14,7 +14,6 @@ Writes bench/results/heavy_teacher.md. Run: `.venv/bin/python bench/heavy_teache
 from __future__ import annotations
 
 import copy
-import platform
 import statistics
 import time
 from contextlib import nullcontext
@@ -29,7 +28,7 @@ from fastai.torch_core import set_seed
 from torch import nn
 
 from fastkd.all import KnowledgeDistillation, SoftTarget
-from gtsrb_part import check_data, gtsrb_part, gtsrb_teacher, measure, part_parser, write_results
+from gtsrb_part import machine_line, check_data, gtsrb_part, gtsrb_teacher, measure, part_parser, write_results
 
 RESULTS = Path(__file__).parent/'results'/'heavy_teacher.md'
 LR, T = 3e-3, 4.
@@ -196,7 +195,7 @@ def main(repeats: int, epochs: int, n_train: int, n_valid: int, n_batches: int):
     augmented, teacher = gtsrb_part(n_train, n_valid, augment=True), gtsrb_teacher()
     augmented_rows, change = augmented_forwards(augmented, teacher, repeats, n_batches)
     epoch_rows = augmented_epochs(augmented, teacher, repeats)
-    setup = [f'{platform.machine()}, torch {torch.__version__}, 1 torch thread, CPU shared with other work',
+    setup = [machine_line(1),
              f'real GTSRB 32x32: {n_train} training and {n_valid} validation images (fixed, drawn with seed 0), batch 64; '
              f'teacher: ResNet-34 trained on GTSRB 32x32; student: a 3-convolution CNN (99k parameters) whose forward '
              f'pass costs 1/{cost:.0f} of the teacher\'s on these batches; SoftTarget(T={T:g}), weight 0.5, '

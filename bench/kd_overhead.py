@@ -14,7 +14,6 @@ resident memory. Writes bench/results/kd_overhead.md. Run: `.venv/bin/python ben
 """
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from functools import partial
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from fastai.vision.all import resnet18
 
 from fastkd.all import KnowledgeDistillation, SoftTarget, scratch_learner
-from gtsrb_part import check_data, gtsrb_part, gtsrb_teacher, measure, part_parser, write_results
+from gtsrb_part import machine_line, check_data, gtsrb_part, gtsrb_teacher, measure, part_parser, write_results
 
 RESULTS = Path(__file__).parent/'results'/'kd_overhead.md'
 LR, T, WEIGHT = 1e-3, 4., 0.5
@@ -120,7 +119,7 @@ def main(repeats: int, n_train: int, n_valid: int):
         measured = {name: measure(runs[name]()) for name in names}
         rows.append({name: measured[name] for name in runs})
         print(f'repeat {repeat}:', {n: round(r['wall'], 2) for n, r in rows[-1].items()}, flush=True)
-    setup = [f'{platform.machine()}, torch {torch.__version__}, 1 torch thread, CPU shared with other work',
+    setup = [machine_line(1),
              f'real GTSRB 32x32: {n_train} training and {n_valid} validation images (fixed, drawn with seed 0), '
              'batch 64, no augmentation; teacher: ResNet-34 trained on GTSRB 32x32; students: fastai ResNet-18 from '
              f'scratch; SoftTarget(T={T:g}), weight {WEIGHT}; {repeats} repeats, order rotating',
