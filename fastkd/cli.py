@@ -18,20 +18,26 @@ __all__ = ['main', 'ARCHS']
 
 ARCHS = {**{name: getattr(torchvision.models, name) for name in ('resnet18', 'resnet34', 'resnet50', 'resnet101')},
          'xresnet34-half': partial(xresnet34, widen=0.5),  # fastai's XResNet-34 at half width: 5.6M parameters
-         'xresnet18-quarter': partial(xresnet18, widen=0.25)}  # XResNet-18 at a quarter width: 0.87M parameters
+         'xresnet18-quarter': partial(xresnet18, widen=0.25),  # XResNet-18 at a quarter width: 0.87M parameters
+         'xresnet18-sixteenth': partial(xresnet18, widen=1/16)}  # at a sixteenth: 0.11M parameters
 
 
 def _schedule_args(parser: argparse.ArgumentParser, size: int, epochs: int, bs: int, lr_find_iters: int,
-                   teacher: str, student: str, seeds: int):
+                   teacher: str, student: str, seeds: int, teacher_epochs: int | None = None, lr: float | None = None):
     "Options shared by the commands that train: sizes, schedule, distillation settings, TTA sweep, report folder"
     parser.add_argument('--size', type=int, default=size, help='image size in pixels (default: %(default)s)')
     parser.add_argument('--bs', type=int, default=bs, help='batch size (default: %(default)s)')
     parser.add_argument('--freeze-epochs', type=int, default=1,
                         help='epochs with the body frozen, after lr_find (default: %(default)s)')
     parser.add_argument('--epochs', type=int, default=epochs, help='epochs after unfreezing (default: %(default)s)')
-    parser.add_argument('--lr', type=float, default=None, help='learning rate (default: found by lr_find)')
+    parser.add_argument('--teacher-epochs', type=int, default=teacher_epochs,
+                        help='epochs after unfreezing of the teacher, trained once (default: '
+                        f'{teacher_epochs or "--epochs"})')
+    parser.add_argument('--lr', type=float, default=lr,
+                        help='learning rate; 0 finds one with lr_find for the teacher and for each seed (default: '
+                        f'{lr or "0"})')
     parser.add_argument('--lr-find-iters', type=int, default=lr_find_iters,
-                        help='steps of lr_find when --lr is not given (default: %(default)s)')
+                        help='steps of lr_find when --lr is 0 (default: %(default)s)')
     parser.add_argument('--teacher', choices=ARCHS, default=teacher, help='teacher architecture (default: %(default)s)')
     parser.add_argument('--student', choices=ARCHS, default=student, help='student architecture (default: %(default)s)')
     parser.add_argument('--method', choices=KD_METHODS, default='softtarget',
@@ -80,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
                                description='Teacher, student alone, distilled student and their TTA scores on '
                                'scikit-learn\'s digits written as an image folder; writes a report folder.')
     _schedule_args(demo, size=16, epochs=6, bs=64, lr_find_iters=100, teacher='xresnet34-half',
-                   student='xresnet18-quarter', seeds=1)
+                   student='xresnet18-sixteenth', seeds=3, teacher_epochs=12, lr=1e-2)
     demo.add_argument('--data', type=Path, default=None,
                       help='where to write the digits image folder (default: OUT/digits)')
     gtsrb = commands.add_parser('gtsrb', help='the whole job on GTSRB (ResNet-34 teacher, ResNet-18 student)',
@@ -115,9 +121,10 @@ def _parser() -> argparse.ArgumentParser:
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace):
     "Refuse values argparse lets through, naming the fix"
     if hasattr(args, 'weight') and not 0 <= args.weight <= 1: parser.error('--weight must be between 0 and 1')
-    for name in ('size', 'bs', 'epochs', 'lr_find_iters', 'threads', 'seeds'):
+    for name in ('size', 'bs', 'epochs', 'teacher_epochs', 'lr_find_iters', 'threads', 'seeds'):
         if getattr(args, name, None) is not None and getattr(args, name) < 1: parser.error(f'--{name.replace("_", "-")} must be at least 1')
     if getattr(args, 'freeze_epochs', 0) < 0: parser.error('--freeze-epochs must be 0 or more')
+    if (getattr(args, 'lr', None) or 0) < 0: parser.error('--lr must be above 0 (or 0 to find it with lr_find)')
     for name in ('temperature', 'mix_alpha'):
         if getattr(args, name, None) is not None and getattr(args, name) <= 0:
             parser.error(f'--{name.replace("_", "-")} must be above 0')
@@ -150,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _schedule(args):
-    return Schedule(args.freeze_epochs, args.epochs, args.lr, args.lr_find_iters, args.seed)
+    return Schedule(args.freeze_epochs, args.epochs, args.lr or None, args.lr_find_iters, args.seed)
 
 
 def _job(args, dls, test_dl, y_true, teacher=None, mask=None, title: str = ''):
@@ -160,7 +167,7 @@ def _job(args, dls, test_dl, y_true, teacher=None, mask=None, title: str = ''):
     kd_loss, mix = kd_method(args.method, args.mix or 'mixup', args.mix_alpha, **loss_kwargs)
     job = distillation_job(dls, test_dl, y_true, ARCHS[args.teacher], ARCHS[args.student], _schedule(args),
                            teacher=teacher, kd_loss=kd_loss, kd_weight=args.weight, n_augs=args.n_augs, mask=mask,
-                           seeds=range(args.seed, args.seed + args.seeds), mix=mix)
+                           seeds=range(args.seed, args.seed + args.seeds), mix=mix, teacher_epochs=args.teacher_epochs)
     mixing = f' on {mix().__class__.__name__} batches' if mix else ''
     report = write_report(job, args.out, f'{title}: {kd_loss}{mixing}, weight {args.weight}')
     print(job['table'].to_string(float_format='{:.4g}'.format))

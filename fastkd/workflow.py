@@ -124,8 +124,8 @@ def distillation_job(dls: DataLoaders, test_dl, y_true, teacher_arch: Callable, 
                      schedule: Schedule = Schedule(), teacher: nn.Module | None = None, kd_loss=SoftTarget(T=4),
                      kd_weight: float = 0.5, n_augs: list[int] = [4, 8], mask=None,
                      metric: Callable = weighted_f1, seeds: Sequence[int] | None = None,
-                     mix: Callable[[], Callback] | None = None) -> dict:
-    """Train (or take) a teacher once, then for each of `seeds` (default: `schedule.seed` alone) the student alone and
+                     mix: Callable[[], Callback] | None = None, teacher_epochs: int | None = None) -> dict:
+    """Train (or take) a teacher once (`schedule`, with `teacher_epochs` after unfreezing when given), then for each of `seeds` (default: `schedule.seed` alone) the student alone and
     with `KnowledgeDistillation` (plus the augmentation callback `mix()` makes, for function matching), both from
     that seed with the same schedule, and score each on `test_dl` with a TTA sweep of `n_augs` (plain predictions
     always included) over the items `mask` selects.
@@ -133,7 +133,8 @@ def distillation_job(dls: DataLoaders, test_dl, y_true, teacher_arch: Callable, 
     size report, `table` (a row per model and seed), `summary` (mean and spread per model) and `verdict`."""
     seeds, n_augs = list(seeds or [schedule.seed]), sorted({0, *n_augs})
     learners, training = {'teacher': scratch_learner(dls, teacher_arch, schedule.seed)}, {}
-    if teacher is None: training['teacher'] = train_schedule(learners['teacher'], schedule)
+    if teacher is None:
+        training['teacher'] = train_schedule(learners['teacher'], replace(schedule, epochs=teacher_epochs or schedule.epochs))
     else: learners['teacher'].model.load_state_dict(teacher.state_dict())
     score = partial(test_time_aug, test_dataloader=test_dl, y_true=y_true, metric=metric, n_augs=n_augs, mask=mask)
     tta = {'teacher': score(learners['teacher'])}
@@ -158,9 +159,10 @@ def distillation_job(dls: DataLoaders, test_dl, y_true, teacher_arch: Callable, 
 
 
 def _row(name: str, seed: int, learn: Learner, tta: pd.DataFrame, training: dict | None) -> dict:
-    "One line of the results table: the model's validation accuracy, its test scores and its training time"
+    "One line of the results table: the model's validation accuracy, its test scores, its epochs and training time"
     return {'model': name, 'seed': seed, 'valid_accuracy': float(learn.validate()[1]), 'test_f1': tta.score.iloc[0],
             f'test_f1_tta{tta.n_aug.iloc[-1]}': tta.score.iloc[-1],
+            'epochs': len(training['epochs']) if training else float('nan'),
             'train_s': training['seconds'] if training else float('nan')}
 
 

@@ -21,7 +21,7 @@ def test_console_script_is_installed_and_lists_commands():
 
 
 @pytest.mark.parametrize('command,options', [
-    ('demo', ['--size', '--epochs', '--freeze-epochs', '--teacher', '--student', '--temperature', '--weight', '--out',
+    ('demo', ['--size', '--epochs', '--teacher-epochs', '--freeze-epochs', '--teacher', '--student', '--temperature', '--weight', '--out',
               '--seeds', '--method', '--mix']),
     ('gtsrb', ['--data', '--download', '--classes', '--size', '--epochs', '--teacher-weights', '--seeds', '--method',
                '--standardize', '--mix-alpha']),
@@ -39,6 +39,8 @@ def test_every_help_is_complete(capsys, command, options):
     (['distil'], "invalid choice: 'distil'"),
     (['demo', '--weight', '1.5'], '--weight must be between 0 and 1'),
     (['demo', '--epochs', '0'], '--epochs must be at least 1'),
+    (['demo', '--teacher-epochs', '0'], '--teacher-epochs must be at least 1'),
+    (['demo', '--lr', '-1'], '--lr must be above 0 (or 0 to find it with lr_find)'),
     (['demo', '--threads', '0'], '--threads must be at least 1'),
     (['demo', '--teacher', 'vgg99'], "invalid choice: 'vgg99'"),
     (['demo', '--n-augs', '-1'], '--n-augs must be 0 or more'),
@@ -67,7 +69,7 @@ def test_missing_data_folder_says_how_to_get_it(tmp_path):
 def test_demo_over_two_seeds_with_function_matching_writes_a_report(few_digits, tmp_path, capsys):
     out = tmp_path/'report'
     assert main(['demo', '--data', str(few_digits), '--out', str(out), '--seeds', '2', '--method', 'fm',
-                 '--mix', 'cutmix', *TINY, '--freeze-epochs', '0']) == 0
+                 '--mix', 'cutmix', *TINY, '--freeze-epochs', '0', '--teacher-epochs', '2']) == 0
     printed = capsys.readouterr().out
     assert f'Report written to {out/"report.md"}' in printed
     results = pd.read_csv(out/'results.csv', index_col='model')
@@ -75,6 +77,7 @@ def test_demo_over_two_seeds_with_function_matching_writes_a_report(few_digits, 
                                                       ('student', 43), ('distilled student', 43)]
     assert {'parameters', 'latency_ms', 'valid_accuracy', 'test_f1', 'test_f1_tta1', 'train_s'} <= set(results.columns)
     assert results.test_f1.between(0, 1).all() and (results.train_s > 0).all()
+    assert list(results.epochs) == [2, 1, 1, 1, 1]  # the teacher trains --teacher-epochs, the students --epochs
     report = (out/'report.md').read_text()
     assert report.startswith('# fastkd demo: distillation on scikit-learn digits: SoftTarget(T=4.0, standardize=False) '
                              'on CutMix batches, weight 0.5')
