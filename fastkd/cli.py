@@ -23,7 +23,8 @@ ARCHS = {**{name: getattr(torchvision.models, name) for name in ('resnet18', 're
 
 
 def _schedule_args(parser: argparse.ArgumentParser, size: int, epochs: int, bs: int, lr_find_iters: int,
-                   teacher: str, student: str, seeds: int, teacher_epochs: int | None = None, lr: float | None = None):
+                   teacher: str, student: str, seeds: int, teacher_epochs: int | None = None, lr: float | None = None,
+                   method: str = 'softtarget'):
     "Options shared by the commands that train: sizes, schedule, distillation settings, TTA sweep, report folder"
     parser.add_argument('--size', type=int, default=size, help='image size in pixels (default: %(default)s)')
     parser.add_argument('--bs', type=int, default=bs, help='batch size (default: %(default)s)')
@@ -40,7 +41,7 @@ def _schedule_args(parser: argparse.ArgumentParser, size: int, epochs: int, bs: 
                         help='steps of lr_find when --lr is 0 (default: %(default)s)')
     parser.add_argument('--teacher', choices=ARCHS, default=teacher, help='teacher architecture (default: %(default)s)')
     parser.add_argument('--student', choices=ARCHS, default=student, help='student architecture (default: %(default)s)')
-    parser.add_argument('--method', choices=KD_METHODS, default='softtarget',
+    parser.add_argument('--method', choices=KD_METHODS, default=method,
                         help='distillation loss: softtarget (Hinton), dkd (decoupled KD), dist (DIST) or fm (function '
                         'matching: SoftTarget on batches mixed by --mix, the teacher seeing the same mixed images; '
                         'the student alone trains without mixing) (default: %(default)s)')
@@ -96,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     gtsrb.add_argument('--teacher-weights', type=Path, default=None,
                        help='state dict of a trained teacher (skips training the teacher)')
     gtsrb.add_argument('--validation-fraction', type=float, default=0.2, help='share of tracks held out (default: 0.2)')
-    _schedule_args(gtsrb, size=96, epochs=4, bs=64, lr_find_iters=100, teacher='resnet34', student='resnet18', seeds=1)
+    _schedule_args(gtsrb, size=96, epochs=4, bs=64, lr_find_iters=100, teacher='resnet34', student='resnet18', seeds=1,
+                   method='dist')  # DIST paid on GTSRB 32x32 (bench/accuracy.py); SoftTarget T=4 slowed small students
     prepare = commands.add_parser('prepare', help='GTSRB zips or folders to train/valid/all/test folders',
                                   description='Make train/, valid/, all/ and test/ folders (one sub-folder per '
                                   'ClassId) in --data from the official zips or their unpacked GTSRB/ folder.')
