@@ -18,7 +18,12 @@ the first seed, and the one with the best weighted F1 on the validation split is
 seeds; the patient row reuses the setting kept for its row. The TTA setting of each row is chosen the same way, on
 the validation split. The test part is scored only for kept runs, and never used to choose anything.
 Every trained student is exported with `learn.export()` to OUT/students/ROW-SETTING-seedSEED.pkl (outside git).
-Writes bench/results/accuracy.md atomically, with the command that produced it and the time it took.
+Writes bench/results/accuracy.md atomically, with the commands that produced it and the time they took.
+Resuming: every run is recorded in OUT/runs.csv (kept runs, with their test scores) and OUT/selection.csv (the
+candidates tried) as soon as it ends, and OUT/config.json holds what all runs of a table share (classes, lr, batch
+size, width, teacher, TTA settings) and the commands so far. `--resume` adds to that table: runs already recorded
+(same row, setting, seed and epochs) are reused, not trained again, and the results cover every recorded row, so the
+table can be built in parts (`--rows`), across sessions or machines; a different configuration is refused.
 Run: `python bench/accuracy.py` (`--help` for the sizes); `--quick` is a smoke run on a few classes and images.
 Cost on the 2-core CPU build machine (2 threads): 8 to 13 minutes per 4-epoch student run on all 43 classes (loading
 and augmenting the images alone takes about 41 s an epoch), plus several minutes to score the teacher: the default
@@ -27,6 +32,8 @@ table (about 300 student epochs) takes some 5 hours; `--rows`, `--seeds`, `--epo
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
 import shlex
 import sys
@@ -41,7 +48,7 @@ import numpy as np
 import pandas as pd
 import torch
 from fastai.layers import ConvLayer, Flatten
-from fastai.learner import Learner
+from fastai.learner import Learner, load_learner
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from torch import nn
@@ -175,15 +182,36 @@ def train_student(dls, teacher: nn.Module, row: Row, setting: dict, seed: int, e
     return learn, seconds
 
 
-def run_rows(rows: list[Row], dls, teacher: nn.Module, scorer: Scorer, args) -> tuple[list[dict], list[dict]]:
+class Progress:
+    """The runs of a table so far, recorded in OUT/runs.csv (kept runs, with test scores) and OUT/selection.csv
+    (candidates from the first seed) after every run, and reused when resuming: by row, setting, seed and epochs"""
+    def __init__(self, out: Path, resume: bool):
+        self.files = dict(kept=out/'runs.csv', selection=out/'selection.csv')
+        self.runs = {name: (pd.read_csv(file).to_dict('records') if resume and file.exists() else [])
+                     for name, file in self.files.items()}
+
+    @staticmethod
+    def _key(run: dict) -> tuple: return run['row'], run['setting'], int(run['seed']), int(run['epochs'])
+
+    def find(self, name: str, row: str, setting: str, seed: int, epochs: int) -> dict | None:
+        "The recorded run of `name` ('kept' or 'selection') with these settings, or None"
+        return next((dict(r) for r in self.runs[name] if self._key(r) == (row, setting, seed, epochs)), None)
+
+    def record(self, name: str, run: dict):
+        "Add `run` (or replace the one with its key) and write the file at once, atomically"
+        run = {k: v for k, v in run.items() if k != 'learn' and not (name == 'kept' and k == 'kept')}
+        self.runs[name] = [r for r in self.runs[name] if self._key(r) != self._key(run)] + [run]
+        atomic_write(self.files[name], lambda tmp: pd.DataFrame(self.runs[name]).to_csv(tmp, index=False))
+
+
+def run_rows(rows: list[Row], dls, teacher: nn.Module, scorer: Scorer, args, progress: Progress):
     """Every row's runs: its candidate settings from the first seed (the best validation F1 is kept, and its TTA
     setting chosen on validation too), then the kept setting from the other seeds; every student is exported, and the
-    kept runs are scored on the test part. Returns the kept runs and the selection runs."""
-    kept, selection, chosen = [], [], {}
+    kept runs are scored on the test part. Runs that `progress` already holds are reused, not trained again."""
+    chosen = {}
     (args.out/'students').mkdir(parents=True, exist_ok=True)
 
-    def run(row: Row, setting: dict, seed: int) -> dict:
-        epochs = args.patient_epochs if row.patient else args.epochs
+    def run(row: Row, setting: dict, seed: int, epochs: int) -> dict:
         learn, seconds = train_student(dls, teacher, row, setting, seed, epochs, args.lr, args.width)
         file = args.out/'students'/f'{row.key}-{setting_name(setting)}-seed{seed}.pkl'
         learn.export(file)
@@ -193,18 +221,27 @@ def run_rows(rows: list[Row], dls, teacher: nn.Module, scorer: Scorer, args) -> 
               flush=True)
         return result
 
+    def learner(result: dict) -> Learner:
+        "The trained student of `result`: in memory, or its export when the run was recorded earlier"
+        return result.pop('learn', None) or load_learner(args.out/'students'/result['file'])
+
     for row in rows:
+        epochs = args.patient_epochs if row.patient else args.epochs
         candidates = [chosen[row.settings_of]] if row.settings_of else row.settings[:args.candidates]
-        first = [run(row, setting, args.seeds[0]) for setting in candidates]
+        first = [progress.find('selection', row.key, setting_name(setting), args.seeds[0], epochs)
+                 or run(row, setting, args.seeds[0], epochs) for setting in candidates]
         best = max(first, key=lambda result: result['valid_f1'])
         chosen[row.key] = candidates[first.index(best)]
-        selection += [{**{k: v for k, v in result.items() if k != 'learn'}, 'kept': result is best}
-                      for result in first]
-        n_aug = scorer.best_n_aug(best['learn'])
-        for result in [best, *(run(row, chosen[row.key], seed) for seed in args.seeds[1:])]:
-            result.update(scorer.test(result.pop('learn'), n_aug))
-            kept.append(result)
-    return kept, selection
+        for result in first: progress.record('selection', {**result, 'kept': result is best})
+        n_aug = None
+        for seed in args.seeds:
+            if progress.find('kept', row.key, best['setting'], seed, epochs): continue
+            result = best if seed == args.seeds[0] else run(row, chosen[row.key], seed, epochs)
+            learn = learner(result)
+            if n_aug is None:
+                first_kept = progress.find('kept', row.key, best['setting'], args.seeds[0], epochs)
+                n_aug = int(first_kept['n_aug']) if first_kept else scorer.best_n_aug(learn)
+            progress.record('kept', {**result, **scorer.test(learn, n_aug)})
 
 
 def summary(runs: pd.DataFrame, teacher: dict) -> pd.DataFrame:
@@ -311,6 +348,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--results', type=Path, default=None, help='results file (default: bench/results/accuracy.md)')
     parser.add_argument('--workers', type=int, default=None,
                         help="DataLoader worker processes (default: fastai's, one per CPU; 0 in --quick)")
+    parser.add_argument('--resume', action='store_true',
+                        help='add to the table recorded under --out: reuse its runs, train only the missing ones')
     parser.add_argument('--threads', type=int, default=1,
                         help='torch threads (default: 1, steadiest on a shared machine)')
     args = parser.parse_args(argv)
@@ -327,35 +366,77 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def table_config(args) -> dict:
+    "What every run of one table shares: a resumed table must match it"
+    return dict(classes=args.classes, lr=args.lr, bs=args.bs, width=args.width, teacher=args.teacher_weights.name,
+                n_augs=args.n_augs, epochs=args.epochs, patient_epochs=args.patient_epochs,
+                selection_seed=args.seeds[0])
+
+
+def load_config(args) -> dict:
+    """OUT/config.json when resuming (refused if its configuration differs from `args`), else a new one: the
+    configuration, the commands so far, their minutes and the teacher's scores once computed"""
+    file, config = args.out/'config.json', table_config(args)
+    if not args.resume and (args.out/'runs.csv').exists():
+        raise SystemExit(f'{args.out} already holds a table (runs.csv): add --resume to add to it, or choose another '
+                         '--out (or delete that folder) for a new one.')
+    if not (args.resume and file.exists()): return dict(config=config, commands=[], minutes=[], teacher=None)
+    saved = json.loads(file.read_text())
+    differ = {k: (saved['config'].get(k), v) for k, v in config.items() if saved['config'].get(k) != v}
+    if differ:
+        raise SystemExit(f'--resume: this table in {args.out} was made with other settings: '
+                         + ', '.join(f'{k} {old} (now {new})' for k, (old, new) in differ.items())
+                         + '. Use those settings, or another --out for a new table.')
+    return saved
+
+
+def save_config(out: Path, saved: dict):
+    atomic_write(out/'config.json', lambda tmp: Path(tmp).write_text(json.dumps(saved, indent=1)))
+
+
 def main(argv: list[str] | None = None):
     start, args = time.perf_counter(), parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.teacher_weights.is_file(): raise SystemExit(f'No teacher weights at {args.teacher_weights}.')
+    args.out.mkdir(parents=True, exist_ok=True)
+    saved = load_config(args)
+    command = ' '.join(['python bench/accuracy.py', *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     classes = args.classes
     data = prepared_data(args.data, classes)
     dls = gtsrb_dls(data, size=32, bs=args.bs, classes=classes,
                     **({} if args.workers is None else dict(num_workers=args.workers)))
     teacher = load_teacher(args.teacher_weights, resnet34, 43)
     sizes, scorer = check_gap(teacher, args.width), Scorer(dls, data, classes, args.n_augs)
-    teacher_learn = Learner(dls, teacher, metrics=accuracy)
-    teacher_scores = dict(weights=args.teacher_weights.name, valid_f1=scorer.valid_f1(teacher_learn),
-                          **scorer.test(teacher_learn, scorer.best_n_aug(teacher_learn)))
-    kept, selection = run_rows(args.rows, dls, teacher, scorer, args)
-    runs, selection = pd.DataFrame(kept), pd.DataFrame(selection)
-    runs.to_csv(args.out/'runs.csv', index=False)
-    table = summary(runs, teacher_scores)
-    command = ' '.join(['python bench/accuracy.py', *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
-    setup = {'command': f'`{command}`',
-             'machine': f'{platform.machine()}, {args.threads} torch thread(s), torch {torch.__version__}, CPU, '
-                        'shared with other work',
+    if saved['teacher'] is None:
+        teacher_learn = Learner(dls, teacher, metrics=accuracy)
+        saved['teacher'] = dict(weights=args.teacher_weights.name, valid_f1=scorer.valid_f1(teacher_learn),
+                                **scorer.test(teacher_learn, scorer.best_n_aug(teacher_learn)))
+        save_config(args.out, saved)
+    progress = Progress(args.out, args.resume)
+    run_rows(args.rows, dls, teacher, scorer, args, progress)
+    order = {r.key: i for i, r in enumerate(ROWS)}
+    kept_settings = {(r['row'], r['setting']) for r in progress.runs['selection'] if r['kept']}
+    runs = pd.DataFrame([r for r in progress.runs['kept'] if (r['row'], r['setting']) in kept_settings])
+    runs = runs.sort_values(['row', 'seed'], key=lambda c: c.map(order) if c.name == 'row' else c, kind='stable')
+    selection = pd.DataFrame(progress.runs['selection']).sort_values('row', key=lambda c: c.map(order), kind='stable')
+    table = summary(runs, saved['teacher'])
+    saved['commands'].append(command)
+    saved['minutes'].append(round((time.perf_counter() - start) / 60, 1))
+    save_config(args.out, saved)
+    one, _, fifteen = os.getloadavg()
+    setup = {'commands': ', then '.join(f'`{c}`' for c in saved['commands']),
+             'machine': f'{platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s), torch '
+                        f'{torch.__version__}, CPU; load average at the end {one:.1f} (1 min), {fifteen:.1f} (15 min)',
              'data': f"{'classes ' + str(classes) if classes else 'all 43 classes'}: {len(dls.train_ds):,} training "
                      f'and {len(dls.valid_ds):,} validation images (whole tracks), {len(scorer.y_test):,} test images, '
                      '32 px',
              'schedule': f'fit_one_cycle at lr {args.lr}, batch {args.bs}, epochs: {args.epochs}'
-                         + (f', patient rows {args.patient_epochs}' if any(r.patient for r in args.rows) else '')
-                         + f'; seeds {args.seeds}; candidate settings per row: at most {args.candidates}',
-             'whole run': f'{(time.perf_counter() - start) / 60:.1f} minutes'}
-    text = report(table, runs, selection, teacher_scores, sizes, setup)
+                         + (f', patient rows {args.patient_epochs}' if any(r.patient for r in ROWS if r.key in set(runs.row)) else '')
+                         + f'; settings chosen from seed {args.seeds[0]}; candidate settings per row: at most '
+                         f'{args.candidates}',
+             'whole run': ' + '.join(f'{m} minutes' for m in saved['minutes'])
+                          + (f' ({len(saved["minutes"])} commands)' if len(saved['minutes']) > 1 else '')}
+    text = report(table, runs, selection, saved['teacher'], sizes, setup)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(args.results, lambda tmp: Path(tmp).write_text(text, encoding='utf-8'))
     print(text)

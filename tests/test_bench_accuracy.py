@@ -1,5 +1,6 @@
 "bench/accuracy.py --quick on the real GTSRB 32x32 data and the shared teacher: the table, its choices, its files."
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -82,3 +83,26 @@ def test_results_say_how_they_were_made(quick_run):
     assert 'Student: ' in text and 'faster at batch 1' in text
     results = text[text.index('## Results'):text.index('Rule for')]
     assert {line.count('|') for line in results.splitlines() if line.startswith('|')} == {13}  # 12 cells on every line
+
+
+def test_resume_reuses_recorded_runs_and_adds_the_missing_rows(quick_run, tmp_path):
+    "A second command adds a row to the table: the recorded runs are not trained again, and both rows are reported"
+    out, argv = tmp_path/'out', quick_run['argv']
+    shutil.copytree(quick_run['out'], out)
+    before = {p.name: p.stat().st_mtime_ns for p in (out/'students').glob('*.pkl')}
+    resume = ['--quick', '--rows', 'dist', '--candidates', '1', '--resume', '--out', str(out),
+              '--data', argv[argv.index('--data') + 1], '--results', str(tmp_path/'accuracy.md')]
+    table = load_bench().main(resume)
+    assert list(table.key) == ['alone', 'dist', 'fm']  # the recorded rows and the new one, in the table's order
+    after = {p.name: p.stat().st_mtime_ns for p in (out/'students').glob('*.pkl')}
+    assert set(after) - set(before) == {'dist-T1-weight0.5-seed0.pkl', 'dist-T1-weight0.5-seed1.pkl'}
+    assert all(after[name] == mtime for name, mtime in before.items())  # nothing recorded was trained again
+    runs = pd.read_csv(out/'runs.csv')
+    recorded = quick_run['runs'].set_index(['row', 'seed']).test_f1
+    assert runs.set_index(['row', 'seed']).test_f1.loc[recorded.index].tolist() == recorded.tolist()
+    text = (tmp_path/'accuracy.md').read_text()
+    assert f"`python bench/accuracy.py {' '.join(argv)}`, then `python bench/accuracy.py {' '.join(resume)}`" in text
+    with pytest.raises(SystemExit, match=r'made with other settings: lr 0.003 \(now 0.01\)'):
+        load_bench().main([*resume, '--lr', '0.01'])
+    with pytest.raises(SystemExit, match='already holds a table'):  # without --resume, recorded runs are kept safe
+        load_bench().main([arg for arg in resume if arg != '--resume'])
