@@ -8,6 +8,7 @@ from .split import *
 from .digits import *
 from .files import *
 from .gtsrb import *
+from .memory import *
 from .report import *
 from .tta import *
 from .workflow import *
