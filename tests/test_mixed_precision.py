@@ -37,10 +37,12 @@ class FirstSteps(Callback):
         if len(self.losses) == 3: raise CancelFitException()
 
 
-def first_losses(digits_path, autocast: bool = False, teacher=None, **kwargs):
-    "Three steps of a student distilled from a fixed teacher, in float32 or under bf16 autocast; what the teacher output"
+def first_losses(digits_path, precision: str = 'float32', teacher=None, **kwargs):
+    """Three steps of a student distilled from a fixed teacher, and what the teacher output: on the CPU in float32 or
+    under bf16 autocast (`precision` 'bf16'), or on the GPU in float32 ('cuda') or with fastai's fp16 ('fp16')"""
     set_seed(0, reproducible=True)  # the loader draws its shuffling seed when it is made
-    dls = digits_dls(digits_path, size=32, bs=64, augment=False, num_workers=0)
+    device = torch.device('cuda' if precision in ('cuda', 'fp16') else 'cpu')
+    dls = digits_dls(digits_path, size=32, bs=64, augment=False, num_workers=0, device=device)
     if teacher is None:
         set_seed(1, reproducible=True)
         teacher = tiny_cnn(16).eval()
@@ -49,19 +51,30 @@ def first_losses(digits_path, autocast: bool = False, teacher=None, **kwargs):
     kd_loss, steps = RecordingKD(), FirstSteps()
     set_seed(0, reproducible=True)
     learn = Learner(dls, tiny_cnn(8), cbs=[KnowledgeDistillation(teacher, kd_loss, **kwargs), steps])
-    if autocast: learn.to_bf16().add_cb(CPUAutocast())
+    if precision == 'bf16': learn.to_bf16().add_cb(CPUAutocast())
+    if precision == 'fp16': learn.to_fp16()
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
     hook.remove()
     return steps.losses, set(teacher_outputs), kd_loss.dtypes
 
 
 def test_bf16_autocast_reaches_the_teacher_and_the_distillation_term_stays_float32(digits_path):
-    losses, teacher_dtypes, kd_dtypes = first_losses(digits_path, autocast=True)
+    losses, teacher_dtypes, kd_dtypes = first_losses(digits_path, 'bf16')
     assert teacher_dtypes == {torch.bfloat16}  # the teacher ran under the learner's autocast
     assert kd_dtypes == {(torch.float32, torch.float32, torch.float32)}
-    reference, teacher_dtypes, _ = first_losses(digits_path, autocast=False)
+    reference, teacher_dtypes, _ = first_losses(digits_path)
     assert teacher_dtypes == {torch.float32}
     assert losses == pytest.approx(reference, rel=5e-3)  # bf16 keeps about 3 significant digits
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fastai's fp16 (MixedPrecision) autocasts CUDA only")
+def test_fp16_on_gpu_runs_the_teacher_in_half_and_the_distillation_term_in_float32(digits_path):
+    losses, teacher_dtypes, kd_dtypes = first_losses(digits_path, 'fp16')
+    assert teacher_dtypes == {torch.float16}
+    assert kd_dtypes == {(torch.float32, torch.float32, torch.float32)}
+    reference, teacher_dtypes, _ = first_losses(digits_path, 'cuda')
+    assert teacher_dtypes == {torch.float32}
+    assert losses == pytest.approx(reference, rel=5e-3)  # the loss backpropagated, before the gradient scaler
 
 
 def test_channels_last_teacher_gives_the_same_losses_and_is_given_back_as_it_was(digits_path):
