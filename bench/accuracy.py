@@ -24,14 +24,23 @@ candidates tried) as soon as it ends, and OUT/config.json holds what all runs of
 size, width, teacher, TTA settings) and the commands so far. `--resume` adds to that table: runs already recorded
 (same row, setting, seed and epochs) are reused, not trained again, and the results cover every recorded row, so the
 table can be built in parts (`--rows`), across sessions or machines; a different configuration is refused.
+Several processes can add to one table at once (each with `--resume`): a run is recorded under a lock, merged with
+what the others recorded, and each process looks for recorded runs again before training one; `--report` writes the
+results from what is recorded without training. `bench/accuracy_parallel.sh` runs the table that way, a process per
+row, for a machine with many cores or a GPU.
+`--in-memory` decodes every image once (`fastkd.memory.in_memory`): an epoch then costs the model and the batch
+transforms alone, which is what makes a GPU pay on these 32 px images.
 Run: `python bench/accuracy.py` (`--help` for the sizes); `--quick` is a smoke run on a few classes and images.
 Cost on the 2-core CPU build machine (2 threads): 8 to 13 minutes per 4-epoch student run on all 43 classes (loading
 and augmenting the images alone takes about 41 s an epoch), plus several minutes to score the teacher: the default
 table (about 300 student epochs) takes some 5 hours; `--rows`, `--seeds`, `--epochs` and `--candidates` cut it down.
+On one H200 GPU (16 cores) with `--in-memory`: 37 s per 8-epoch run with two processes, 70 to 110 s with eight
+processes sharing the GPU (`bench/accuracy_parallel.sh`).
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -39,7 +48,7 @@ import shlex
 import sys
 import tarfile
 import time
-from contextlib import redirect_stdout
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field
 from io import StringIO
 from pathlib import Path
@@ -50,7 +59,7 @@ import torch
 from fastai.layers import ConvLayer, Flatten
 from fastai.learner import Learner, load_learner
 from fastai.metrics import accuracy
-from fastai.torch_core import set_seed
+from fastai.torch_core import default_device, set_seed
 from torch import nn
 from torchvision.models import resnet34
 
@@ -58,6 +67,7 @@ from fastkd.callback import KnowledgeDistillation, load_teacher
 from fastkd.files import atomic_write
 from fastkd.gtsrb import gtsrb_dls, gtsrb_test_dl, prepare_gtsrb
 from fastkd.hints import FitNet, Hint
+from fastkd.memory import InMemoryDL, in_memory
 from fastkd.report import compare_models
 from fastkd.split import default_split
 from fastkd.tta import tta_preds
@@ -146,6 +156,7 @@ class Scorer:
         self.valid_dl, self.n_augs = dls.valid, n_augs
         self.y_valid = np.array([int(Path(f).parent.name) for f in dls.valid.items])  # class index == ClassId
         self.test_dl, y_test = gtsrb_test_dl(dls, data, classes)
+        if isinstance(dls.valid, InMemoryDL): self.test_dl = InMemoryDL.from_dl(self.test_dl)
         self.y_test = y_test.numpy()
 
     def _scores(self, learn: Learner, dl, y: np.ndarray, n_augs: list[int]) -> dict[int, tuple[float, float]]:
@@ -182,26 +193,48 @@ def train_student(dls, teacher: nn.Module, row: Row, setting: dict, seed: int, e
     return learn, seconds
 
 
+@contextmanager
+def locked(out: Path):
+    "Hold OUT/.lock: one process at a time reads, merges and writes the table's records"
+    with open(out/'.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class Progress:
     """The runs of a table so far, recorded in OUT/runs.csv (kept runs, with test scores) and OUT/selection.csv
-    (candidates from the first seed) after every run, and reused when resuming: by row, setting, seed and epochs"""
+    (candidates from the first seed) after every run, and reused when resuming: by row, setting, seed and epochs.
+    Other processes may add to the same files (with --resume): every look-up reads them again, and every record is
+    merged with them under `locked`."""
     def __init__(self, out: Path, resume: bool):
-        self.files = dict(kept=out/'runs.csv', selection=out/'selection.csv')
-        self.runs = {name: (pd.read_csv(file).to_dict('records') if resume and file.exists() else [])
-                     for name, file in self.files.items()}
+        self.out, self.files = out, dict(kept=out/'runs.csv', selection=out/'selection.csv')
+        if not resume:
+            for file in self.files.values(): file.unlink(missing_ok=True)
+        self.refresh()
+
+    def refresh(self):
+        "Read what is recorded now, other processes' runs included"
+        self.runs = {name: self._read(name) for name in self.files}
+
+    def _read(self, name: str) -> list[dict]:
+        file = self.files[name]
+        return pd.read_csv(file).to_dict('records') if file.exists() else []
 
     @staticmethod
     def _key(run: dict) -> tuple: return run['row'], run['setting'], int(run['seed']), int(run['epochs'])
 
     def find(self, name: str, row: str, setting: str, seed: int, epochs: int) -> dict | None:
         "The recorded run of `name` ('kept' or 'selection') with these settings, or None"
+        self.runs[name] = self._read(name)
         return next((dict(r) for r in self.runs[name] if self._key(r) == (row, setting, seed, epochs)), None)
 
     def record(self, name: str, run: dict):
-        "Add `run` (or replace the one with its key) and write the file at once, atomically"
+        "Add `run` (or replace the one with its key) to what is recorded and write the file at once, atomically"
         run = {k: v for k, v in run.items() if k != 'learn' and not (name == 'kept' and k == 'kept')}
-        self.runs[name] = [r for r in self.runs[name] if self._key(r) != self._key(run)] + [run]
-        atomic_write(self.files[name], lambda tmp: pd.DataFrame(self.runs[name]).to_csv(tmp, index=False))
+        with locked(self.out):
+            self.runs[name] = [r for r in self._read(name) if self._key(r) != self._key(run)] + [run]
+            atomic_write(self.files[name], lambda tmp: pd.DataFrame(self.runs[name]).to_csv(tmp, index=False))
 
 
 def run_rows(rows: list[Row], dls, teacher: nn.Module, scorer: Scorer, args, progress: Progress):
@@ -267,10 +300,14 @@ def _mean_std(mean: float, std: float) -> str:
     return f'{mean:.4f}' if pd.isna(std) else f'{mean:.4f} ± {std:.4f}'
 
 
+def _points(mean: float, std: float) -> str:
+    return f'{mean:+.1f}' if pd.isna(std) else f'{mean:+.1f} ± {std:.1f}'
+
+
 def _table_line(line) -> str:
     "A row of the results table"
     gain = '| | | |' if pd.isna(line.gain_mean) else (
-        f'| {line.gain_mean:+.1f} ± {line.gain_std:.1f} | {"yes" if line.gain_beyond_spread else "no"} '
+        f'| {_points(line.gain_mean, line.gain_std)} | {"yes" if line.gain_beyond_spread else "no"} '
         f'| {line.gap_closed:.0%} |')
     return (f'| {line.row} | {line.setting} | {line.epochs} | {line.seeds} '
             f'| {_mean_std(line.test_f1, line.test_f1_std)} | {_mean_std(line.test_acc, line.test_acc_std)} '
@@ -312,7 +349,7 @@ def report(table: pd.DataFrame, runs: pd.DataFrame, selection: pd.DataFrame, tea
         f"Student: {sizes.at['parameters', 'student']:,.0f} parameters ({ratio['parameters']:.1%} of the teacher's "
         f"{sizes.at['parameters', 'teacher']:,.0f}), {1 / ratio['latency_ms']:.1f}x faster at batch 1 "
         f"({sizes.at['latency_ms', 'student']:.2f} ms against {sizes.at['latency_ms', 'teacher']:.2f} ms, "
-        'measured with compare_models on this machine).', '',
+        'measured with compare_models where this report was written).', '',
         '## Settings chosen on the validation split', '',
         'Each candidate trained from the first seed; the best validation F1 is kept (no test scores were computed '
         'for the others).', '', '| row | setting | valid F1 | kept |', '|---|---|---|---|',
@@ -352,7 +389,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='add to the table recorded under --out: reuse its runs, train only the missing ones')
     parser.add_argument('--threads', type=int, default=1,
                         help='torch threads (default: 1, steadiest on a shared machine)')
+    parser.add_argument('--in-memory', action='store_true',
+                        help='decode every image once and keep it in memory (fastkd.memory.in_memory): much faster '
+                        'epochs, but other batches than without it, so a table is made with or without it throughout')
+    parser.add_argument('--report', action='store_true',
+                        help='train nothing: write the results from the runs recorded under --out (implies --resume)')
     args = parser.parse_args(argv)
+    args.resume |= args.report
     for name, value in (QUICK if args.quick else SIZES).items():
         if getattr(args, name) is None: setattr(args, name, value)
     if args.quick and args.workers is None: args.workers = 0
@@ -368,20 +411,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def table_config(args) -> dict:
     "What every run of one table shares: a resumed table must match it"
-    return dict(classes=args.classes, lr=args.lr, bs=args.bs, width=args.width, teacher=args.teacher_weights.name,
-                n_augs=args.n_augs, epochs=args.epochs, patient_epochs=args.patient_epochs,
-                selection_seed=args.seeds[0])
+    config = dict(classes=args.classes, lr=args.lr, bs=args.bs, width=args.width, teacher=args.teacher_weights.name,
+                  n_augs=args.n_augs, epochs=args.epochs, patient_epochs=args.patient_epochs,
+                  selection_seed=args.seeds[0])
+    return {**config, 'in_memory': True} if args.in_memory else config  # tables made before the option lack it
 
 
 def load_config(args) -> dict:
     """OUT/config.json when resuming (refused if its configuration differs from `args`), else a new one: the
-    configuration, the commands so far, their minutes and the teacher's scores once computed"""
+    configuration, the commands so far with their minutes (None until one ends) and machines, and the teacher's
+    scores once computed"""
     file, config = args.out/'config.json', table_config(args)
     if not args.resume and (args.out/'runs.csv').exists():
         raise SystemExit(f'{args.out} already holds a table (runs.csv): add --resume to add to it, or choose another '
                          '--out (or delete that folder) for a new one.')
-    if not (args.resume and file.exists()): return dict(config=config, commands=[], minutes=[], teacher=None)
+    if not (args.resume and file.exists()): return dict(config=config, commands=[], minutes=[], machines=[], teacher=None)
     saved = json.loads(file.read_text())
+    saved.setdefault('machines', [None] * len(saved['commands']))  # tables made before machines were recorded
     differ = {k: (saved['config'].get(k), v) for k, v in config.items() if saved['config'].get(k) != v}
     if differ:
         raise SystemExit(f'--resume: this table in {args.out} was made with other settings: '
@@ -390,8 +436,40 @@ def load_config(args) -> dict:
     return saved
 
 
-def save_config(out: Path, saved: dict):
-    atomic_write(out/'config.json', lambda tmp: Path(tmp).write_text(json.dumps(saved, indent=1)))
+def update_config(out: Path, saved: dict, change=None) -> dict:
+    """Write OUT/config.json: `saved` merged, under `locked`, with what other processes wrote meanwhile (teacher
+    scores, commands, minutes, machines), after `change(config)` when given; returns what was written"""
+    file = out/'config.json'
+    with locked(out):
+        saved = json.loads(json.dumps(saved))  # a copy: `change` edits it
+        if file.exists():
+            disk = json.loads(file.read_text())
+            saved.update(teacher=disk['teacher'] or saved['teacher'],
+                         **{k: disk.get(k, [None] * len(disk['commands'])) for k in ('commands', 'minutes', 'machines')})
+        if change: change(saved)
+        atomic_write(file, lambda tmp: Path(tmp).write_text(json.dumps(saved, indent=1)))
+    return saved
+
+
+def machine(threads: int) -> str:
+    "This machine, as the results name it"
+    return (f'{platform.machine()}, {os.cpu_count()} cores, {threads} torch thread(s), torch {torch.__version__}, '
+            f'{device_name()}')
+
+
+def commands_run(saved: dict) -> dict:
+    "The report's lines on how the table was made: the commands, the machines they ran on and their minutes"
+    machines = pd.Series([m or 'not recorded' for m in saved['machines']]).value_counts(sort=False)
+    return {'commands': ', then '.join(f'`{c}`' + ('' if m is not None else ' (stopped before it ended)')
+                                       for c, m in zip(saved['commands'], saved['minutes'])),
+            'machines': '; '.join(f'{name} ({n} command{"s" * (n > 1)})' for name, n in machines.items()),
+            'minutes': ' + '.join('-' if m is None else str(m) for m in saved['minutes'])
+                       + (' (one a command; commands run side by side overlap)' if len(saved['minutes']) > 1 else '')}
+
+
+def device_name() -> str:
+    "Where the students train: fastai's default device, by name"
+    return f'GPU {torch.cuda.get_device_name()}' if default_device().type == 'cuda' else 'CPU'
 
 
 def main(argv: list[str] | None = None):
@@ -401,32 +479,39 @@ def main(argv: list[str] | None = None):
     args.out.mkdir(parents=True, exist_ok=True)
     saved = load_config(args)
     command = ' '.join(['python bench/accuracy.py', *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    def add_command(config: dict):
+        for key, value in (('commands', command), ('minutes', None), ('machines', machine(args.threads))):
+            config[key].append(value)
+    saved = update_config(args.out, saved, add_command)
+    index = len(saved['commands']) - 1  # others only append: this command keeps its place
     classes = args.classes
     data = prepared_data(args.data, classes)
     dls = gtsrb_dls(data, size=32, bs=args.bs, classes=classes,
                     **({} if args.workers is None else dict(num_workers=args.workers)))
+    if args.in_memory and not args.report: dls = in_memory(dls)  # a report reads no training image
     teacher = load_teacher(args.teacher_weights, resnet34, 43)
     sizes, scorer = check_gap(teacher, args.width), Scorer(dls, data, classes, args.n_augs)
     if saved['teacher'] is None:
         teacher_learn = Learner(dls, teacher, metrics=accuracy)
         saved['teacher'] = dict(weights=args.teacher_weights.name, valid_f1=scorer.valid_f1(teacher_learn),
                                 **scorer.test(teacher_learn, scorer.best_n_aug(teacher_learn)))
-        save_config(args.out, saved)
+        saved = update_config(args.out, saved)
     progress = Progress(args.out, args.resume)
-    run_rows(args.rows, dls, teacher, scorer, args, progress)
+    if not args.report: run_rows(args.rows, dls, teacher, scorer, args, progress)
+    progress.refresh()
     order = {r.key: i for i, r in enumerate(ROWS)}
     kept_settings = {(r['row'], r['setting']) for r in progress.runs['selection'] if r['kept']}
     runs = pd.DataFrame([r for r in progress.runs['kept'] if (r['row'], r['setting']) in kept_settings])
     runs = runs.sort_values(['row', 'seed'], key=lambda c: c.map(order) if c.name == 'row' else c, kind='stable')
     selection = pd.DataFrame(progress.runs['selection']).sort_values('row', key=lambda c: c.map(order), kind='stable')
     table = summary(runs, saved['teacher'])
-    saved['commands'].append(command)
-    saved['minutes'].append(round((time.perf_counter() - start) / 60, 1))
-    save_config(args.out, saved)
+    minutes = round((time.perf_counter() - start) / 60, 1)
+    saved = update_config(args.out, saved, lambda c: c['minutes'].__setitem__(index, minutes))
     one, _, fifteen = os.getloadavg()
-    setup = {'commands': ', then '.join(f'`{c}`' for c in saved['commands']),
-             'machine': f'{platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s), torch '
-                        f'{torch.__version__}, CPU; load average at the end {one:.1f} (1 min), {fifteen:.1f} (15 min)',
+    how = commands_run(saved)
+    setup = {'commands': how['commands'],
+             'machines': f"{how['machines']}; load average where this report was written {one:.1f} (1 min), "
+                         f'{fifteen:.1f} (15 min)',
              'data': f"{'classes ' + str(classes) if classes else 'all 43 classes'}: {len(dls.train_ds):,} training "
                      f'and {len(dls.valid_ds):,} validation images (whole tracks), {len(scorer.y_test):,} test images, '
                      '32 px',
@@ -434,8 +519,7 @@ def main(argv: list[str] | None = None):
                          + (f', patient rows {args.patient_epochs}' if any(r.patient for r in ROWS if r.key in set(runs.row)) else '')
                          + f'; settings chosen from seed {args.seeds[0]}; candidate settings per row: at most '
                          f'{args.candidates}',
-             'whole run': ' + '.join(f'{m} minutes' for m in saved['minutes'])
-                          + (f' ({len(saved["minutes"])} commands)' if len(saved['minutes']) > 1 else '')}
+             'minutes': how['minutes']}
     text = report(table, runs, selection, saved['teacher'], sizes, setup)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(args.results, lambda tmp: Path(tmp).write_text(text, encoding='utf-8'))

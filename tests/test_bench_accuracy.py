@@ -1,6 +1,8 @@
 "bench/accuracy.py --quick on the real GTSRB 32x32 data and the shared teacher: the table, its choices, its files."
 import importlib.util
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -79,7 +81,7 @@ def test_every_student_is_exported_under_out_and_loads(quick_run):
 def test_results_say_how_they_were_made(quick_run):
     text = quick_run['text']
     assert f"`python bench/accuracy.py {' '.join(quick_run['argv'])}`" in text
-    assert '- whole run: ' in text and 'minutes' in text and 'Targets, on the distillation row' in text
+    assert '- minutes: ' in text and ', CPU (1 command); load average where this report was written' in text and 'Targets, on the distillation row' in text
     assert 'Student: ' in text and 'faster at batch 1' in text
     results = text[text.index('## Results'):text.index('Rule for')]
     assert {line.count('|') for line in results.splitlines() if line.startswith('|')} == {13}  # 12 cells on every line
@@ -106,3 +108,26 @@ def test_resume_reuses_recorded_runs_and_adds_the_missing_rows(quick_run, tmp_pa
         load_bench().main([*resume, '--lr', '0.01'])
     with pytest.raises(SystemExit, match='already holds a table'):  # without --resume, recorded runs are kept safe
         load_bench().main([arg for arg in resume if arg != '--resume'])
+
+
+def test_processes_side_by_side_build_one_table_in_memory(gtsrb32, tmp_path):
+    """Two processes add a row each to one --in-memory table at the same time: both rows are recorded once, with
+    their shared baseline, and --report writes the table from the records without training"""
+    if not (GTSRB_DATA/'teachers'/'resnet34-gtsrb32.pth').is_file(): pytest.skip('no shared teacher weights')
+    common = ['--quick', '--in-memory', '--candidates', '1', '--resume', '--out', str(tmp_path/'out'),
+              '--data', str(data_folder(gtsrb32, tmp_path/'data')), '--results', str(tmp_path/'accuracy.md')]
+    load_bench().main([*common, '--rows', 'alone'])
+    env = {**os.environ, 'PYTHONPATH': str(SCRIPT.parents[1])}
+    processes = [subprocess.Popen([sys.executable, str(SCRIPT), *common, '--rows', row], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for row in ('dist', 'softtarget')]
+    for process in processes: assert process.wait(timeout=600) == 0, process.stdout.read()
+    students = {p.name: p.stat().st_mtime_ns for p in (tmp_path/'out'/'students').glob('*.pkl')}
+    table = load_bench().main([*common, '--report'])
+    assert list(table.key) == ['alone', 'softtarget', 'dist'] and set(table.seeds) == {2}
+    runs = pd.read_csv(tmp_path/'out'/'runs.csv')
+    assert len(runs) == 6 and not runs.duplicated(['row', 'seed']).any()
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path/'out'/'students').glob('*.pkl')} == students
+    text = (tmp_path/'accuracy.md').read_text()
+    assert text.count('--rows dist') == 1 and text.count('--rows softtarget') == 1 and '--report' in text
+    assert ', CPU (4 commands); load average' in text and 'stopped before it ended' not in text
