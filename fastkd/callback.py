@@ -209,8 +209,11 @@ class KnowledgeDistillation(Callback):
     def _check_on_validation_batch(self):
         "Before the first step: teacher and student must predict alike, and the teacher should beat chance"
         dl = user_loader(self.dls.valid if len(self.dls.valid) else self.dls.train)  # a DistributedDL has no one_batch
-        with torch.random.fork_rng(devices=[]):  # a loader draws its seed from torch: leave the fit's batches as they were
-            batch = to_device(dl.one_batch(), next(self.model.parameters()).device)
+        device = next(self.model.parameters()).device
+        # A loader draws its seed from torch, and fastai's GPU augmentations draw on the GPU even for validation
+        # batches: leave both generators as they were, so the fit's batches do not change
+        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+            batch = to_device(dl.one_batch(), device)
         xb, yb = batch[:dl.n_inp], batch[dl.n_inp:]
         teacher_pred = self.teacher_output(xb)
         with torch.no_grad(), _evaluating(self.model): student_pred = _first(self.model(*xb))

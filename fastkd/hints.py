@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
-from fastai.torch_core import get_model
+from fastai.torch_core import get_model, to_device
 from torch import Tensor, nn
 
 __all__ = ['Hint', 'FitNet', 'CosineHint', 'AttentionTransfer', 'HintHooks', 'match_layers']
@@ -262,6 +262,8 @@ def _map_shapes(model: nn.Module, xb: tuple, depth: int) -> dict[str, tuple]:
     layers = [(name, module) for name, module in model.named_modules() if name and name.count('.') < depth]
     handles = [module.register_forward_hook(partial(keep, name)) for name, module in layers]
     modes = [(module, module.training) for module in model.modules()]
+    parameter = next(model.parameters(), None)
+    if parameter is not None: xb = to_device(xb, parameter.device)  # a batch from a GPU loader, a model on the CPU
     try:
         with torch.no_grad(): model.eval()(*xb)
     finally:
