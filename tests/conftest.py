@@ -102,11 +102,12 @@ def student(dls, teacher, width=8, **kwargs) -> Learner:
 
 
 def state(model) -> dict:
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    "A copy of `model`'s state on the CPU (the callback moves a teacher to the student's device)"
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def assert_same_state(model, before: dict):
-    after = model.state_dict()
+    after = state(model)
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
 

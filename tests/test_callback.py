@@ -99,6 +99,7 @@ def test_ensemble_averages_probabilities(dls, teacher):
     assert kd.teachers == [teacher.model, second]
     Learner(dls, tiny_cnn(8), cbs=kd)
     xb = dls.one_batch()[:1]
+    second.to(xb[0].device)  # where a fit would put it, with the trained teacher
     ensemble_logits = kd.teacher_output(xb)
     assert second.training and all(p.requires_grad for p in second.parameters())  # left as given
     with torch.no_grad(): expected = (teacher.model.eval()(*xb).softmax(-1) + second.eval()(*xb).softmax(-1)) / 2
@@ -137,7 +138,7 @@ def test_freeze_to_trains_the_head_only(dls, teacher):
     body_before, head_before = body_conv.detach().clone(), learn.model[1].weight.detach().clone()
     assert not body_conv.requires_grad and learn.model[1].weight.requires_grad
     learn.fit(1, 1e-2)
-    assert torch.equal(body_conv, body_before) and not torch.equal(learn.model[1].weight, head_before)
+    assert torch.equal(body_conv.cpu(), body_before.cpu()) and not torch.equal(learn.model[1].weight.cpu(), head_before.cpu())
     learn.unfreeze()
     assert all(p.requires_grad for p in learn.model.parameters())
 
@@ -233,7 +234,7 @@ def test_teacher_learner_trains_again_after_the_callback_and_a_distillation_fit(
         assert all(p.requires_grad for p in teacher.model.parameters())
         before = state(teacher.model)
         teacher.fit(1, 1e-2)  # and again after a distillation fit
-    assert not torch.equal(teacher.model[1].weight, before['1.weight'])
+    assert not torch.equal(teacher.model[1].weight.cpu(), before['1.weight'])  # `state` copies to the CPU
 
 
 class RaiseAfterTwoSteps(Callback):

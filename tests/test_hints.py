@@ -29,8 +29,8 @@ from fastkd.split import default_split
 
 @pytest.fixture
 def images(dls) -> torch.Tensor:
-    "A batch of 64 real digit images, 32 px"
-    return dls.one_batch()[0]
+    "A batch of 64 real digit images, 32 px, on the CPU with the models the tests build"
+    return dls.one_batch()[0].cpu()
 
 
 def block_mean(x: torch.Tensor, k: int) -> torch.Tensor:
