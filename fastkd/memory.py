@@ -9,9 +9,8 @@ normalisation) as before, so training sees the same kind of batches at a fractio
 from __future__ import annotations
 
 import torch
-from fastai.data.core import DataLoaders, TfmdDL
+from fastai.data.core import DataLoaders, Pipeline, TfmdDL  # Pipeline: fastcore's or fasttransform's, as fastai has it
 from fastcore.basics import chunked
-from fasttransform import Pipeline
 from fastprogress.fastprogress import progress_bar
 from torch import Tensor
 
