@@ -77,7 +77,7 @@ def test_fp16_on_gpu_runs_the_teacher_in_half_and_the_distillation_term_in_float
     assert losses == pytest.approx(reference, rel=5e-3)  # the loss backpropagated, before the gradient scaler
 
 
-def test_channels_last_teacher_gives_the_same_losses_and_is_given_back_as_it_was(digits_path):
+def test_teacher_runs_channels_last_on_a_cpu_by_default_with_the_same_losses_and_is_given_back_as_it_was(digits_path):
     set_seed(1, reproducible=True)
     teacher = tiny_cnn(16).train()  # as a user might leave it: train mode, gradients on
     teacher[0][0][0].requires_grad_(False)
@@ -87,9 +87,9 @@ def test_channels_last_teacher_gives_the_same_losses_and_is_given_back_as_it_was
     layouts = []
     conv.register_forward_pre_hook(lambda module, inputs: layouts.append(module.weight.is_contiguous(memory_format=torch.channels_last)
                                                                           and not module.weight.is_contiguous()))
-    losses, _, _ = first_losses(digits_path, teacher=teacher, teacher_channels_last=True)
+    losses, _, _ = first_losses(digits_path, teacher=teacher)  # the default, teacher_channels_last=None, on a CPU
     assert layouts == [False, True, True, True]  # the check on a validation batch, then 3 steps on channels-last weights
-    reference, _, _ = first_losses(digits_path, teacher=teacher)
+    reference, _, _ = first_losses(digits_path, teacher=teacher, teacher_channels_last=False)
     assert layouts[4:] == [False] * 4
     assert losses == pytest.approx(reference, rel=1e-5)
     after = teacher.state_dict()
