@@ -10,12 +10,13 @@ teacher's parameters and at least 2x faster at batch 1.
 Rows (`ROWS`): the teacher, the student alone, the student distilled with SoftTarget, DKD, DIST, SoftTarget on
 standardized logits, DIST plus a FitNet hint (the student's last convolution, 4x4, trained through a 1x1 adapter
 to match the output of the teacher's `layer2`, 4x4), and function matching (MixUp on the student's batches, the teacher
-seeing the same mixed images, plus SoftTarget); then, at the longer `--patient-epochs` schedule, the student alone and function matching
-again. Every run of a row trains with the same schedule and learning rate; runs of one seed start from the same
-weights and see the same batches.
+seeing the same mixed images, plus SoftTarget); then, at the longer `--patient-epochs` schedule, the student alone,
+function matching and the hinted DIST again, and function matching's control: the student alone on the same MixUp
+batches, without a teacher (its gain is MixUp's alone). Every run of a row trains with the same schedule and learning rate;
+runs of one seed start from the same weights and see the same batches.
 Settings: each distillation row lists candidate settings (temperature, weight, ...). Every candidate is trained from
 the first seed, and the one with the best weighted F1 on the validation split is kept and trained from the other
-seeds; the patient row reuses the setting kept for its row. The TTA setting of each row is chosen the same way, on
+seeds; a patient row reuses the setting kept for its row. The TTA setting of each row is chosen the same way, on
 the validation split. The test part is scored only for kept runs, and never used to choose anything.
 Every trained student is exported with `learn.export()` to OUT/students/ROW-SETTING-seedSEED.pkl (outside git).
 Writes bench/results/accuracy.md atomically, with the commands that produced it and the time they took.
@@ -26,8 +27,9 @@ size, width, teacher, TTA settings) and the commands so far. `--resume` adds to 
 table can be built in parts (`--rows`), across sessions or machines; a different configuration is refused.
 Several processes can add to one table at once (each with `--resume`): a run is recorded under a lock, merged with
 what the others recorded, and each process looks for recorded runs again before training one; `--report` writes the
-results from what is recorded without training. `bench/accuracy_parallel.sh` runs the table that way, a process per
-row, for a machine with many cores or a GPU.
+results from what is recorded without training. Processes on the same row share its runs out: each run is
+claimed (a lock file under OUT/claims/) by the process that makes it, and the others go on to the next seed.
+`bench/accuracy_parallel.sh` runs the table that way, processes per row, for a machine with many cores or a GPU.
 `--in-memory` decodes every image once (`fastkd.memory.in_memory`): an epoch then costs the model and the batch
 transforms alone, which is what makes a GPU pay on these 32 px images.
 Run: `python bench/accuracy.py` (`--help` for the sizes); `--quick` is a smoke run on a few classes and images.
@@ -56,6 +58,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from fastai.callback.mixup import MixUp
 from fastai.layers import ConvLayer, Flatten
 from fastai.learner import Learner, load_learner
 from fastai.metrics import accuracy
@@ -92,6 +95,7 @@ class Row:
     patient: bool = False  # trained for --patient-epochs
     settings_of: str | None = None  # reuse the setting kept for that row instead of choosing again
     hinted: bool = False  # adds `fitnet_hint()` to the distillation
+    mixed: bool = False  # the student alone on MixUp batches: function matching's control, without a teacher
 
 
     @property
@@ -107,7 +111,9 @@ ROWS = [Row('alone', 'student alone'),
         Row('hint', '+ DIST + FitNet hint', 'dist', [dict(T=1, weight=0.5)], hinted=True),
         Row('fm', '+ function matching (MixUp + SoftTarget)', 'fm', [dict(T=4, weight=0.5), dict(T=4, weight=1.0)]),
         Row('alone-patient', 'student alone, patient', patient=True),
-        Row('fm-patient', '+ function matching, patient', 'fm', patient=True, settings_of='fm')]
+        Row('fm-patient', '+ function matching, patient', 'fm', patient=True, settings_of='fm'),
+        Row('hint-patient', '+ DIST + FitNet hint, patient', 'dist', patient=True, settings_of='hint', hinted=True),
+        Row('mixup-patient', 'student alone on MixUp batches, patient (control)', patient=True, mixed=True)]
 
 
 def student_model(width: int = 24, n_out: int = 43) -> nn.Sequential:
@@ -164,12 +170,11 @@ class Scorer:
         return {n: (weighted_f1(y, p.argmax(dim=1).numpy()), float((p.argmax(dim=1).numpy() == y).mean()))
                 for n, p in probs.items()}
 
-    def valid_f1(self, learn: Learner) -> float: return self._scores(learn, self.valid_dl, self.y_valid, [0])[0][0]
-
-    def best_n_aug(self, learn: Learner) -> int:
-        "The number of augmented passes with the best validation F1 (the fewest on a tie)"
-        scores = self._scores(learn, self.valid_dl, self.y_valid, self.n_augs)
-        return max(scores, key=lambda n: (scores[n][0], -n))
+    def valid(self, learn: Learner, choose_tta: bool = False) -> dict:
+        "Validation F1 without TTA; with `choose_tta`, also `n_aug`: the passes that scored best (the fewest on a tie)"
+        scores = self._scores(learn, self.valid_dl, self.y_valid, self.n_augs if choose_tta else [0])
+        return dict(valid_f1=scores[0][0], **({'n_aug': max(scores, key=lambda n: (scores[n][0], -n))}
+                                               if choose_tta else {}))
 
     def test(self, learn: Learner, n_aug: int) -> dict:
         scores = self._scores(learn, self.test_dl, self.y_test, sorted({0, n_aug}))
@@ -186,6 +191,7 @@ def train_student(dls, teacher: nn.Module, row: Row, setting: dict, seed: int, e
         kd_loss, mix = kd_method(row.method, 'mixup', setting.get('mix_alpha'), **loss_settings)
         hints = [fitnet_hint()] if row.hinted else []
         cbs = [KnowledgeDistillation(teacher, kd_loss, weight=setting['weight'], hints=hints), *([mix()] if mix else [])]
+    if row.mixed: cbs = [MixUp()]  # fastai's default alpha, as function matching's
     set_seed(seed, reproducible=True)
     learn = Learner(dls, student_model(width), metrics=accuracy, splitter=default_split, cbs=cbs)
     with learn.no_bar(), learn.no_logging():
@@ -229,6 +235,20 @@ class Progress:
         self.runs[name] = self._read(name)
         return next((dict(r) for r in self.runs[name] if self._key(r) == (row, setting, seed, epochs)), None)
 
+    @contextmanager
+    def claim(self, name: str, row: str, setting: str, seed: int, epochs: int, wait: bool):
+        """Yield whether this process may make the run of `name` ('kept' or 'selection'): it holds the run's lock file
+        (OUT/claims/) until the `with` ends, so processes on one row share its runs out. Without `wait`, a run another
+        process makes now yields False at once; with it, the lock is waited for. A process that dies lets it go."""
+        (self.out/'claims').mkdir(exist_ok=True)
+        with open(self.out/'claims'/f'{name}-{row}-{setting}-seed{seed}-epochs{epochs}', 'w') as lock:
+            try: fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try: yield True
+            finally: fcntl.flock(lock, fcntl.LOCK_UN)
+
     def record(self, name: str, run: dict):
         "Add `run` (or replace the one with its key) to what is recorded and write the file at once, atomically"
         run = {k: v for k, v in run.items() if k != 'learn' and not (name == 'kept' and k == 'kept')}
@@ -238,9 +258,12 @@ class Progress:
 
 
 def run_rows(rows: list[Row], dls, teacher: nn.Module, scorer: Scorer, args, progress: Progress):
-    """Every row's runs: its candidate settings from the first seed (the best validation F1 is kept, and its TTA
-    setting chosen on validation too), then the kept setting from the other seeds; every student is exported, and the
-    kept runs are scored on the test part. Runs that `progress` already holds are reused, not trained again."""
+    """Every row's runs: its candidate settings from the first seed (the best validation F1 is kept, and the TTA
+    setting that scored best on validation for that run is the row's), then the kept setting from the other seeds;
+    every student is exported, and the kept runs are scored on the test part. Runs that `progress` already holds are
+    reused, not trained again, and runs another process is making now are left to it (`Progress.claim`), so several
+    processes can share one row's seeds; a row's choice waits for its candidates, and its test scores for the TTA
+    setting of its first seed."""
     chosen = {}
     (args.out/'students').mkdir(parents=True, exist_ok=True)
 
@@ -248,33 +271,55 @@ def run_rows(rows: list[Row], dls, teacher: nn.Module, scorer: Scorer, args, pro
         learn, seconds = train_student(dls, teacher, row, setting, seed, epochs, args.lr, args.width)
         file = args.out/'students'/f'{row.key}-{setting_name(setting)}-seed{seed}.pkl'
         learn.export(file)
-        result = dict(row=row.key, setting=setting_name(setting), seed=seed, epochs=epochs,
-                      valid_f1=scorer.valid_f1(learn), seconds=seconds, file=file.name, learn=learn)
+        result = dict(row=row.key, setting=setting_name(setting), seed=seed, epochs=epochs, seconds=seconds,
+                      file=file.name, learn=learn, **scorer.valid(learn, choose_tta=seed == args.seeds[0]))
         print(f'{row.key} {result["setting"]} seed {seed}: valid F1 {result["valid_f1"]:.4f}, {seconds:.0f} s',
               flush=True)
         return result
+
+    def first_run(row: Row, setting: dict, epochs: int, wait: bool, kept: bool) -> dict | None:
+        """The run of `setting` from the first seed: recorded, or trained here (and recorded as `kept` until the
+        row's choice says otherwise); None, without `wait`, while another process trains it"""
+        key = row.key, setting_name(setting), args.seeds[0], epochs
+        if found := progress.find('selection', *key): return found
+        with progress.claim('selection', *key, wait=wait) as mine:
+            if not mine: return None
+            if found := progress.find('selection', *key): return found  # recorded while this process waited
+            result = run(row, setting, args.seeds[0], epochs)
+            progress.record('selection', {**result, 'kept': kept})
+            return result
 
     def learner(result: dict) -> Learner:
         "The trained student of `result`: in memory, or its export when the run was recorded earlier"
         return result.pop('learn', None) or load_learner(args.out/'students'/result['file'])
 
+    def row_n_aug(first: dict) -> int:
+        """The TTA setting of a row: the one chosen on validation for its kept run from the first seed (`first`),
+        recorded with that run, or with its test scores in tables recorded before selection runs held it"""
+        if pd.notna(first.get('n_aug')): return int(first['n_aug'])
+        kept = progress.find('kept', first['row'], first['setting'], int(first['seed']), int(first['epochs']))
+        return int(kept['n_aug']) if kept else scorer.valid(learner(dict(first)), choose_tta=True)['n_aug']
+
     for row in rows:
         epochs = args.patient_epochs if row.patient else args.epochs
         candidates = [chosen[row.settings_of]] if row.settings_of else row.settings[:args.candidates]
-        first = [progress.find('selection', row.key, setting_name(setting), args.seeds[0], epochs)
-                 or run(row, setting, args.seeds[0], epochs) for setting in candidates]
-        best = max(first, key=lambda result: result['valid_f1'])
-        chosen[row.key] = candidates[first.index(best)]
-        for result in first: progress.record('selection', {**result, 'kept': result is best})
-        n_aug = None
+        first = [first_run(row, setting, epochs, wait=len(candidates) > 1, kept=len(candidates) == 1)
+                 for setting in candidates]
+        if len(candidates) > 1:
+            best = max(first, key=lambda result: result['valid_f1'])
+            for result in first: progress.record('selection', {**result, 'kept': result is best})
+        else: best = first[0]  # None while another process trains it
+        chosen[row.key] = candidates[0] if best is None else candidates[first.index(best)]
+        name, n_aug = setting_name(chosen[row.key]), None
         for seed in args.seeds:
-            if progress.find('kept', row.key, best['setting'], seed, epochs): continue
-            result = best if seed == args.seeds[0] else run(row, chosen[row.key], seed, epochs)
-            learn = learner(result)
-            if n_aug is None:
-                first_kept = progress.find('kept', row.key, best['setting'], args.seeds[0], epochs)
-                n_aug = int(first_kept['n_aug']) if first_kept else scorer.best_n_aug(learn)
-            progress.record('kept', {**result, **scorer.test(learn, n_aug)})
+            if progress.find('kept', row.key, name, seed, epochs): continue
+            with progress.claim('kept', row.key, name, seed, epochs, wait=False) as mine:
+                if not mine or progress.find('kept', row.key, name, seed, epochs): continue
+                if seed != args.seeds[0]: result = run(row, chosen[row.key], seed, epochs)
+                best = best or first_run(row, chosen[row.key], epochs, wait=True, kept=True)
+                if seed == args.seeds[0]: result = best
+                n_aug = n_aug if n_aug is not None else row_n_aug(best)
+                progress.record('kept', {**result, **scorer.test(learner(result), n_aug)})
 
 
 def summary(runs: pd.DataFrame, teacher: dict) -> pd.DataFrame:
@@ -288,7 +333,8 @@ def summary(runs: pd.DataFrame, teacher: dict) -> pd.DataFrame:
                     seconds=group.seconds.mean(), n_aug=group.n_aug.iloc[0], gain_mean=float('nan'))
         for score in ('test_f1', 'test_acc', 'test_f1_tta', 'test_acc_tta'):
             line[score], line[f'{score}_std'] = group[score].mean(), group[score].std()
-        if row.method:
+        line['distilled'] = bool(row.method)
+        if row.method or row.mixed:
             alone = runs[runs.row == row.baseline].set_index('seed').test_f1
             line.update({f'gain_{k}': v for k, v in seed_gain(alone, group.set_index('seed').test_f1).items()})
             line['gap_closed'] = (line['test_f1'] - alone.mean()) / (teacher['test_f1'] - alone.mean())
@@ -317,7 +363,7 @@ def _table_line(line) -> str:
 
 def targets(table: pd.DataFrame, runs: pd.DataFrame) -> str:
     "The issue's targets, checked on the distillation row with the best validation F1 (not the best test F1)"
-    distilled = table[table.gain_mean.notna()]
+    distilled = table[table.distilled]
     if distilled.empty: return 'No distillation row was run: no target to check.'
     best = distilled.loc[distilled.valid_f1.idxmax()]
     alone_std = 100 * runs[runs.row == best.baseline].test_f1.std()
@@ -404,7 +450,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.data = args.data or args.out/'data'
     args.results = args.results or (args.out/'accuracy.md' if args.quick else RESULTS)
     keys = set(args.rows) | {r.settings_of for r in ROWS if r.key in args.rows and r.settings_of}
-    keys |= {r.baseline for r in ROWS if r.key in keys and r.method}
+    keys |= {r.baseline for r in ROWS if r.key in keys and (r.method or r.mixed)}
     args.rows = [r for r in ROWS if r.key in keys]
     return args
 
@@ -485,7 +531,7 @@ def main(argv: list[str] | None = None):
     saved = update_config(args.out, saved, add_command)
     index = len(saved['commands']) - 1  # others only append: this command keeps its place
     classes = args.classes
-    data = prepared_data(args.data, classes)
+    with locked(args.out): data = prepared_data(args.data, classes)  # one process unpacks, the others wait
     dls = gtsrb_dls(data, size=32, bs=args.bs, classes=classes,
                     **({} if args.workers is None else dict(num_workers=args.workers)))
     if args.in_memory and not args.report: dls = in_memory(dls)  # a report reads no training image
@@ -493,8 +539,9 @@ def main(argv: list[str] | None = None):
     sizes, scorer = check_gap(teacher, args.width), Scorer(dls, data, classes, args.n_augs)
     if saved['teacher'] is None:
         teacher_learn = Learner(dls, teacher, metrics=accuracy)
-        saved['teacher'] = dict(weights=args.teacher_weights.name, valid_f1=scorer.valid_f1(teacher_learn),
-                                **scorer.test(teacher_learn, scorer.best_n_aug(teacher_learn)))
+        valid = scorer.valid(teacher_learn, choose_tta=True)
+        saved['teacher'] = dict(weights=args.teacher_weights.name, valid_f1=valid['valid_f1'],
+                                **scorer.test(teacher_learn, valid['n_aug']))
         saved = update_config(args.out, saved)
     progress = Progress(args.out, args.resume)
     if not args.report: run_rows(args.rows, dls, teacher, scorer, args, progress)

@@ -40,6 +40,23 @@ def test_a_row_brings_its_baseline_and_the_row_whose_setting_it_reuses():
     assert [row.key for row in bench.parse_args(['--rows', 'fm-patient']).rows] == \
         ['alone', 'fm', 'alone-patient', 'fm-patient']
     assert [row.key for row in bench.parse_args(['--rows', 'dist', 'dkd']).rows] == ['alone', 'dkd', 'dist']
+    assert [row.key for row in bench.parse_args(['--rows', 'hint-patient', 'mixup-patient']).rows] == \
+        ['alone', 'hint', 'alone-patient', 'hint-patient', 'mixup-patient']
+
+
+def test_the_mixup_control_gets_a_gain_but_is_not_a_distillation_row_for_the_targets():
+    "MixUp without a teacher is compared with the student alone, and never taken for the best distillation row"
+    bench = load_bench()
+    runs = pd.DataFrame([dict(row=row, setting=setting, seed=seed, epochs=20, valid_f1=valid, test_f1=valid + 0.01 * seed,
+                              test_acc=0.9, test_f1_tta=0.9, test_acc_tta=0.9, n_aug=0, seconds=1.0)
+                         for row, setting, valid in (('alone-patient', 'default', 0.90),
+                                                     ('fm-patient', 'T4-weight0.5', 0.93),
+                                                     ('mixup-patient', 'default', 0.95)) for seed in range(3)])
+    table = bench.summary(runs, dict(test_f1=0.96)).set_index('key')
+    assert table.at['mixup-patient', 'gain_mean'] == pytest.approx(5.0)  # 0.95 - 0.90, same seeds
+    assert list(table.distilled) == [False, True, False]
+    text = bench.targets(table.reset_index(), runs)
+    assert text.startswith('Targets, on the distillation row with the best validation F1 (+ function matching, patient)')
 
 
 def test_rows_are_run_from_every_seed(quick_run):
@@ -131,3 +148,24 @@ def test_processes_side_by_side_build_one_table_in_memory(gtsrb32, tmp_path):
     text = (tmp_path/'accuracy.md').read_text()
     assert text.count('--rows dist') == 1 and text.count('--rows softtarget') == 1 and '--report' in text
     assert ', CPU (4 commands); load average' in text and 'stopped before it ended' not in text
+
+
+def test_processes_on_one_row_share_its_runs_out(gtsrb32, tmp_path):
+    """Two processes given the same row at once: every run (the student alone and the distilled one, three seeds) is
+    trained by one process only and recorded once, and each row's test scores use one TTA setting"""
+    if not (GTSRB_DATA/'teachers'/'resnet34-gtsrb32.pth').is_file(): pytest.skip('no shared teacher weights')
+    bench, data = load_bench(), data_folder(gtsrb32, tmp_path/'data')
+    bench.prepared_data(data, bench.QUICK_CLASSES)  # once, before both start
+    common = ['--quick', '--in-memory', '--candidates', '1', '--seeds', '0', '1', '2', '--resume', '--rows', 'dist',
+              '--out', str(tmp_path/'out'), '--data', str(data), '--results', str(tmp_path/'accuracy.md')]
+    env = {**os.environ, 'PYTHONPATH': str(SCRIPT.parents[1])}
+    processes = [subprocess.Popen([sys.executable, str(SCRIPT), *common], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    trained = [line.split(':')[0] for output in outputs for line in output.splitlines() if ': valid F1 ' in line]
+    assert sorted(trained) == sorted(f'{row} seed {seed}' for row in ('alone default', 'dist T1-weight0.5')
+                                     for seed in range(3))  # each run once, by one of the two
+    runs = pd.read_csv(tmp_path/'out'/'runs.csv')
+    assert len(runs) == 6 and not runs.duplicated(['row', 'seed']).any()
+    assert (runs.groupby('row').n_aug.nunique() == 1).all()
