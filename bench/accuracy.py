@@ -36,8 +36,9 @@ Run: `python bench/accuracy.py` (`--help` for the sizes); `--quick` is a smoke r
 Cost on the 2-core CPU build machine (2 threads): 8 to 13 minutes per 4-epoch student run on all 43 classes (loading
 and augmenting the images alone takes about 41 s an epoch), plus several minutes to score the teacher: the default
 table (about 300 student epochs) takes some 5 hours; `--rows`, `--seeds`, `--epochs` and `--candidates` cut it down.
-On one H200 GPU (16 cores) with `--in-memory`: 37 s per 8-epoch run with two processes, 70 to 110 s with eight
-processes sharing the GPU (`bench/accuracy_parallel.sh`).
+On one H200 GPU (16 cores) with `--in-memory`: 37 s per 8-epoch run with two processes, 70 to 120 s with eight or
+nine processes sharing the GPU, and 150 to 230 s per 20-epoch distilled run with nine (`bench/accuracy_parallel.sh`
+with PER_ROW=3: the missing 23 runs of the table in 8 minutes).
 """
 from __future__ import annotations
 
@@ -312,6 +313,7 @@ def run_rows(rows: list[Row], dls, teacher: nn.Module, scorer: Scorer, args, pro
         chosen[row.key] = candidates[0] if best is None else candidates[first.index(best)]
         name, n_aug = setting_name(chosen[row.key]), None
         for seed in args.seeds:
+            if seed == args.seeds[0] and best is None: continue  # left to the process that trains it
             if progress.find('kept', row.key, name, seed, epochs): continue
             with progress.claim('kept', row.key, name, seed, epochs, wait=False) as mine:
                 if not mine or progress.find('kept', row.key, name, seed, epochs): continue
@@ -446,9 +448,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, name) is None: setattr(args, name, value)
     if args.quick and args.workers is None: args.workers = 0
     if args.quick and args.classes is None: args.classes = QUICK_CLASSES
-    args.out = args.out or OUT/('accuracy-quick' if args.quick else 'accuracy')
-    args.data = args.data or args.out/'data'
-    args.results = args.results or (args.out/'accuracy.md' if args.quick else RESULTS)
+    args.out = (args.out or OUT/('accuracy-quick' if args.quick else 'accuracy')).resolve()  # exports join learn.path
+    args.data = (args.data or args.out/'data').resolve()
+    args.results = (args.results or (args.out/'accuracy.md' if args.quick else RESULTS)).resolve()
     keys = set(args.rows) | {r.settings_of for r in ROWS if r.key in args.rows and r.settings_of}
     keys |= {r.baseline for r in ROWS if r.key in keys and (r.method or r.mixed)}
     args.rows = [r for r in ROWS if r.key in keys]

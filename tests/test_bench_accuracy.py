@@ -169,3 +169,14 @@ def test_processes_on_one_row_share_its_runs_out(gtsrb32, tmp_path):
     runs = pd.read_csv(tmp_path/'out'/'runs.csv')
     assert len(runs) == 6 and not runs.duplicated(['row', 'seed']).any()
     assert (runs.groupby('row').n_aug.nunique() == 1).all()
+
+
+def test_relative_folders_are_taken_from_where_the_command_runs(gtsrb32, tmp_path, monkeypatch):
+    "fastai exports relative to the data folder: a relative --out must still put every student under OUT/students"
+    if not (GTSRB_DATA/'teachers'/'resnet34-gtsrb32.pth').is_file(): pytest.skip('no shared teacher weights')
+    data_folder(gtsrb32, tmp_path/'data')
+    monkeypatch.chdir(tmp_path)
+    load_bench().main(['--quick', '--rows', 'alone', '--out', 'out', '--data', 'data', '--results', 'accuracy.md'])
+    assert {p.name for p in (tmp_path/'out'/'students').glob('*.pkl')} == {'alone-default-seed0.pkl',
+                                                                            'alone-default-seed1.pkl'}
+    assert (tmp_path/'accuracy.md').is_file()
