@@ -524,6 +524,9 @@ def main(argv: list[str] | None = None):
     start, args = time.perf_counter(), parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.teacher_weights.is_file(): raise SystemExit(f'No teacher weights at {args.teacher_weights}.')
+    if args.report and not (args.out/'runs.csv').exists():
+        raise SystemExit(f'--report: no run is recorded under {args.out}: train rows there first (without --report), '
+                         'or give the --out of a table.')
     args.out.mkdir(parents=True, exist_ok=True)
     saved = load_config(args)
     command = ' '.join(['python bench/accuracy.py', *map(shlex.quote, sys.argv[1:] if argv is None else argv)])

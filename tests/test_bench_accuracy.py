@@ -180,3 +180,10 @@ def test_relative_folders_are_taken_from_where_the_command_runs(gtsrb32, tmp_pat
     assert {p.name for p in (tmp_path/'out'/'students').glob('*.pkl')} == {'alone-default-seed0.pkl',
                                                                             'alone-default-seed1.pkl'}
     assert (tmp_path/'accuracy.md').is_file()
+
+
+def test_a_report_of_an_empty_table_says_so(tmp_path):
+    if not (GTSRB_DATA/'teachers'/'resnet34-gtsrb32.pth').is_file(): pytest.skip('no shared teacher weights')
+    with pytest.raises(SystemExit, match='no run is recorded under .*: train rows there first'):
+        load_bench().main(['--quick', '--report', '--out', str(tmp_path/'out')])
+    assert not (tmp_path/'out').exists()  # nothing written
