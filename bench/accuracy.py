@@ -12,8 +12,8 @@ standardized logits, DIST plus a FitNet hint (the student's last convolution, 4x
 to match the output of the teacher's `layer2`, 4x4), and function matching (MixUp on the student's batches, the teacher
 seeing the same mixed images, plus SoftTarget); then, at the longer `--patient-epochs` schedule, the student alone,
 function matching and the hinted DIST again, and function matching's control: the student alone on the same MixUp
-batches, without a teacher (its gain is MixUp's alone). Every run of a row trains with the same schedule and learning rate;
-runs of one seed start from the same weights and see the same batches.
+batches, without a teacher (its gain is MixUp's alone). Every run of a row trains with the same schedule and learning
+rate; runs of one seed start from the same weights and see the same batches.
 Settings: each distillation row lists candidate settings (temperature, weight, ...). Every candidate is trained from
 the first seed, and the one with the best weighted F1 on the validation split is kept and trained from the other
 seeds; a patient row reuses the setting kept for its row. The TTA setting of each row is chosen the same way, on
@@ -102,6 +102,9 @@ class Row:
     @property
     def baseline(self) -> str: return 'alone-patient' if self.patient else 'alone'
 
+    @property
+    def compared(self) -> bool: return bool(self.method or self.mixed)  # scored against `baseline`
+
 
 ROWS = [Row('alone', 'student alone'),
         Row('softtarget', '+ SoftTarget', 'softtarget', [dict(T=4, weight=0.5), dict(T=2, weight=0.25)]),
@@ -174,8 +177,9 @@ class Scorer:
     def valid(self, learn: Learner, choose_tta: bool = False) -> dict:
         "Validation F1 without TTA; with `choose_tta`, also `n_aug`: the passes that scored best (the fewest on a tie)"
         scores = self._scores(learn, self.valid_dl, self.y_valid, self.n_augs if choose_tta else [0])
-        return dict(valid_f1=scores[0][0], **({'n_aug': max(scores, key=lambda n: (scores[n][0], -n))}
-                                               if choose_tta else {}))
+        result = dict(valid_f1=scores[0][0])
+        if choose_tta: result['n_aug'] = max(scores, key=lambda n: (scores[n][0], -n))
+        return result
 
     def test(self, learn: Learner, n_aug: int) -> dict:
         scores = self._scores(learn, self.test_dl, self.y_test, sorted({0, n_aug}))
@@ -317,10 +321,9 @@ def run_rows(rows: list[Row], dls, teacher: nn.Module, scorer: Scorer, args, pro
             if progress.find('kept', row.key, name, seed, epochs): continue
             with progress.claim('kept', row.key, name, seed, epochs, wait=False) as mine:
                 if not mine or progress.find('kept', row.key, name, seed, epochs): continue
-                if seed != args.seeds[0]: result = run(row, chosen[row.key], seed, epochs)
-                best = best or first_run(row, chosen[row.key], epochs, wait=True, kept=True)
-                if seed == args.seeds[0]: result = best
-                n_aug = n_aug if n_aug is not None else row_n_aug(best)
+                result = best if seed == args.seeds[0] else run(row, chosen[row.key], seed, epochs)
+                if n_aug is None:
+                    n_aug = row_n_aug(best or first_run(row, chosen[row.key], epochs, wait=True, kept=True))
                 progress.record('kept', {**result, **scorer.test(learner(result), n_aug)})
 
 
@@ -336,7 +339,7 @@ def summary(runs: pd.DataFrame, teacher: dict) -> pd.DataFrame:
         for score in ('test_f1', 'test_acc', 'test_f1_tta', 'test_acc_tta'):
             line[score], line[f'{score}_std'] = group[score].mean(), group[score].std()
         line['distilled'] = bool(row.method)
-        if row.method or row.mixed:
+        if row.compared:
             alone = runs[runs.row == row.baseline].set_index('seed').test_f1
             line.update({f'gain_{k}': v for k, v in seed_gain(alone, group.set_index('seed').test_f1).items()})
             line['gap_closed'] = (line['test_f1'] - alone.mean()) / (teacher['test_f1'] - alone.mean())
@@ -452,7 +455,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.data = (args.data or args.out/'data').resolve()
     args.results = (args.results or (args.out/'accuracy.md' if args.quick else RESULTS)).resolve()
     keys = set(args.rows) | {r.settings_of for r in ROWS if r.key in args.rows and r.settings_of}
-    keys |= {r.baseline for r in ROWS if r.key in keys and (r.method or r.mixed)}
+    keys |= {r.baseline for r in ROWS if r.key in keys and r.compared}
     args.rows = [r for r in ROWS if r.key in keys]
     return args
 

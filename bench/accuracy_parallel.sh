@@ -16,11 +16,11 @@ mkdir -p "$logs"
 start=$(date +%s)
 args=("$@")
 failed=0 pids=()
+limit=()
+[ "${TIME_LIMIT:-0}" -gt 0 ] && limit=(timeout --signal=INT "$TIME_LIMIT")
 IFS=, read -ra groups <<< "${ROW_GROUPS:-softtarget,dkd,dist,softtarget-std,hint hint-patient,fm fm-patient}"
 for group in "${groups[@]}"; do
   for i in $(seq "${PER_ROW:-1}"); do
-    limit=()
-    [ "${TIME_LIMIT:-0}" -gt 0 ] && limit=(timeout --signal=INT "$TIME_LIMIT")
     # shellcheck disable=SC2086  # a group is a list of rows
     "${limit[@]}" "$python" bench/accuracy.py "${args[@]}" --resume --rows $group >"$logs/${group%% *}-$i.log" 2>&1 &
     pids+=($!)
