@@ -89,9 +89,10 @@ def contenders(dls, teacher) -> dict:
 
 def report(rows: list[dict], setup: list[str]) -> str:
     names = list(rows[0])
+    def floor(times: dict) -> dict: return {k: times['plain'][k] + times['teacher'][k] for k in ('wall', 'cpu')}
     median = {n: {k: statistics.median(r[n][k] for r in rows) for k in ('wall', 'cpu', 'memory')} for n in names}
-    median['floor'] = {k: median['plain'][k] + median['teacher'][k] for k in ('wall', 'cpu')}
-    for r in rows: r['floor'] = {k: r['plain'][k] + r['teacher'][k] for k in ('wall', 'cpu')}
+    median['floor'] = floor(median)
+    rows = [{**r, 'floor': floor(r)} for r in rows]  # the caller's rows stay as measured
     def paired(a: str, b: str) -> str:
         "The CPU-time ratio within each repeat (runs close in time, so less exposed to the machine's drift)"
         ratios = sorted(r[a]['cpu'] / r[b]['cpu'] for r in rows)
