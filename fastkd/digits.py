@@ -5,6 +5,7 @@ and the tests run offline with no download, through the same `ImageDataLoaders` 
 """
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 
@@ -22,10 +23,18 @@ __all__ = ['write_digits', 'digits_dls']
 def write_digits(dest: str | Path, size: int = 32, valid_fraction: float = 0.2, test_fraction: float = 0.2,
                  seed: int = 42) -> Path:
     """Write scikit-learn's digits as RGB PNGs of `size` px to `dest/{train,valid,test}/<digit>/<index>.png`,
-    split at random with `seed`, stratified by digit. A folder already complete is left as it is."""
+    split at random with `seed`, stratified by digit. A folder already complete is left as it is: its marker file
+    `.complete` records the settings that wrote it, and other settings are refused (a marker without settings, from
+    an older fastkd or made by hand, is taken as it is)."""
     dest = Path(dest)
     marker = dest/'.complete'
-    if marker.exists(): return dest
+    settings = dict(size=size, valid_fraction=valid_fraction, test_fraction=test_fraction, seed=seed)
+    if marker.exists():
+        written = json.loads(marker.read_text() or 'null')
+        if written not in (None, settings):
+            raise FileExistsError(f'{dest} holds the digits written with {written}, not {settings}: pass another '
+                                  'folder (fastkd demo --data DIR), or delete this one to write it again.')
+        return dest
     digits = load_digits()
     rng = np.random.default_rng(seed)
     for digit in range(10):
@@ -39,7 +48,7 @@ def write_digits(dest: str | Path, size: int = 32, valid_fraction: float = 0.2, 
                 pixels = (digits.images[i] * (255 / 16)).astype(np.uint8)
                 image = Image.fromarray(pixels).convert('RGB').resize((size, size), Image.Resampling.BILINEAR)
                 atomic_write(folder/f'{i:04d}.png', partial(image.save, format='PNG'))
-    marker.touch()
+    atomic_write(marker, lambda tmp: Path(tmp).write_text(json.dumps(settings)))
     return dest
 
 
