@@ -181,8 +181,9 @@ def _demo(args):
     from .digits import digits_dls, write_digits
     # 30% of the 1,797 digits to test (539 images), 10% to validate: at 359 test images one seed's score moved by about
     # a point from which images it happened to miss, as much as the gain the demo measures
-    data = write_digits(args.data or args.out/'digits', size=args.size, valid_fraction=0.1, test_fraction=0.3,
-                        seed=args.seed)
+    try: data = write_digits(args.data or args.out/'digits', size=args.size, valid_fraction=0.1, test_fraction=0.3,
+                             seed=args.seed)
+    except FileExistsError as error: sys.exit(f'fastkd: {error}')
     dls = digits_dls(data, size=args.size, bs=args.bs, seed=args.seed)
     test_files = sorted((data/'test').glob('*/*.png'))
     y_true = [dls.vocab.o2i[f.parent.name] for f in test_files]

@@ -91,6 +91,14 @@ def test_demo_over_two_seeds_with_function_matching_writes_a_report(few_digits, 
     assert weights.keys() and all(isinstance(v, torch.Tensor) for v in weights.values())
 
 
+def test_demo_refuses_digits_written_with_another_split(digits_path, tmp_path):
+    "The session's digits folder is 60/20/20 at 32 px; the demo writes 60/10/30: it says so before training anything"
+    with pytest.raises(SystemExit, match=r"fastkd: .* holds the digits written with .*'test_fraction': 0.2.*"
+                       r"'test_fraction': 0.3.*pass another folder"):
+        main(['demo', '--data', str(digits_path), '--out', str(tmp_path/'report')])
+    assert not (tmp_path/'report').exists()
+
+
 def test_prepare_on_the_original_size_sample(gtsrb_data, tmp_path, capsys):
     data = tmp_path/'data'
     (data/'GTSRB'/'Final_Training').mkdir(parents=True)
