@@ -60,7 +60,7 @@ def few_digits(digits_path, tmp_path_factory) -> Path:
         for folder in sorted((digits_path/split).iterdir()):
             (dest/split/folder.name).mkdir(parents=True)
             for image in sorted(folder.iterdir())[:n]: (dest/split/folder.name/image.name).symlink_to(image)
-    (dest/'.complete').touch()  # what write_digits leaves in a finished folder: the demo uses it as it is
+    (dest/'.complete').touch()  # a marker without settings: write_digits, so the demo, takes the folder as it is
     return dest
 
 

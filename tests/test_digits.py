@@ -11,7 +11,8 @@ def _counts(path) -> dict:
 
 
 def test_digits_are_split_by_the_fractions_and_marked_with_their_settings(digits_path):
-    assert _counts(digits_path) == {'train': 1079, 'valid': 359, 'test': 359}  # 1,797 digits: 60/20/20 of each digit, rounded
+    # 1,797 digits: 60/20/20 of each digit, rounded
+    assert _counts(digits_path) == {'train': 1079, 'valid': 359, 'test': 359}
     assert json.loads((digits_path/'.complete').read_text()) == dict(size=32, valid_fraction=0.2, test_fraction=0.2,
                                                                      seed=42)
 
