@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import sys
 from functools import partial
 from pathlib import Path
@@ -11,10 +13,13 @@ import torch
 import torchvision.models
 from fastai.vision.models.xresnet import xresnet18, xresnet34
 
-from .workflow import (KD_METHODS, MIXES, Schedule, distillation_job, kd_method, scratch_learner, weighted_f1,
-                       write_report)
+from .workflow import (KD_METHODS, MIXES, Schedule, check_on_validation, distillation_job, kd_method, scratch_learner,
+                       weighted_f1, write_report)
 
 __all__ = ['main', 'ARCHS']
+
+DEFAULT_SIZE = 96  # the reference notebook's, for the official full-size images
+SIDECAR = '.json'  # beside weights fastkd writes (student.pth, student.json): what they were trained for
 
 ARCHS = {**{name: getattr(torchvision.models, name) for name in ('resnet18', 'resnet34', 'resnet50', 'resnet101')},
          'xresnet34-half': partial(xresnet34, widen=0.5),  # fastai's XResNet-34 at half width: 5.6M parameters
@@ -26,7 +31,8 @@ def _schedule_args(parser: argparse.ArgumentParser, size: int, epochs: int, bs: 
                    teacher: str, student: str, seeds: int, teacher_epochs: int | None = None, lr: float | None = None,
                    method: str = 'softtarget'):
     "Options shared by the commands that train: sizes, schedule, distillation settings, TTA sweep, report folder"
-    parser.add_argument('--size', type=int, default=size, help='image size in pixels (default: %(default)s)')
+    parser.add_argument('--size', type=int, default=size, help='image size in pixels (default: ' + (
+        f'{size})' if size else f"the size in the teacher weights' {SIDECAR} file, else {DEFAULT_SIZE})"))
     parser.add_argument('--bs', type=int, default=bs, help='batch size (default: %(default)s)')
     parser.add_argument('--freeze-epochs', type=int, default=1,
                         help='epochs with the body frozen, after lr_find (default: %(default)s)')
@@ -97,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     gtsrb.add_argument('--teacher-weights', type=Path, default=None,
                        help='state dict of a trained teacher (skips training the teacher)')
     gtsrb.add_argument('--validation-fraction', type=float, default=0.2, help='share of tracks held out (default: 0.2)')
-    _schedule_args(gtsrb, size=96, epochs=4, bs=64, lr_find_iters=100, teacher='resnet34', student='resnet18', seeds=1,
+    _schedule_args(gtsrb, size=None, epochs=4, bs=64, lr_find_iters=100, teacher='resnet34', student='resnet18', seeds=1,
                    method='dist')  # DIST paid on GTSRB 32x32 (bench/accuracy.py); SoftTarget T=4 slowed small students
     prepare = commands.add_parser('prepare', help='GTSRB zips or folders to train/valid/all/test folders',
                                   description='Make train/, valid/, all/ and test/ folders (one sub-folder per '
@@ -110,8 +116,10 @@ def _parser() -> argparse.ArgumentParser:
                                    description='Score a model\'s saved state dict on the prepared GTSRB test set.')
     _data_args(evaluate)
     evaluate.add_argument('--weights', type=Path, required=True, help='state dict file of the model to score')
-    evaluate.add_argument('--arch', choices=ARCHS, default='resnet18', help='its architecture (default: %(default)s)')
-    evaluate.add_argument('--size', type=int, default=96, help='image size in pixels (default: %(default)s)')
+    evaluate.add_argument('--arch', choices=ARCHS, default=None,
+                          help=f"its architecture (default: the one in the weights' {SIDECAR} file, else resnet18)")
+    evaluate.add_argument('--size', type=int, default=None,
+                          help=f"image size in pixels (default: the one in the weights' {SIDECAR} file, else {DEFAULT_SIZE})")
     evaluate.add_argument('--bs', type=int, default=64, help='batch size (default: %(default)s)')
     evaluate.add_argument('--n-augs', type=int, nargs='+', default=[0, 5, 10],
                           help='numbers of augmented passes (default: 0 5 10)')
@@ -152,7 +160,9 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `fastkd` console script"
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(['fastkd', *argv])
     _check(parser, args)
     if getattr(args, 'threads', None): torch.set_num_threads(args.threads)
     return {'demo': _demo, 'gtsrb': _gtsrb, 'prepare': _prepare, 'evaluate': _evaluate}[args.command](args) or 0
@@ -162,19 +172,43 @@ def _schedule(args):
     return Schedule(args.freeze_epochs, args.epochs, args.lr or None, args.lr_find_iters, args.seed)
 
 
+def _settings(args) -> dict:
+    "The command line and every option of `args`, as the report and the job's run store record them"
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+               if k not in ('command', 'command_line', 'debug')}
+    return {'command': args.command_line, **options}
+
+
 def _job(args, dls, test_dl, y_true, teacher=None, mask=None, title: str = ''):
-    "Run the distillation job with the command-line settings and write its report"
+    "Run the distillation job with the command-line settings, keeping each run in --out as it ends, and write its report"
     loss_kwargs = {**({'T': args.temperature} if args.temperature else {}),
                    **({'standardize': True} if args.standardize else {})}
     kd_loss, mix = kd_method(args.method, args.mix or 'mixup', args.mix_alpha, **loss_kwargs)
-    job = distillation_job(dls, test_dl, y_true, ARCHS[args.teacher], ARCHS[args.student], _schedule(args),
-                           teacher=teacher, kd_loss=kd_loss, kd_weight=args.weight, n_augs=args.n_augs, mask=mask,
-                           seeds=range(args.seed, args.seed + args.seeds), mix=mix, teacher_epochs=args.teacher_epochs)
-    mixing = f' on {mix().__class__.__name__} batches' if mix else ''
-    report = write_report(job, args.out, f'{title}: {kd_loss}{mixing}, weight {args.weight}')
+    try:
+        job = distillation_job(dls, test_dl, y_true, ARCHS[args.teacher], ARCHS[args.student], _schedule(args),
+                               teacher=teacher, kd_loss=kd_loss, kd_weight=args.weight, n_augs=args.n_augs, mask=mask,
+                               seeds=range(args.seed, args.seed + args.seeds), mix=mix,
+                               teacher_epochs=args.teacher_epochs, runs=args.out/'runs', settings=_settings(args))
+    except FileExistsError as error: sys.exit(f'fastkd: {error}')
+    if job['reused']: print(f'Reused the runs kept in {args.out/"runs"}: {", ".join(job["reused"])}.')
+    report = write_report(job, args.out, title)
     print(job['table'].to_string(float_format='{:.4g}'.format))
     print(job['verdict'])
     print(f'Report written to {report}')
+
+
+def _trained_for(weights: Path | None) -> dict:
+    "What `weights` were trained for (architecture, size, classes), from the file fastkd writes beside them, if any"
+    sidecar = weights.with_suffix(SIDECAR) if weights else None
+    return json.loads(sidecar.read_text()) if sidecar and sidecar.is_file() else {}
+
+
+def _checked(model, dls, args, name: str, size: int):
+    "Stop before anything trains or is written when `model` is no better than chance on validation images"
+    from .gtsrb import gtsrb_dls
+    def resized(other_size: int): return gtsrb_dls(args.data, size=other_size, bs=args.bs, classes=args.classes)
+    try: return check_on_validation(model, dls, name, size=size, resized=resized)
+    except ValueError as error: sys.exit(f'fastkd: {error} Nothing was trained or written.')
 
 
 def _demo(args):
@@ -213,9 +247,13 @@ def _gtsrb(args):
     from .callback import load_teacher
     from .gtsrb import gtsrb_dls
     _prepared(args)
+    args.size = args.size or _trained_for(args.teacher_weights).get('size') or DEFAULT_SIZE
     dls = gtsrb_dls(args.data, size=args.size, bs=args.bs, classes=args.classes)
+    teacher = None
+    if args.teacher_weights:
+        teacher = load_teacher(args.teacher_weights, ARCHS[args.teacher], 43)
+        _checked(teacher, dls, args, f'the teacher ({args.teacher} from {args.teacher_weights})', args.size)
     test_dl, y_true, mask = _gtsrb_test(args, dls)
-    teacher = load_teacher(args.teacher_weights, ARCHS[args.teacher], 43) if args.teacher_weights else None
     _job(args, dls, test_dl, y_true, teacher=teacher, mask=mask, title='fastkd: distillation on GTSRB')
 
 
@@ -230,9 +268,13 @@ def _evaluate(args):
     from .gtsrb import gtsrb_class_names, gtsrb_dls
     from .report import per_class_table, plot_confusion
     from .tta import plot_tta, test_time_aug
+    trained_for = _trained_for(args.weights)
+    args.arch, args.size = args.arch or trained_for.get('arch', 'resnet18'), args.size or trained_for.get('size', DEFAULT_SIZE)
+    args.classes = args.classes or trained_for.get('classes')
     dls = gtsrb_dls(args.data, size=args.size, bs=args.bs, classes=args.classes)
     learn = scratch_learner(dls, ARCHS[args.arch])
     load_teacher(args.weights, learn.model)
+    _checked(learn.model, dls, args, f'the model in {args.weights} ({args.arch})', args.size)
     test_dl, y_true, mask = _gtsrb_test(args, dls)
     results = test_time_aug(learn, test_dl, y_true, weighted_f1, args.n_augs, mask=mask)
     y_pred = learn.get_preds(dl=test_dl)[0].argmax(dim=1)
@@ -242,6 +284,8 @@ def _evaluate(args):
     table = per_class_table(y_true, y_pred, dls.vocab, gtsrb_class_names(), mask)
     atomic_write(args.out/'per_class.csv', table.to_csv)
     atomic_write(args.out/'confusion.png', partial(plot_confusion(y_true, y_pred, dls.vocab, mask).savefig, format='png'))
+    print(f'{args.weights} ({args.arch}, {args.size} px) on the test set, weighted F1 by augmented passes:')
+    print(results.to_string(index=False, float_format='{:.4f}'.format))
     print(f'Results written to {args.out}')
 
 

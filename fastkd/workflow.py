@@ -3,10 +3,12 @@ schedule, same batches), each scored with a TTA sweep on the test set, and a rep
 distillation paid beyond the seed-to-seed spread."""
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -23,17 +25,20 @@ from fastai.torch_core import set_seed
 from fastai.vision.learner import vision_learner
 from matplotlib.figure import Figure
 from sklearn.metrics import f1_score
-from torch import nn
+from fastai.data.transforms import Normalize
+from torch import Tensor, nn
 
-from .callback import KnowledgeDistillation
+from .callback import KnowledgeDistillation, _evaluating, _first
 from .files import atomic_write
 from .losses import DIST, DKD, SoftTarget
 from .report import compare_models, compression_summary
+from .runs import RunStore, environment, fingerprint
 from .split import default_split
 from .tta import plot_tta, test_time_aug
 
 __all__ = ['weighted_f1', 'scratch_learner', 'train_schedule', 'Schedule', 'kd_method', 'Reseed', 'distillation_job',
-           'seed_summary', 'seed_gain', 'distillation_verdict', 'write_report']
+           'validation_accuracy', 'check_on_validation', 'seed_summary', 'seed_gain', 'distillation_verdict',
+           'write_report']
 
 
 def weighted_f1(y_true, y_pred) -> float:
@@ -53,21 +58,21 @@ class Schedule:
 
 def train_schedule(learn: Learner, schedule: Schedule) -> dict:
     """The reference notebook's schedule: `lr_find` (when `schedule.lr` is None), `fit_one_cycle` with the body
-    frozen (`freeze_to(1)`), `unfreeze`, `fit_one_cycle` again, each fit drawing from `schedule.seed` (`Reseed`).
-    Returns the learning rate, the seconds it took, the Recorder's rows of every epoch and its smoothed loss at every
-    step (evaluation resets the Recorder: keep these)."""
+    frozen (`freeze_to(1)`), `unfreeze`, `fit_one_cycle` again, each drawing from `schedule.seed` (`Reseed`), so that
+    a run does not depend on what the process ran before it. Returns the learning rate, the seconds it took and the
+    Recorder's rows of every epoch (evaluation resets the Recorder: keep these)."""
     start = time.perf_counter()
-    lr = schedule.lr or learn.lr_find(num_it=schedule.lr_find_iters, show_plot=False).valley
-    epochs, losses = [], []
+    if schedule.lr: lr = schedule.lr
+    else:
+        with learn.added_cbs(Reseed(schedule.seed)): lr = learn.lr_find(num_it=schedule.lr_find_iters, show_plot=False).valley
+    epochs = []
     for frozen, n_epochs in ((True, schedule.freeze_epochs), (False, schedule.epochs)):
         if not n_epochs: continue
         if frozen: learn.freeze_to(1)
         else: learn.unfreeze()
         with learn.added_cbs(Reseed(schedule.seed)): learn.fit_one_cycle(n_epochs, lr)
         epochs.append(pd.DataFrame(learn.recorder.values, columns=list(learn.recorder.metric_names[1:-1])))
-        losses += learn.recorder.losses
-    return dict(lr=lr, seconds=time.perf_counter() - start, epochs=pd.concat(epochs, ignore_index=True),
-                losses=[float(loss) for loss in losses])
+    return dict(lr=float(lr), seconds=time.perf_counter() - start, epochs=pd.concat(epochs, ignore_index=True))
 
 
 def scratch_learner(dls: DataLoaders, arch: Callable, seed: int = 42, **kwargs) -> Learner:
@@ -107,63 +112,164 @@ class Reseed(Callback):
         for dl in self.dls.loaders: dl.rng = random.Random(self.seed)
 
 
-def _train_students(dls: DataLoaders, teacher: Learner, student_arch: Callable, schedule: Schedule, kd_loss,
-                    kd_weight: float, mix: Callable[[], Callback] | None) -> tuple[dict, dict]:
-    """The student alone and the distilled student (with `mix()` when given) from `schedule.seed`, trained with the
-    same schedule: the distilled student reuses the learning rate found for the student alone"""
-    learners = {'student': scratch_learner(dls, student_arch, schedule.seed)}
-    training = {'student': train_schedule(learners['student'], schedule)}
-    cbs = [KnowledgeDistillation(teacher, kd_loss, weight=kd_weight), *([mix()] if mix else [])]
-    learners['distilled student'] = scratch_learner(dls, student_arch, schedule.seed, cbs=cbs)
-    training['distilled student'] = train_schedule(learners['distilled student'],
-                                                   replace(schedule, lr=training['student']['lr']))
-    return learners, training
+def _name(thing) -> str:
+    "A name for an architecture, a loss or a callback factory that stays the same from process to process"
+    if isinstance(thing, partial):
+        settings = ', '.join([*map(repr, thing.args), *(f'{k}={v!r}' for k, v in thing.keywords.items())])
+        return f'{_name(thing.func)}({settings})'
+    return getattr(thing, '__name__', None) or repr(thing)
+
+
+def _data_fingerprint(dls: DataLoaders, test_dl, y_true, mask) -> str:
+    "A short hash of the items of the training, validation and test sets, the test labels and the mask"
+    digest = hashlib.sha256()
+    for part in (*[getattr(dl, 'items', len(dl.dataset)) for dl in (dls.train, dls.valid, test_dl)], y_true, mask):
+        digest.update(str(list(part) if part is not None and not isinstance(part, int) else part).encode())
+    return digest.hexdigest()[:12]
+
+
+def _job_settings(dls, test_dl, y_true, teacher_arch, student_arch, schedule, teacher, kd_loss, kd_weight, n_augs, mask,
+                  metric, mix, teacher_epochs) -> dict:
+    "Every setting the results of a job depend on (its seeds aside: each run is kept per seed)"
+    return dict(teacher_arch=_name(teacher_arch), student_arch=_name(student_arch),
+                **{k: v for k, v in asdict(schedule).items()}, teacher_epochs=teacher_epochs or schedule.epochs,
+                teacher=fingerprint(teacher) if teacher is not None else 'trained by the job', kd_loss=repr(kd_loss),
+                kd_weight=kd_weight, mix=_name(mix) if mix else None, n_augs=n_augs, metric=_name(metric),
+                data=_data_fingerprint(dls, test_dl, y_true, mask))
+
+
+def _run(name: str, seed: int, learn: Learner, train: Callable[[], dict | None], score: Callable, store: RunStore | None,
+         keep_weights: bool = True) -> dict:
+    """Train (`train()`) and score (`score(learn)`, its random draws from `seed`) run `name` of `seed`, then keep it in
+    `store`; or, when `store` holds that run already, load its weights into `learn` and take its record.
+    Returns the record: `row` (for the results table), `tta` (the sweep), `training` (or None) and `reused`."""
+    record = store.load(name, seed, learn.model if keep_weights else None) if store else None
+    if record is None:
+        training = train()
+        set_seed(seed, reproducible=True)
+        tta = score(learn)
+        record = dict(row=_row(name, seed, learn, tta, training), tta=tta.to_dict('list'), training=training and
+                      {**training, 'epochs': training['epochs'].to_dict('list')})
+        if store: store.save(name, seed, record, learn.model if keep_weights else None)
+        return {**record, 'tta': tta, 'training': training, 'reused': False}
+    training = record['training'] and {**record['training'], 'epochs': pd.DataFrame(record['training']['epochs'])}
+    return {**record, 'tta': pd.DataFrame(record['tta']), 'training': training, 'reused': True}
 
 
 def distillation_job(dls: DataLoaders, test_dl, y_true, teacher_arch: Callable, student_arch: Callable,
                      schedule: Schedule = Schedule(), teacher: nn.Module | None = None, kd_loss=SoftTarget(T=4),
                      kd_weight: float = 0.5, n_augs: list[int] = [4, 8], mask=None,
                      metric: Callable = weighted_f1, seeds: Sequence[int] | None = None,
-                     mix: Callable[[], Callback] | None = None, teacher_epochs: int | None = None) -> dict:
-    """Train (or take) a teacher once (`schedule`, with `teacher_epochs` after unfreezing when given), then for each of `seeds` (default: `schedule.seed` alone) the student alone and
-    with `KnowledgeDistillation` (plus the augmentation callback `mix()` makes, for function matching), both from
-    that seed with the same schedule, and score each on `test_dl` with a TTA sweep of `n_augs` (plain predictions
-    always included) over the items `mask` selects.
+                     mix: Callable[[], Callback] | None = None, teacher_epochs: int | None = None,
+                     runs: str | Path | None = None, settings: dict | None = None) -> dict:
+    """Train (or take) a teacher once (`schedule`, with `teacher_epochs` after unfreezing when given), then for each
+    of `seeds` (default: `schedule.seed` alone) the student alone and with `KnowledgeDistillation` (plus the
+    augmentation callback `mix()` makes, for function matching), both from that seed with the same schedule, and score
+    each on `test_dl` with a TTA sweep of `n_augs` (plain predictions always included) over the items `mask` selects.
+    With `runs` (a folder), each model is kept there as soon as it is trained and scored (`RunStore`), and a job run
+    again with the same settings takes the runs that ended instead of training them again; `settings` adds what the
+    caller knows (the command, the data folder) to the settings the job records and compares.
     Returns the learners, training histories and TTA results of the first seed by model name, the teacher/student
-    size report, `table` (a row per model and seed), `summary` (mean and spread per model) and `verdict`."""
+    size report, `table` (a row per model and seed), `summary` (mean and spread per model), `verdict`, `settings`
+    and `reused` (the runs taken from `runs`)."""
     seeds, n_augs = list(seeds or [schedule.seed]), sorted({0, *n_augs})
-    learners, training = {'teacher': scratch_learner(dls, teacher_arch, schedule.seed)}, {}
-    if teacher is None:
-        training['teacher'] = train_schedule(learners['teacher'], replace(schedule, epochs=teacher_epochs or schedule.epochs))
-    else: learners['teacher'].model.load_state_dict(teacher.state_dict())
+    settings = {**(settings or {}), **_job_settings(dls, test_dl, y_true, teacher_arch, student_arch, schedule, teacher,
+                                                     kd_loss, kd_weight, n_augs, mask, metric, mix, teacher_epochs)}
+    store = RunStore(runs, {k: v for k, v in settings.items() if k not in _UNCOMPARED}) if runs else None
     score = partial(test_time_aug, test_dataloader=test_dl, y_true=y_true, metric=metric, n_augs=n_augs, mask=mask)
-    tta = {'teacher': score(learners['teacher'])}
-    rows = [_row('teacher', schedule.seed, learners['teacher'], tta['teacher'], training.get('teacher'))]
+    learners = {'teacher': scratch_learner(dls, teacher_arch, schedule.seed)}
+    if teacher is not None: learners['teacher'].model.load_state_dict(teacher.state_dict())
+    teacher_schedule = replace(schedule, epochs=teacher_epochs or schedule.epochs)
+    train_teacher = (lambda: None) if teacher is not None else partial(train_schedule, learners['teacher'], teacher_schedule)
+    runs_done = {('teacher', schedule.seed): _run('teacher', schedule.seed, learners['teacher'], train_teacher, score,
+                                                   store, keep_weights=teacher is None)}
     for seed in seeds:
-        students, students_training = _train_students(dls, learners['teacher'], student_arch,
-                                                      replace(schedule, seed=seed), kd_loss, kd_weight, mix)
-        students_tta = {name: score(learn) for name, learn in students.items()}
-        rows += [_row(name, seed, learn, students_tta[name], students_training[name])
-                 for name, learn in students.items()]
-        if seed == seeds[0]:  # the first seed's models are the ones the report plots and saves
-            learners.update(students)
-            training.update(students_training)
-            tta.update(students_tta)
+        students = {'student': scratch_learner(dls, student_arch, seed)}
+        alone = runs_done[('student', seed)] = _run('student', seed, students['student'],
+                                                    partial(train_schedule, students['student'], replace(schedule, seed=seed)),
+                                                    score, store)
+        cbs = [KnowledgeDistillation(learners['teacher'], kd_loss, weight=kd_weight), *([mix()] if mix else [])]
+        distilled = students['distilled student'] = scratch_learner(dls, student_arch, seed, cbs=cbs)
+        distilled_schedule = replace(schedule, seed=seed, lr=alone['training']['lr'])
+        runs_done[('distilled student', seed)] = _run('distilled student', seed, distilled,
+                                                      partial(train_schedule, distilled, distilled_schedule), score, store)
+        if seed == seeds[0]: learners.update(students)  # the first seed's models are the ones the report plots and saves
+    first = {name: runs_done[(name, schedule.seed if name == 'teacher' else seeds[0])] for name in learners}
     sizes = compare_models(learners['teacher'], learners['student'], input_size=tuple(dls.one_batch()[0].shape[1:]))
-    table = pd.DataFrame(rows).set_index('model')
+    table = pd.DataFrame([run['row'] for run in runs_done.values()]).set_index('model')
     side = ['teacher' if name == 'teacher' else 'student' for name in table.index]
     table.insert(1, 'parameters', sizes.loc['parameters', side].astype(int).values)
     table.insert(2, 'latency_ms', sizes.loc['latency_ms', side].values)
-    return dict(learners=learners, training=training, tta=tta, sizes=sizes, seeds=seeds, table=table,
-                summary=seed_summary(table), verdict=distillation_verdict(table))
+    return dict(learners=learners, training={name: run['training'] for name, run in first.items() if run['training']},
+                tta={name: run['tta'] for name, run in first.items()}, sizes=sizes, seeds=seeds, table=table,
+                summary=seed_summary(table), verdict=distillation_verdict(table), settings=settings,
+                reused=[f'{name} seed {seed}' for (name, seed), run in runs_done.items() if run['reused']])
+
+
+_UNCOMPARED = ('command', 'out', 'threads')  # recorded in the report, but a job resumed with others is the same job
 
 
 def _row(name: str, seed: int, learn: Learner, tta: pd.DataFrame, training: dict | None) -> dict:
     "One line of the results table: the model's validation accuracy, its test scores, its epochs and training time"
-    return {'model': name, 'seed': seed, 'valid_accuracy': float(learn.validate()[1]), 'test_f1': tta.score.iloc[0],
-            f'test_f1_tta{tta.n_aug.iloc[-1]}': tta.score.iloc[-1],
+    return {'model': name, 'seed': seed, 'valid_accuracy': float(learn.validate()[1]), 'test_f1': float(tta.score.iloc[0]),
+            f'test_f1_tta{tta.n_aug.iloc[-1]}': float(tta.score.iloc[-1]),
             'epochs': len(training['epochs']) if training else float('nan'),
             'train_s': training['seconds'] if training else float('nan')}
+
+
+def validation_accuracy(model: nn.Module, dls: DataLoaders, n_items: int = 256, seed: int = 0) -> tuple[float, float]:
+    """`model`'s top-1 accuracy on `n_items` validation items drawn with `seed` (no augmentation), and chance on them:
+    the share of their most common class. Leaves every random generator and the model's mode as they were."""
+    xb, yb = _validation_batch(dls, n_items, seed)
+    return _accuracy(model, xb, yb), (yb.bincount().max() / len(yb)).item()
+
+
+def _validation_batch(dls: DataLoaders, n_items: int = 256, seed: int = 0) -> tuple[Tensor, Tensor]:
+    "`n_items` validation items drawn with `seed`, every random generator left as it was"
+    dl = dls.valid.new(shuffle=True, bs=min(n_items, len(dls.valid.dataset)), drop_last=False)
+    dl.rng = random.Random(seed)
+    with torch.random.fork_rng(): return dl.one_batch()
+
+
+def _accuracy(model: nn.Module, xb: Tensor, yb: Tensor) -> float:
+    device = next(model.parameters()).device
+    with torch.no_grad(), _evaluating(model): predicted = _first(model(xb.to(device))).argmax(dim=1).cpu()
+    return (predicted == yb.cpu()).float().mean().item()
+
+
+def check_on_validation(model: nn.Module, dls: DataLoaders, name: str = 'the teacher', size: int | None = None,
+                        resized: Callable[[int], DataLoaders] | None = None, sizes: Sequence[int] = (32, 48, 64, 96, 128, 224)):
+    """Refuse a `model` no better than chance on validation items of `dls` (`validation_accuracy`), before anything
+    trains: the error says what it scored and what was tried to find the cause. With `resized` (a function of an
+    image size that returns the same data at that size) each of `sizes` is tried, and the sizes at which the model
+    beats chance are named; inputs without `dls`'s normalisation are tried too. Returns the accuracy and chance."""
+    accuracy, chance = validation_accuracy(model, dls)
+    if accuracy > chance: return accuracy, chance
+    at = f' at --size {size}' if size else ''
+    found = [f'{name.capitalize()} scores {accuracy:.3f} on {min(256, len(dls.valid.dataset))} validation images{at}, '
+             f'no better than chance ({chance:.3f}, always predicting their most common class).']
+    working = {}
+    for other in ([s for s in sizes if s != size] if resized else []):
+        other_accuracy, other_chance = validation_accuracy(model, resized(other))
+        if other_accuracy > max(other_chance, 2 * chance): working[other] = other_accuracy
+    if working:
+        best = max(working, key=working.get)
+        found.append(f'It was likely trained at another image size: at --size {best} it scores {working[best]:.3f}'
+                     + (f' (it also beats chance at {", ".join(map(str, sorted(set(working) - {best})))})'
+                        if len(working) > 1 else '') + f'. Run again with --size {best}.')
+        raise ValueError(' '.join(found))
+    norm = next((t for t in dls.after_batch.fs if isinstance(t, Normalize)), None)
+    if norm is not None:
+        xb, yb = _validation_batch(dls)
+        raw_accuracy = _accuracy(model, norm.decode(xb), yb)
+        if raw_accuracy > max(chance, 2 * accuracy):
+            found.append(f'On inputs without the data\'s normalisation it scores {raw_accuracy:.3f}: it was trained on '
+                         'unnormalised images; normalise its training data as these are (ImageNet statistics).')
+            raise ValueError(' '.join(found))
+    tried = f'sizes {", ".join(map(str, sizes))} and ' if resized else ''
+    found.append(f'It fails at {tried}without normalisation too, so check that it was trained on these classes, in the '
+                 'same order (class index = label of the data\'s vocab), and that these are its weights.')
+    raise ValueError(' '.join(found))
 
 
 def seed_summary(table: pd.DataFrame) -> pd.DataFrame:
@@ -208,38 +314,67 @@ def distillation_verdict(table: pd.DataFrame, score: str = 'test_f1') -> str:
 
 
 def _loss_figure(training: dict) -> Figure:
-    "Smoothed training loss per step of each model trained, and the distilled student's loss parts per epoch"
+    """Left: each model's own loss per epoch, the base loss (cross-entropy for classification) in training and the
+    plain validation loss, comparable across models; right: the distilled student's distillation terms"""
     fig = Figure(figsize=(10, 4))
-    steps_ax, parts_ax = fig.subplots(1, 2)
-    for name, history in training.items(): steps_ax.plot(history['losses'], label=name)
-    steps_ax.set(xlabel='training step', ylabel='smoothed training loss', title='Training loss')
-    steps_ax.legend()
+    base_ax, parts_ax = fig.subplots(1, 2)
+    for name, history in training.items():
+        epochs = history['epochs']
+        base = next(c for c in epochs.columns if c.startswith('train_') and c not in ('train_kd', 'train_hint'))
+        line, = base_ax.plot(epochs[base], 'o-', label=f'{name}: {"train_loss" if base == "train_loss" else base}')
+        base_ax.plot(epochs['valid_loss'], 'x--', color=line.get_color(), label=f'{name}: valid_loss')
+    base_ax.set(xlabel='epoch', ylabel='loss', title="Each model's base loss (training) and validation loss")
+    base_ax.legend(fontsize='small')
     epochs = training['distilled student']['epochs']
-    parts = [c for c in epochs.columns if c.startswith('train_') and c != 'train_loss'] + ['valid_loss']
-    for column in parts: parts_ax.plot(epochs[column], 'o-', label=column)
-    parts_ax.set(xlabel='epoch', title='Distilled student: loss parts')
+    for column in ('train_kd', 'train_hint'):
+        if column in epochs: parts_ax.plot(epochs[column], 'o-', label=column)
+    parts_ax.set(xlabel='epoch', title='Distilled student: distillation terms')
     parts_ax.legend()
     fig.tight_layout()
     return fig
 
 
+def _distillation_title(learn: Learner) -> str:
+    "What the distilled student trained with, read from its callbacks: the loss, the mixing and the weight"
+    kd = next(cb for cb in learn.cbs if isinstance(cb, KnowledgeDistillation))
+    mixes = [type(cb).__name__ for cb in learn.cbs if isinstance(cb, (MixUp, CutMix))]
+    return f'{kd.kd_loss}{"".join(f" on {m} batches" for m in mixes)}, weight {kd.weight}'
+
+
+def _settings_lines(settings: dict, env: dict) -> list[str]:
+    "How the report was made: the command, the versions and the machine, then every setting"
+    made_by = f'`{settings["command"]}`' if 'command' in settings else '`distillation_job(...)`'
+    versions = ', '.join(f'{k} {env[k]}' for k in ('fastkd', 'fastai', 'torch', 'python'))
+    return [f'Made by {made_by} with {versions}, on {env["cpu"]}, {env["threads"]} torch threads, GPU: {env["gpu"]}.',
+            '', '| setting | value |', '|---|---|', *(f'| {k} | {v} |' for k, v in settings.items() if k != 'command')]
+
+
 def write_report(job: dict, dest: str | Path, title: str = 'fastkd distillation report') -> Path:
-    """Write `dest/report.md` (scores per model over the seeds, the verdict, every run, compression), `results.csv`
-    (a row per model and seed), `losses.png`, `tta.png` and the distilled student's weights `student.pth` (a state
-    dict: `load_teacher`/`load_state_dict` read it back); plots and weights are those of the first seed."""
+    """Write `dest/report.md` (how it was made, scores per model over the seeds, the verdict, every run, compression),
+    `results.csv` (a row per model and seed, with the command, the versions and every setting as columns),
+    `losses.png`, `tta.png` and the distilled student's weights `student.pth` (a state dict: `load_teacher` and
+    `load_state_dict` read it back) with `student.json` beside it (the architecture, image size and classes it was
+    trained for, which `fastkd evaluate` reads); plots and weights are those of the first seed."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    table, learners = job['table'], job['learners']
-    atomic_write(dest/'results.csv', lambda tmp: table.to_csv(tmp))
+    table, learners, settings, env = job['table'], job['learners'], job.get('settings', {}), environment()
+    about = {f'job_{k}' if k in table.columns else k: ' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v
+             for k, v in {**settings, **env}.items()}  # job_seed, job_epochs: the job's, beside each run's own
+    atomic_write(dest/'results.csv', lambda tmp: table.assign(**about).to_csv(tmp))
     atomic_write(dest/'losses.png', lambda tmp: _loss_figure(job['training']).savefig(tmp, format='png', dpi=100))
     atomic_write(dest/'tta.png', lambda tmp: plot_tta(job['tta']['distilled student']).savefig(tmp, format='png', dpi=100))
     atomic_write(dest/'student.pth', lambda tmp: torch.save(learners['distilled student'].model.state_dict(), tmp))
+    trained_for = {key: settings[name] for key, name in (('arch', 'student'), ('size', 'size'), ('classes', 'classes'))
+                   if settings.get(name) is not None}
+    atomic_write(dest/'student.json', lambda tmp: Path(tmp).write_text(json.dumps(trained_for)))
     tta_column = table.columns[table.columns.str.startswith('test_f1_tta')][0]
+    teacher_accuracy = table.loc[['teacher'], 'valid_accuracy'].iloc[0]
     text = '\n'.join([
-        f'# {title}', '',
+        f'# {title}: {_distillation_title(learners["distilled student"])}', '', *_settings_lines(settings, env), '',
         f'**{job["verdict"]}**', '', f'- {VERDICT_RULE}',
         f'- test_f1: weighted F1 on the test set without TTA; {tta_column}: with that many augmented passes. Mean and '
-        'sample standard deviation (std) over the seeds; the teacher is trained or loaded once.',
+        'sample standard deviation (std) over the seeds; the teacher is trained or loaded once '
+        f'(its validation accuracy: {teacher_accuracy:.4f}).',
         f'- {compression_summary(job["sizes"])}', '',
         '## Per model', '', _markdown(job['summary']), '',
         '## Every run', '', _markdown(table), '',
