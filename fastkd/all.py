@@ -11,4 +11,5 @@ from .gtsrb import *
 from .memory import *
 from .report import *
 from .tta import *
+from .runs import *
 from .workflow import *

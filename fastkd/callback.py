@@ -152,7 +152,8 @@ class KnowledgeDistillation(Callback):
     def __repr__(self) -> str:
         loss = 'auto (picked when the fit starts)' if self.auto_loss and self.kd_loss is None else self.kd_loss
         hints = f', hints={self.hints.hints}' if self.hints else ''
-        return f'{type(self).__name__}(loss={loss}, weight={self.weight}{hints})'
+        weight = f', weight={self.weight}' if loss is not None else ''  # without a logit term the weight weighs nothing
+        return f'{type(self).__name__}(loss={loss}{weight}{hints})'
 
     def __getstate__(self):
         "Leave the teachers out of pickles (`learn.export` leaves the whole callback out)"

@@ -350,6 +350,7 @@ def test_hints_only_work_with_a_teacher_of_other_classes(dls):
     "Without a logit term the teacher's head never meets the student's: a teacher trained on other classes can give hints"
     teacher = tiny_cnn(32, n_out=5)
     learn = student(dls, teacher, loss=None, hints=two_hints())
+    assert repr(learn.knowledge_distillation).startswith('KnowledgeDistillation(loss=None, hints=[')  # no weight: no term
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2, cbs=ShortEpochCallback(pct=0.2))
     assert learn.knowledge_distillation.smooth_parts[1] > 0
 

@@ -1,0 +1,116 @@
+"""The main job never misleads: a teacher checked before anything trains, a report that says what made it, and a job
+killed at any moment that resumes where it stopped and reports what an uninterrupted one does."""
+import json
+import signal
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import GTSRB_DATA, data_folder
+from fastkd.cli import main
+from test_cli import FASTKD, TINY
+
+TEACHER_32PX = GTSRB_DATA/'teachers'/'resnet34-gtsrb32.pth'
+JOB = ['demo', *TINY, '--seeds', '2', '--freeze-epochs', '0', '--teacher-epochs', '2', '--threads', '1']
+SCORES = ['seed', 'parameters', 'valid_accuracy', 'test_f1', 'test_f1_tta1', 'epochs']
+
+
+@pytest.fixture(scope='module')
+def gtsrb_three_classes(gtsrb32, tmp_path_factory):
+    "GTSRB 32x32 prepared for three classes (the smallest ones)"
+    data = data_folder(gtsrb32, tmp_path_factory.mktemp('three')/'data')
+    assert main(['prepare', '--data', str(data), '--classes', '0', '19', '37']) == 0
+    return data
+
+
+def test_a_32px_teacher_at_the_default_96px_stops_before_training_naming_the_size(gtsrb_three_classes, tmp_path):
+    if not TEACHER_32PX.exists(): pytest.skip(f'no shared teacher at {TEACHER_32PX}')
+    out = tmp_path/'report'
+    with pytest.raises(SystemExit) as stop:
+        main(['gtsrb', '--data', str(gtsrb_three_classes), '--classes', '0', '19', '37', '--teacher-weights',
+              str(TEACHER_32PX), '--teacher', 'resnet34', '--out', str(out)])
+    message = str(stop.value.code)
+    assert message.startswith(f'fastkd: The teacher (resnet34 from {TEACHER_32PX}) scores ')
+    assert 'at --size 96, no better than chance' in message
+    assert float(message.split('at --size 32 it scores ')[1][:5]) > 0.5 and 'Run again with --size 32.' in message
+    assert message.endswith('Nothing was trained or written.') and not out.exists()
+
+
+def test_evaluate_without_a_size_checks_the_model_and_always_prints_its_score(gtsrb_three_classes, tmp_path, capsys):
+    if not TEACHER_32PX.exists(): pytest.skip(f'no shared teacher at {TEACHER_32PX}')
+    common = ['evaluate', '--data', str(gtsrb_three_classes), '--weights', str(TEACHER_32PX), '--arch', 'resnet34',
+              '--classes', '0', '19', '37', '--n-augs', '0']
+    with pytest.raises(SystemExit, match=r'at --size 96, no better than chance.*Run again with --size 32\.'):
+        main([*common, '--out', str(tmp_path/'wrong')])
+    assert not (tmp_path/'wrong').exists()
+    assert main([*common, '--size', '32', '--out', str(tmp_path/'right')]) == 0
+    printed = capsys.readouterr().out
+    score = pd.read_csv(tmp_path/'right'/'tta.csv').score[0]
+    assert score > 0.5 and f'{score:.4f}' in printed and '32 px' in printed
+
+
+def test_weights_the_job_writes_say_what_they_were_trained_for(tmp_path, few_digits):
+    out = tmp_path/'report'
+    assert main([*JOB, '--seeds', '1', '--data', str(few_digits), '--out', str(out)]) == 0
+    assert json.loads((out/'student.json').read_text()) == {'arch': 'xresnet18-quarter', 'size': 16}
+    report = (out/'report.md').read_text()
+    header = report.split('**')[0]  # what comes before the verdict
+    command = f'fastkd demo {" ".join(TINY)} --seeds 2 --freeze-epochs 0 --teacher-epochs 2 --threads 1 --seeds 1'
+    assert f'Made by `{command} --data {few_digits} --out {out}` with fastkd ' in header
+    assert all(f'{name} ' in header for name in ('fastai', 'torch', 'python'))
+    assert '1 torch threads' in header and 'GPU: none' in header
+    for setting, value in (('size', 16), ('epochs', 1), ('lr', 0.01), ('method', 'softtarget'), ('weight', 0.5),
+                           ('teacher', 'trained by the job'), ('student_arch', 'xresnet18(widen=0.25)'),
+                           ('kd_loss', 'SoftTarget(T=4.0, standardize=False)'), ('data', '')):
+        assert f'| {setting} | {value}' in header
+    results = pd.read_csv(out/'results.csv', index_col='model')
+    assert (results.command == f'{command} --data {few_digits} --out {out}').all()
+    assert (results.job_seed == 42).all() and (results['size'] == 16).all() and (results.fastai != '').all()
+
+
+def _runs(out) -> dict:
+    "The finished runs kept in `out`: their record files and when each was written"
+    return {f.name: f.stat().st_mtime_ns for f in (out/'runs').glob('*.json') if f.name != 'settings.json'}
+
+
+def test_a_killed_job_resumes_without_retraining_and_reports_as_an_uninterrupted_one(few_digits, tmp_path):
+    job = [str(FASTKD), *JOB, '--data', str(few_digits), '--out']
+    whole, killed = tmp_path/'whole', tmp_path/'killed'
+    subprocess.run([*job, str(whole)], check=True, capture_output=True)
+    process = subprocess.Popen([*job, str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (killed/'runs'/'student-seed42.json').exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # mid-run: the teacher and at least the first student have ended
+    assert process.wait() == -signal.SIGKILL and not (killed/'report.md').exists()
+    finished = _runs(killed)
+    assert {'teacher-seed42.json', 'student-seed42.json'} <= set(finished) < set(_runs(whole))
+
+    rerun = subprocess.run([*job, str(killed)], check=True, capture_output=True, text=True)
+    names = sorted(f.removesuffix('.json').replace('-seed', ' seed ').replace('distilled-', 'distilled ')
+                   for f in finished)
+    assert f'Reused the runs kept in {killed/"runs"}: ' in rerun.stdout
+    assert sorted(rerun.stdout.split('Reused the runs kept in ')[1].split(': ', 1)[1].split('.\n')[0].split(', ')) == names
+    assert all(_runs(killed)[name] == written for name, written in finished.items())  # not trained again
+    assert set(_runs(killed)) == set(_runs(whole))
+
+    expected, resumed = (pd.read_csv(out/'results.csv', index_col='model') for out in (whole, killed))
+    pd.testing.assert_frame_equal(resumed[SCORES], expected[SCORES])
+    weights = [torch.load(out/'student.pth', weights_only=True) for out in (whole, killed)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    verdict = [line for line in (whole/'report.md').read_text().splitlines() if line.startswith('**')]
+    assert verdict and verdict == [line for line in (killed/'report.md').read_text().splitlines() if line.startswith('**')]
+
+
+def test_other_settings_in_the_same_folder_are_refused_with_the_fix(few_digits, tmp_path):
+    out = tmp_path/'report'
+    assert main([*JOB, '--seeds', '1', '--data', str(few_digits), '--out', str(out)]) == 0
+    kept = _runs(out)
+    with pytest.raises(SystemExit, match=r"fastkd: .*report holds runs of a job with other settings \(kd_weight: 0\.5 "
+                       r"then, 0\.3 now; weight: 0\.5 then, 0\.3 now\)\. Run again with the same settings to resume "
+                       r"it, pass another --out for this job, or delete .*runs to start again\."):
+        main([*JOB, '--seeds', '1', '--data', str(few_digits), '--out', str(out), '--weight', '0.3'])
+    assert _runs(out) == kept
