@@ -123,3 +123,14 @@ def test_gtsrb_job_then_evaluate_its_student(gtsrb32, tmp_path, capsys):
     per_class = pd.read_csv(evaluation/'per_class.csv')
     assert list(per_class.label) == [0, 19, 37] and per_class.name[1] == 'Dangerous curve to the left'
     assert (evaluation/'confusion.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_a_user_error_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    "The data folder exists but holds no GTSRB data: one line naming the fix, exit code 1; --debug raises it"
+    (tmp_path/'empty').mkdir()
+    assert main(['prepare', '--data', str(tmp_path/'empty')]) == 1
+    printed = capsys.readouterr()
+    assert printed.err.startswith(f'fastkd: No GTSRB training images in {tmp_path/"empty"}: put the official zips')
+    assert len(printed.err.strip().splitlines()) == 1 and 'Traceback' not in printed.err
+    with pytest.raises(FileNotFoundError, match='No GTSRB training images'):
+        main(['--debug', 'prepare', '--data', str(tmp_path/'empty')])
