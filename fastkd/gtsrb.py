@@ -152,13 +152,21 @@ def _same_file(src: Path, dst: Path) -> bool:
     return os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False)
 
 
-def _check_image(path: Path):
-    "An error naming `path` when it is unreadable or not a whole image"
-    if path.suffix.lower() not in image_extensions: return
+def _image_problem(path: Path) -> str | None:
+    "Why `path` is unreadable or not a whole image, or None when it reads (or is no image file)"
+    if path.suffix.lower() not in image_extensions: return None
     try:
         with Image.open(path) as image: image.load()
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
-        raise ValueError(f'{path} is not a readable image ({e}): unpack the official GTSRB zips again.') from None
+    except (OSError, UnidentifiedImageError, SyntaxError) as e: return f'{path} ({e})'
+    return None
+
+
+def _check_images(paths: Iterable[Path]):
+    "An error naming every unreadable image of `paths` at once"
+    problems = [p for p in map(_image_problem, paths) if p]
+    if problems:
+        raise ValueError(f'{len(problems)} images are not readable images: {"; ".join(problems)}. Nothing was changed: '
+                         'unpack the official GTSRB zips again (or delete these images and their csv rows).')
 
 
 def _hard_link(src: Path, tmp: str):
@@ -191,7 +199,7 @@ def _copy_pairs(pairs: list[tuple[Path, Path]], link: bool = False) -> int:
     if clashes:
         raise FileExistsError(f'{len(clashes)} destination files already hold other data, e.g. {clashes[0]}: nothing '
                               'was changed. Prepare into an empty folder, or delete these files if they are not needed.')
-    for src in sorted({s for s, _ in todo}): _check_image(src)
+    _check_images(sorted({s for s, _ in todo}))
     for folder in {d.parent for _, d in todo}: folder.mkdir(parents=True, exist_ok=True)
     for src, dst in progress_bar(todo, leave=False): link = _place(src, dst, link)
     return len(todo)

@@ -65,10 +65,12 @@ def test_unknown_classes_argument(source, tmp_path):
 
 
 @pytest.mark.parametrize('damage', [lambda b: b[:len(b) // 2], lambda b: b'not an image at all'], ids=['truncated', 'garbage'])
-def test_corrupt_image(source, tmp_path, damage):
-    image = sorted((source/'00001').glob('*.ppm'))[3]
-    image.write_bytes(damage(image.read_bytes()))
-    with pytest.raises(ValueError, match=f'{image.name} is not a readable image'): split(source, tmp_path/'out')
+def test_corrupt_images_all_named_in_one_run(source, tmp_path, damage):
+    "Three damaged images in two classes: one run names all three (not one per run), and writes nothing"
+    images = [sorted((source/'00001').glob('*.ppm'))[i] for i in (3, 7)] + [sorted((source/'00000').glob('*.ppm'))[5]]
+    for image in images: image.write_bytes(damage(image.read_bytes()))
+    with pytest.raises(ValueError, match='3 images are not readable images') as error: split(source, tmp_path/'out')
+    assert all(str(image) in str(error.value) for image in images) and 'unpack the official GTSRB zips again' in str(error.value)
     assert not (tmp_path/'out').exists()
 
 
