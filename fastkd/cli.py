@@ -20,7 +20,7 @@ __all__ = ['main', 'ARCHS']
 
 DEFAULT_SIZE = 96  # the reference notebook's, for the official full-size images
 SIDECAR = '.json'  # beside weights fastkd writes (student.pth, student.json): what they were trained for
-USER_ERRORS = (OSError, ValueError)  # FileNotFoundError, FileExistsError, ConnectionError, unreadable images, bad values
+USER_ERRORS = (OSError, ValueError)  # missing or clashing files, downloads, unreadable images, bad values
 
 ARCHS = {**{name: getattr(torchvision.models, name) for name in ('resnet18', 'resnet34', 'resnet50', 'resnet101')},
          'xresnet34-half': partial(xresnet34, widen=0.5),  # fastai's XResNet-34 at half width: 5.6M parameters

@@ -70,7 +70,8 @@ def test_corrupt_images_all_named_in_one_run(source, tmp_path, damage):
     images = [sorted((source/'00001').glob('*.ppm'))[i] for i in (3, 7)] + [sorted((source/'00000').glob('*.ppm'))[5]]
     for image in images: image.write_bytes(damage(image.read_bytes()))
     with pytest.raises(ValueError, match='3 images are not readable images') as error: split(source, tmp_path/'out')
-    assert all(str(image) in str(error.value) for image in images) and 'unpack the official GTSRB zips again' in str(error.value)
+    assert all(str(image) in str(error.value) for image in images)
+    assert 'unpack the official GTSRB zips again' in str(error.value)
     assert not (tmp_path/'out').exists()
 
 
