@@ -30,12 +30,12 @@ from urllib.request import Request, urlopen
 
 import numpy as np
 import torch
-from fastai.data.block import CategoryBlock, DataBlock
+from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.core import DataLoaders, TfmdDL
-from fastai.data.transforms import GrandparentSplitter, Normalize, get_image_files, image_extensions
+from fastai.data.transforms import GrandparentSplitter, IntToFloatTensor, Normalize, get_image_files, image_extensions
 from fastai.vision.augment import Resize, aug_transforms
-from fastai.vision.core import imagenet_stats
-from fastai.vision.data import ImageBlock, ImageDataLoaders
+from fastai.vision.core import PILImage, imagenet_stats
+from fastai.vision.data import ImageDataLoaders
 from fastprogress.fastprogress import progress_bar
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
@@ -475,10 +475,27 @@ def _class_id(path: Path) -> int:
     return int(Path(path).parent.name)
 
 
-def _class_images(path: Path, folders: list[str], classes: set[int] | None = None) -> list[Path]:
-    "The images of `folders` under `path`, of `classes` only when given"
-    files = get_image_files(path, folders=folders)
+def _class_images(path: Path, train: str, valid: str, classes: set[int] | None = None) -> list[Path]:
+    "The images of `train` and `valid` under `path`, of `classes` only when given; an error for classes never prepared"
+    files = get_image_files(path, folders=[train, valid])
+    held = {side: {_class_id(f) for f in files if f.parent.parent.name == side} for side in (train, valid)}
+    missing = sorted(classes - held[train]) if classes else []
+    if missing or not held[train]:
+        also = sorted(set(missing) - held[valid])
+        of, fix = (f' of classes {missing}', f', classes={missing}') if missing else ('', '')
+        nor = f' (nor in {path/valid})' if also == missing else f' (nor of {also} in {path/valid})' if also else ''
+        raise FileNotFoundError(f'No images{of} in {path/train}{nor}: they were never prepared there (it holds classes '
+                                f'{sorted(held[train]) or "none"}). Run prepare_gtsrb({str(path)!r}{fix}) first; it '
+                                'adds them beside the classes already there.')
     return files if classes is None else files.filter(lambda f: _class_id(f) in classes)
+
+
+def _open_image(fn: Path) -> PILImage:
+    "`PILImage.create(fn)`, with an error that names a damaged file (PIL's says only 'image file is truncated')"
+    try: return PILImage.create(fn)
+    except (OSError, SyntaxError) as e:
+        raise OSError(f'{fn} is not a readable image ({e}): delete it and run prepare_gtsrb again to copy it anew '
+                      '(if its source is damaged too, unpack the GTSRB data again first).') from None
 
 
 def gtsrb_dls(path: str | Path, size: int = 96, bs: int = 256, classes: Iterable[int] | None = None,
@@ -492,8 +509,9 @@ def gtsrb_dls(path: str | Path, size: int = 96, bs: int = 256, classes: Iterable
         if not (path/folder).is_dir():
             raise FileNotFoundError(f'{path/folder} does not exist: run prepare_gtsrb({str(path)!r}) first.')
     tfms = aug_transforms(do_flip=False, max_zoom=1.2, max_rotate=10, max_lighting=0.8, p_lighting=0.8)
-    dblock = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=list(range(N_CLASSES)))),
-                       get_items=partial(_class_images, folders=[train, valid], classes=classes),
+    images = TransformBlock(type_tfms=_open_image, batch_tfms=IntToFloatTensor)  # ImageBlock, naming damaged files
+    dblock = DataBlock(blocks=(images, CategoryBlock(vocab=list(range(N_CLASSES)))),
+                       get_items=partial(_class_images, train=train, valid=valid, classes=classes),
                        splitter=GrandparentSplitter(train_name=train, valid_name=valid), get_y=_class_id,
                        item_tfms=Resize(size), batch_tfms=[*(tfms if augment else []), Normalize.from_stats(*imagenet_stats)])
     return ImageDataLoaders.from_dblock(dblock, path, path=path, bs=bs, **kwargs)
@@ -502,8 +520,14 @@ def gtsrb_dls(path: str | Path, size: int = 96, bs: int = 256, classes: Iterable
 def gtsrb_test_dl(learn_or_dls, path: str | Path, classes: Iterable[int] | None = None) -> tuple[TfmdDL, Tensor]:
     """A test `DataLoader` over `path/test` (with the validation transforms of `learn_or_dls`, a `Learner` or
     `DataLoaders`) and the ClassIds of its images, from `test/labels.csv`, in the same order."""
-    dls = getattr(learn_or_dls, 'dls', learn_or_dls)
+    dls, classes = getattr(learn_or_dls, 'dls', learn_or_dls), _check_classes(classes)
     annotations = read_annotations(Path(path)/'test'/TEST_LABELS, classes)
+    absent = sorted(classes - {a.label for a in annotations}) if classes else []
+    if absent or not annotations:
+        of, fix = (f' of classes {absent}', f', classes={absent}') if absent else ('', '')
+        raise FileNotFoundError(f'{Path(path)/"test"} holds no test images{of}: they were never prepared there. Run '
+                                f'prepare_gtsrb({str(path)!r}{fix}) with the test zips (or the GTSRB/Final_Test '
+                                'folder) in that folder first.')
     files = [Path(path)/'test'/a.filename for a in annotations]
     missing = [f for f in files if not f.is_file()]
     if missing: raise FileNotFoundError(f'{len(missing)} test images are missing, e.g. {missing[0]}: run '

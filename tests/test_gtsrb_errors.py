@@ -1,14 +1,19 @@
 "Bad GTSRB input gets a clear error, and nothing is written, lost or changed."
 import hashlib
+import re
 import shutil
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from fastkd.gtsrb import (copy_test_set, gtsrb_dls, prepare_gtsrb, read_annotations, split_train_validation_sets)
+from conftest import data_folder
+from fastkd.gtsrb import (copy_test_set, gtsrb_dls, gtsrb_test_dl, prepare_gtsrb, read_annotations,
+                          split_train_validation_sets)
 
 ROW = ';29;30;5;6;24;25;'  # Width;...;Roi.Y2 between a file name and a ClassId
+DAMAGE = pytest.mark.parametrize('damage', [lambda b: b[:len(b) // 2], lambda b: b'not an image at all'],
+                                 ids=['truncated', 'garbage'])
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -64,7 +69,7 @@ def test_unknown_classes_argument(source, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['data']
 
 
-@pytest.mark.parametrize('damage', [lambda b: b[:len(b) // 2], lambda b: b'not an image at all'], ids=['truncated', 'garbage'])
+@DAMAGE
 def test_corrupt_images_all_named_in_one_run(source, tmp_path, damage):
     "Three damaged images in two classes: one run names all three (not one per run), and writes nothing"
     images = [sorted((source/'00001').glob('*.ppm'))[i] for i in (3, 7)] + [sorted((source/'00000').glob('*.ppm'))[5]]
@@ -143,3 +148,47 @@ def test_zip_member_outside_destination(tmp_path, name):
 def test_read_annotations_duplicates(tmp_path):
     (tmp_path/'GT.csv').write_text(f'Filename;ClassId\na.ppm;1\nb.ppm;2\na.ppm;1\n')
     with pytest.raises(ValueError, match=r"\['a.ppm'\] more than once"): read_annotations(tmp_path/'GT.csv')
+
+
+@pytest.fixture
+def class_zero(gtsrb32, tmp_path) -> Path:
+    "A data folder where only class 0 of the 32x32 archive was prepared (train, valid and its test images), as copies"
+    path = data_folder(gtsrb32, tmp_path/'class_zero')
+    prepare_gtsrb(path, classes=[0])
+    return path
+
+
+def test_dls_for_classes_never_prepared(class_zero):
+    path = re.escape(repr(str(class_zero)))
+    with pytest.raises(FileNotFoundError, match=r'No images of classes \[1, 2\] in .*train \(nor in .*valid\): they '
+                       r'were never prepared there \(it holds classes \[0\]\). Run '
+                       rf'prepare_gtsrb\({path}, classes=\[1, 2\]\)'):
+        gtsrb_dls(class_zero, classes=[1, 2])
+    with pytest.raises(FileNotFoundError, match=rf'classes \[2\] in .*prepare_gtsrb\({path}, classes=\[2\]\)'):
+        gtsrb_dls(class_zero, classes=[0, 2])
+    assert len(gtsrb_dls(class_zero, size=16, classes=[0], num_workers=0).train_ds) > 0
+    (class_zero/'empty'/'train').mkdir(parents=True)
+    (class_zero/'empty'/'valid').mkdir()
+    with pytest.raises(FileNotFoundError, match=r"No images in .*classes none.*prepare_gtsrb\('[^']*empty'\) first"):
+        gtsrb_dls(class_zero/'empty')
+
+
+def test_test_dl_for_classes_never_prepared(class_zero):
+    dls = gtsrb_dls(class_zero, size=16, classes=[0], num_workers=0)
+    for classes in ([1], [0, 1]):
+        with pytest.raises(FileNotFoundError, match=r'test holds no test images of classes \[1\]: '
+                           r'.*classes=\[1\]\) with the test zips'):
+            gtsrb_test_dl(dls, class_zero, classes=classes)
+    assert len(gtsrb_test_dl(dls, class_zero, classes=[0])[1]) > 0
+
+
+@DAMAGE
+def test_image_damaged_after_preparation_is_named(class_zero, damage):
+    "fastai's own error says 'image file is truncated' without a file name; a training or test batch names the file"
+    dls = gtsrb_dls(class_zero, size=16, bs=8, classes=[0], num_workers=0)
+    test_dl, _ = gtsrb_test_dl(dls, class_zero, classes=[0])
+    for dl, image in ((dls.valid, dls.valid_ds.items[3]), (test_dl, test_dl.items[2])):
+        image.write_bytes(damage(image.read_bytes()))
+        with pytest.raises(OSError, match=f'{re.escape(str(image))} is not a readable image .*delete it and run '
+                           'prepare_gtsrb again'):
+            for _ in dl: pass
