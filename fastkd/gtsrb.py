@@ -18,13 +18,14 @@ import os
 import re
 import shutil
 import stat
+import tarfile
 import warnings
 import zipfile
 import zlib
 from collections import defaultdict, namedtuple
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Iterable
+from typing import IO, Callable, Iterable
 from urllib.error import HTTPError
 from urllib.request import Request, urlopen
 
@@ -52,6 +53,7 @@ GTSRB_ZIPS = {  # name: (bytes, md5) of the official distribution
     'GTSRB_Final_Test_Images.zip': (88_978_620, 'c7e4e6327067d32654124b0fe9e82185'),
     'GTSRB_Final_Test_GT.zip': (99_620, 'fe31e9c9270bbcd7b84b7f21a9d9d9e5')}
 TEST_LABELS = 'labels.csv'  # `Filename;ClassId` of the images in `test/`
+TARBALLS = ('.tar.gz', '.tgz', '.tar', '.tar.bz2', '.tar.xz')  # a GTSRB/ folder packed so, e.g. gtsrb32.tar.gz
 
 _CLASS_NAMES = (
     'Speed limit (20km/h)', 'Speed limit (30km/h)', 'Speed limit (50km/h)', 'Speed limit (60km/h)',
@@ -370,13 +372,12 @@ def _download(url: str, dest: Path, size: int, md5: str, retries: int, timeout: 
                      'and the expected sizes and md5s, then run again.')
 
 
-def _member_path(dest: Path, info: zipfile.ZipInfo, zip_path: Path) -> Path:
-    "Where zip member `info` unpacks under `dest`; an error for names or links that would leave `dest`"
-    name = PurePosixPath(info.filename)
-    is_link = stat.S_ISLNK(info.external_attr >> 16)
-    if name.is_absolute() or '..' in name.parts or '\\' in info.filename or ':' in info.filename or is_link:
-        raise ValueError(f'{zip_path} holds {info.filename!r}, which would unpack outside {dest}: it is not an '
-                         'official GTSRB zip. Nothing was unpacked; delete it and download it again.')
+def _member_path(dest: Path, filename: str, is_link: bool, archive: Path) -> Path:
+    "Where archive member `filename` unpacks under `dest`; an error for names or links that could leave `dest`"
+    name = PurePosixPath(filename)
+    if name.is_absolute() or '..' in name.parts or '\\' in filename or ':' in filename or is_link:
+        raise ValueError(f'{archive} holds {filename!r}, a link or a name which would unpack outside {dest}: it is '
+                         'not an official GTSRB archive. Nothing was unpacked; delete it and download it again.')
     return dest.joinpath(*name.parts)
 
 
@@ -389,15 +390,16 @@ def _same_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> bool
     return crc == info.CRC
 
 
-def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: str):
-    "Write zip member `info` to the file `dest`"
-    with zf.open(info) as src, open(dest, 'wb') as dst: shutil.copyfileobj(src, dst)
+def _extract(open_member: Callable[[], IO[bytes]], dest: str | Path):
+    "Write the archive member that `open_member` opens to the file `dest`"
+    with open_member() as src, open(dest, 'wb') as dst: shutil.copyfileobj(src, dst)
 
 
 def _unpack(zip_path: Path, dest: Path) -> int:
     "Unpack `zip_path` into `dest`, each member through a temporary name; members already there are skipped"
     with zipfile.ZipFile(zip_path) as zf:
-        members = [(info, _member_path(dest, info, zip_path)) for info in zf.infolist() if not info.is_dir()]
+        members = [(info, _member_path(dest, info.filename, stat.S_ISLNK(info.external_attr >> 16), zip_path))
+                   for info in zf.infolist() if not info.is_dir()]
         todo = [(i, p) for i, p in members if not (p.is_file() and _same_member(zf, i, p))]
         clashes = [p for _, p in todo if p.exists() or p.is_symlink()]
         if clashes:
@@ -405,9 +407,47 @@ def _unpack(zip_path: Path, dest: Path) -> int:
                                   f'e.g. {clashes[0]}. Nothing was unpacked: unpack into an empty folder.')
         for info, path in progress_bar(todo, leave=False):
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, partial(_extract, zf, info))
+            atomic_write(path, partial(_extract, partial(zf.open, info)))
     _report(f'Unpacking {zip_path.name}', len(todo), len(members))
     return len(todo)
+
+
+def _unpack_tarball(archive: Path, dest: Path) -> int:
+    """Unpack `archive`, a tarball of the official `GTSRB/` folder (such as the 32x32 copy `gtsrb32.tar.gz`), to
+    `dest/GTSRB`. Members are checked as zip members are; they are written to a temporary folder whose `GTSRB/` is
+    then renamed into place whole, so an interrupted run leaves no half-unpacked `GTSRB/`. Returns the files written."""
+    tmp = dest/f'.{archive.name}.unpacking'
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
+    try:
+        with tarfile.open(archive) as tar:
+            members = [(m, _member_path(tmp, m.name, not (m.isfile() or m.isdir()), archive)) for m in tar.getmembers()]
+            for member, path in progress_bar(members, leave=False):
+                if member.isdir(): path.mkdir(parents=True, exist_ok=True)
+                else:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    _extract(partial(tar.extractfile, member), path)
+        if not (tmp/'GTSRB').is_dir():
+            raise ValueError(f'{archive} holds no GTSRB/ folder: it is not a copy of GTSRB in the official layout. '
+                             'Nothing was unpacked; put the official zips (or their unpacked GTSRB/ folder) there '
+                             'instead.')
+        os.rename(tmp/'GTSRB', dest/'GTSRB')
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise ValueError(f'{archive} is not a readable tarball ({e}): it is damaged or cut short. Nothing was '
+                         'unpacked; copy or download it again.') from None
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    files = sum(m.isfile() for m, _ in members)
+    _report(f'Unpacking {archive.name}', files, files)
+    return files
+
+
+def _tarball(path: Path) -> Path | None:
+    "The one tarball in `path` (of the `GTSRB/` folder, such as `gtsrb32.tar.gz`), or None; an error for several"
+    found = sorted(p for p in path.iterdir() if p.name.endswith(TARBALLS) and not p.name.startswith('.') and
+                   p.is_file()) if path.is_dir() else []
+    if len(found) > 1:
+        raise ValueError(f'{path} holds several tarballs, {[p.name for p in found]}, and no GTSRB/ folder: keep the '
+                         'one that holds the GTSRB/ folder (such as gtsrb32.tar.gz), or unpack it there yourself.')
+    return found[0] if found else None
 
 
 def _check_zip(path: Path, size: int, md5: str):
@@ -443,19 +483,22 @@ def _test_labels_file(path: Path) -> Path | None:
 
 def prepare_gtsrb(path: str | Path, classes: Iterable[int] | None = None, validation_fraction: float = 0.2,
                   link: bool = False, seed: int = 42, zips: dict[str, tuple[int, str]] = GTSRB_ZIPS) -> dict[str, Path]:
-    """From the official zips in `path` (verified against `zips`, then unpacked) or their unpacked `path/GTSRB`
-    folder, make `path/train`, `path/valid` and `path/all` (one sub-folder per ClassId) and, when the test images
-    and `GT-final_test.csv` are there, `path/test`. Only reads the sources; a second run changes nothing.
+    """From the official zips in `path` (verified against `zips`, then unpacked), their unpacked `path/GTSRB` folder,
+    or a tarball of that folder (such as the 32x32 copy `gtsrb32.tar.gz`, unpacked to `path/GTSRB`), make
+    `path/train`, `path/valid` and `path/all` (one sub-folder per ClassId) and, when the test images and
+    `GT-final_test.csv` are there, `path/test`. Only reads the sources; a second run changes nothing.
     Returns the paths by name (`test` is None without test data)."""
     path = Path(path)
     for name, (size, md5) in zips.items():
         if (path/name).exists():
             _check_zip(path/name, size, md5)
             _unpack(path/name, path)
+    if not (path/'GTSRB').exists() and (tarball := _tarball(path)): _unpack_tarball(tarball, path)
     source, test_images = path/'GTSRB'/'Final_Training'/'Images', path/'GTSRB'/'Final_Test'/'Images'
     if not source.is_dir():
         raise FileNotFoundError(f'No GTSRB training images in {path}: put the official zips there (`download_gtsrb` '
-                                'fetches them) or their unpacked GTSRB/Final_Training/Images folder.')
+                                'fetches them), their unpacked GTSRB/Final_Training/Images folder, or a tarball of '
+                                'that GTSRB/ folder (such as gtsrb32.tar.gz).')
     labels = _test_labels_file(path)
     if test_images.is_dir() and labels is None:
         raise FileNotFoundError(f'The test images in {test_images} have no labels: GT-final_test.csv (from '

@@ -1,7 +1,9 @@
 "Bad GTSRB input gets a clear error, and nothing is written, lost or changed."
 import hashlib
+import io
 import re
 import shutil
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -192,3 +194,67 @@ def test_image_damaged_after_preparation_is_named(class_zero, damage):
         with pytest.raises(OSError, match=f'{re.escape(str(image))} is not a readable image .*delete it and run '
                            'prepare_gtsrb again'):
             for _ in dl: pass
+
+
+def make_tarball(path: Path, folder: Path, arcname: str, extra: dict[str, bytes] = {}, link: str | None = None) -> Path:
+    "Pack `folder` as `arcname` into the tarball `path`, plus `extra` members by name and a symlink named `link`"
+    with tarfile.open(path, 'w:gz') as tar:
+        tar.add(folder, arcname=arcname)
+        for name, data in extra.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if link:
+            info = tarfile.TarInfo(link)
+            info.type, info.linkname = tarfile.SYMTYPE, '/etc/hostname'
+            tar.addfile(info)
+    return path
+
+
+def test_tarball_is_unpacked_and_prepared_as_its_folder(source, tmp_path):
+    "A folder holding only a tarball of GTSRB/ prepares exactly as the unpacked folder does; a rerun changes nothing"
+    packed = tmp_path/'packed'
+    packed.mkdir()
+    make_tarball(packed/'gtsrb32.tar.gz', source.parents[1], 'GTSRB')
+    (packed/'.gtsrb32.tar.gz.unpacking'/'GTSRB').mkdir(parents=True)  # left by a run killed while unpacking
+    (packed/'.gtsrb32.tar.gz.unpacking'/'GTSRB'/'stale.ppm').write_bytes(b'half')
+    prepare_gtsrb(packed, classes=[0, 1])
+    prepare_gtsrb(source.parents[2], classes=[0, 1])
+    assert snapshot(packed/'GTSRB') == snapshot(source.parents[2]/'GTSRB')
+    assert sorted(p.name for p in packed.iterdir()) == ['GTSRB', 'all', 'gtsrb32.tar.gz', 'train', 'valid']
+    for folder in ('train', 'valid', 'all'): assert snapshot(packed/folder) == snapshot(source.parents[2]/folder)
+    before = {str(p): p.stat().st_mtime_ns for p in packed.rglob('*')}
+    prepare_gtsrb(packed, classes=[0, 1])
+    assert {str(p): p.stat().st_mtime_ns for p in packed.rglob('*')} == before
+
+
+@pytest.mark.parametrize('extra, link, message', [
+    ({'../escaped.txt': b'escaped'}, None, 'would unpack outside'),
+    ({'GTSRB/../../escaped.txt': b'escaped'}, None, 'would unpack outside'),
+    ({'/tmp/escaped-fastkd.txt': b'escaped'}, None, 'would unpack outside'),
+    ({}, 'GTSRB/Final_Training/Images/00000/00000_00000.ppm', 'a link'),
+], ids=['dot-dot', 'dot-dot inside', 'absolute', 'symlink'])
+def test_tarball_member_outside_destination(source, tmp_path, extra, link, message):
+    data = tmp_path/'a'/'b'
+    data.mkdir(parents=True)
+    make_tarball(data/'gtsrb32.tar.gz', source.parents[1], 'GTSRB', extra, link)
+    with pytest.raises(ValueError, match=f'{message}.*Nothing was unpacked'): prepare_gtsrb(data)
+    assert not list(tmp_path.rglob('escaped*')) and not Path('/tmp/escaped-fastkd.txt').exists()
+    assert sorted(p.name for p in data.iterdir()) == ['gtsrb32.tar.gz']
+
+
+def test_tarball_without_gtsrb_folder_or_cut_short_leaves_nothing(source, tmp_path):
+    "Packed from inside GTSRB/ (files written, then refused) or cut short: an error, and no GTSRB/ or temporary folder"
+    data = tmp_path/'packed'
+    data.mkdir()
+    tarball = make_tarball(data/'gtsrb.tgz', source.parents[1], '.')
+    with pytest.raises(ValueError, match='holds no GTSRB/ folder: it is not a copy of GTSRB in the official layout'):
+        prepare_gtsrb(data)
+    assert sorted(p.name for p in data.iterdir()) == ['gtsrb.tgz']
+    make_tarball(tarball, source.parents[1], 'GTSRB')
+    tarball.write_bytes(tarball.read_bytes()[:tarball.stat().st_size // 2])
+    with pytest.raises(ValueError, match='gtsrb.tgz is not a readable tarball .*cut short. Nothing was unpacked'):
+        prepare_gtsrb(data)
+    assert sorted(p.name for p in data.iterdir()) == ['gtsrb.tgz']
+    make_tarball(data/'other.tar.gz', source.parents[1], 'GTSRB')
+    with pytest.raises(ValueError, match=r"several tarballs, \['gtsrb.tgz', 'other.tar.gz'\]"): prepare_gtsrb(data)
