@@ -134,3 +134,14 @@ def test_a_user_error_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys
     assert len(printed.err.strip().splitlines()) == 1 and 'Traceback' not in printed.err
     with pytest.raises(FileNotFoundError, match='No GTSRB training images'):
         main(['--debug', 'prepare', '--data', str(tmp_path/'empty')])
+
+
+def test_prepare_from_the_32px_tarball_alone(gtsrb_data, tmp_path, capsys):
+    "--data holding only gtsrb32.tar.gz, as notebook 01 accepts it: unpacked there, then prepared (was: no images)"
+    data = tmp_path/'data'
+    data.mkdir()
+    (data/'gtsrb32.tar.gz').symlink_to(gtsrb_data/'gtsrb32.tar.gz')
+    assert main(['prepare', '--data', str(data), '--classes', '19']) == 0
+    assert 'Unpacking gtsrb32.tar.gz: 43042 of 43042 files written' in capsys.readouterr().out
+    assert sorted(p.name for p in data.iterdir()) == ['GTSRB', 'all', 'gtsrb32.tar.gz', 'test', 'train', 'valid']
+    assert len(list((data/'all'/'19').iterdir())) == 210 and len(list((data/'test').glob('*.ppm'))) > 0
