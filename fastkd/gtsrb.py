@@ -1,7 +1,8 @@
 """GTSRB preparation: the official zips or folders in, `train/valid/all/test` folders and fastai `DataLoaders` out.
 
 The German Traffic Sign Recognition Benchmark (Stallkamp et al., Neural Networks 2012) ships as three zips.
-`download_gtsrb` fetches and unpacks them, `prepare_gtsrb` makes the folders of the reference notebook
+`download_gtsrb` fetches and unpacks them, `prepare_gtsrb` (from the zips, their `GTSRB/` folder, or a tarball of
+that folder such as the 32x32 copy `gtsrb32.tar.gz`) makes the folders of the reference notebook
 (`train/<ClassId>/`, `valid/<ClassId>/`, `all/<ClassId>/`, `test/` with `labels.csv`), `gtsrb_dls` and
 `gtsrb_test_dl` load them. Sources are only read, never moved; every file is written to a temporary name
 and renamed into place, and a second run over a complete destination changes nothing.
