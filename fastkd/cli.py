@@ -20,6 +20,7 @@ __all__ = ['main', 'ARCHS']
 
 DEFAULT_SIZE = 96  # the reference notebook's, for the official full-size images
 SIDECAR = '.json'  # beside weights fastkd writes (student.pth, student.json): what they were trained for
+USER_ERRORS = (OSError, ValueError)  # missing or clashing files, downloads, unreadable images, bad values
 
 ARCHS = {**{name: getattr(torchvision.models, name) for name in ('resnet18', 'resnet34', 'resnet50', 'resnet101')},
          'xresnet34-half': partial(xresnet34, widen=0.5),  # fastai's XResNet-34 at half width: 5.6M parameters
@@ -88,6 +89,8 @@ def _data_args(parser: argparse.ArgumentParser, required: bool = True):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='fastkd', description='Knowledge distillation for fastai: train a teacher, '
                                      'distil it into a smaller student, and report whether it paid.')
+    parser.add_argument('--debug', action='store_true',
+                        help='show the full traceback of an error, not only its one-line message')
     commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
     demo = commands.add_parser('demo', help='the whole job on scikit-learn\'s digits (no download)',
                                description='Teacher, student alone, distilled student and their TTA scores on '
@@ -158,14 +161,19 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    "Entry point of the `fastkd` console script"
+    """Entry point of the `fastkd` console script. An error in the data or the files (a `USER_ERRORS`) is printed as one
+    line `fastkd: <message>` and returns 1; `fastkd --debug COMMAND` raises it with its traceback."""
     parser = _parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.command_line = shlex.join(['fastkd', *argv])
     _check(parser, args)
     if getattr(args, 'threads', None): torch.set_num_threads(args.threads)
-    return {'demo': _demo, 'gtsrb': _gtsrb, 'prepare': _prepare, 'evaluate': _evaluate}[args.command](args) or 0
+    try: return {'demo': _demo, 'gtsrb': _gtsrb, 'prepare': _prepare, 'evaluate': _evaluate}[args.command](args) or 0
+    except USER_ERRORS as error:  # missing or bad files, bad values: their message names the fix
+        if args.debug: raise
+        print(f'fastkd: {str(error) or type(error).__name__}'.replace('\n', ' '), file=sys.stderr)
+        return 1
 
 
 def _schedule(args):

@@ -1,7 +1,8 @@
 """GTSRB preparation: the official zips or folders in, `train/valid/all/test` folders and fastai `DataLoaders` out.
 
 The German Traffic Sign Recognition Benchmark (Stallkamp et al., Neural Networks 2012) ships as three zips.
-`download_gtsrb` fetches and unpacks them, `prepare_gtsrb` makes the folders of the reference notebook
+`download_gtsrb` fetches and unpacks them, `prepare_gtsrb` (from the zips, their `GTSRB/` folder, or a tarball of
+that folder such as the 32x32 copy `gtsrb32.tar.gz`) makes the folders of the reference notebook
 (`train/<ClassId>/`, `valid/<ClassId>/`, `all/<ClassId>/`, `test/` with `labels.csv`), `gtsrb_dls` and
 `gtsrb_test_dl` load them. Sources are only read, never moved; every file is written to a temporary name
 and renamed into place, and a second run over a complete destination changes nothing.
@@ -18,24 +19,25 @@ import os
 import re
 import shutil
 import stat
+import tarfile
 import warnings
 import zipfile
 import zlib
 from collections import defaultdict, namedtuple
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Iterable
+from typing import IO, Callable, Iterable
 from urllib.error import HTTPError
 from urllib.request import Request, urlopen
 
 import numpy as np
 import torch
-from fastai.data.block import CategoryBlock, DataBlock
+from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.core import DataLoaders, TfmdDL
-from fastai.data.transforms import GrandparentSplitter, Normalize, get_image_files, image_extensions
+from fastai.data.transforms import GrandparentSplitter, IntToFloatTensor, Normalize, get_image_files, image_extensions
 from fastai.vision.augment import Resize, aug_transforms
-from fastai.vision.core import imagenet_stats
-from fastai.vision.data import ImageBlock, ImageDataLoaders
+from fastai.vision.core import PILImage, imagenet_stats
+from fastai.vision.data import ImageDataLoaders
 from fastprogress.fastprogress import progress_bar
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
@@ -52,6 +54,7 @@ GTSRB_ZIPS = {  # name: (bytes, md5) of the official distribution
     'GTSRB_Final_Test_Images.zip': (88_978_620, 'c7e4e6327067d32654124b0fe9e82185'),
     'GTSRB_Final_Test_GT.zip': (99_620, 'fe31e9c9270bbcd7b84b7f21a9d9d9e5')}
 TEST_LABELS = 'labels.csv'  # `Filename;ClassId` of the images in `test/`
+TARBALLS = ('.tar.gz', '.tgz', '.tar', '.tar.bz2', '.tar.xz')  # a GTSRB/ folder packed so, e.g. gtsrb32.tar.gz
 
 _CLASS_NAMES = (
     'Speed limit (20km/h)', 'Speed limit (30km/h)', 'Speed limit (50km/h)', 'Speed limit (60km/h)',
@@ -152,13 +155,21 @@ def _same_file(src: Path, dst: Path) -> bool:
     return os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False)
 
 
-def _check_image(path: Path):
-    "An error naming `path` when it is unreadable or not a whole image"
-    if path.suffix.lower() not in image_extensions: return
+def _image_problem(path: Path) -> str | None:
+    "Why `path` is unreadable or not a whole image, or None when it reads (or is no image file)"
+    if path.suffix.lower() not in image_extensions: return None
     try:
         with Image.open(path) as image: image.load()
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
-        raise ValueError(f'{path} is not a readable image ({e}): unpack the official GTSRB zips again.') from None
+    except (OSError, UnidentifiedImageError, SyntaxError) as e: return f'{path} ({e})'
+    return None
+
+
+def _check_images(paths: Iterable[Path]):
+    "An error naming every unreadable image of `paths` at once"
+    problems = [p for p in map(_image_problem, paths) if p]
+    if problems:
+        raise ValueError(f'{len(problems)} images are not readable images: {"; ".join(problems)}. Nothing was changed: '
+                         'unpack the official GTSRB zips again (or delete these images and their csv rows).')
 
 
 def _hard_link(src: Path, tmp: str):
@@ -191,7 +202,7 @@ def _copy_pairs(pairs: list[tuple[Path, Path]], link: bool = False) -> int:
     if clashes:
         raise FileExistsError(f'{len(clashes)} destination files already hold other data, e.g. {clashes[0]}: nothing '
                               'was changed. Prepare into an empty folder, or delete these files if they are not needed.')
-    for src in sorted({s for s, _ in todo}): _check_image(src)
+    _check_images(sorted({s for s, _ in todo}))
     for folder in {d.parent for _, d in todo}: folder.mkdir(parents=True, exist_ok=True)
     for src, dst in progress_bar(todo, leave=False): link = _place(src, dst, link)
     return len(todo)
@@ -362,13 +373,12 @@ def _download(url: str, dest: Path, size: int, md5: str, retries: int, timeout: 
                      'and the expected sizes and md5s, then run again.')
 
 
-def _member_path(dest: Path, info: zipfile.ZipInfo, zip_path: Path) -> Path:
-    "Where zip member `info` unpacks under `dest`; an error for names or links that would leave `dest`"
-    name = PurePosixPath(info.filename)
-    is_link = stat.S_ISLNK(info.external_attr >> 16)
-    if name.is_absolute() or '..' in name.parts or '\\' in info.filename or ':' in info.filename or is_link:
-        raise ValueError(f'{zip_path} holds {info.filename!r}, which would unpack outside {dest}: it is not an '
-                         'official GTSRB zip. Nothing was unpacked; delete it and download it again.')
+def _member_path(dest: Path, filename: str, is_link: bool, archive: Path) -> Path:
+    "Where archive member `filename` unpacks under `dest`; an error for names or links that could leave `dest`"
+    name = PurePosixPath(filename)
+    if name.is_absolute() or '..' in name.parts or '\\' in filename or ':' in filename or is_link:
+        raise ValueError(f'{archive} holds {filename!r}, a link or a name which would unpack outside {dest}: it is '
+                         'not an official GTSRB archive. Nothing was unpacked; delete it and download it again.')
     return dest.joinpath(*name.parts)
 
 
@@ -381,15 +391,16 @@ def _same_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> bool
     return crc == info.CRC
 
 
-def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: str):
-    "Write zip member `info` to the file `dest`"
-    with zf.open(info) as src, open(dest, 'wb') as dst: shutil.copyfileobj(src, dst)
+def _extract(open_member: Callable[[], IO[bytes]], dest: str | Path):
+    "Write the archive member that `open_member` opens to the file `dest`"
+    with open_member() as src, open(dest, 'wb') as dst: shutil.copyfileobj(src, dst)
 
 
 def _unpack(zip_path: Path, dest: Path) -> int:
     "Unpack `zip_path` into `dest`, each member through a temporary name; members already there are skipped"
     with zipfile.ZipFile(zip_path) as zf:
-        members = [(info, _member_path(dest, info, zip_path)) for info in zf.infolist() if not info.is_dir()]
+        members = [(info, _member_path(dest, info.filename, stat.S_ISLNK(info.external_attr >> 16), zip_path))
+                   for info in zf.infolist() if not info.is_dir()]
         todo = [(i, p) for i, p in members if not (p.is_file() and _same_member(zf, i, p))]
         clashes = [p for _, p in todo if p.exists() or p.is_symlink()]
         if clashes:
@@ -397,9 +408,47 @@ def _unpack(zip_path: Path, dest: Path) -> int:
                                   f'e.g. {clashes[0]}. Nothing was unpacked: unpack into an empty folder.')
         for info, path in progress_bar(todo, leave=False):
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, partial(_extract, zf, info))
+            atomic_write(path, partial(_extract, partial(zf.open, info)))
     _report(f'Unpacking {zip_path.name}', len(todo), len(members))
     return len(todo)
+
+
+def _unpack_tarball(archive: Path, dest: Path) -> int:
+    """Unpack `archive`, a tarball of the official `GTSRB/` folder (such as the 32x32 copy `gtsrb32.tar.gz`), to
+    `dest/GTSRB`. Members are checked as zip members are; they are written to a temporary folder whose `GTSRB/` is
+    then renamed into place whole, so an interrupted run leaves no half-unpacked `GTSRB/`. Returns the files written."""
+    tmp = dest/f'.{archive.name}.unpacking'
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
+    try:
+        with tarfile.open(archive) as tar:
+            members = [(m, _member_path(tmp, m.name, not (m.isfile() or m.isdir()), archive)) for m in tar.getmembers()]
+            for member, path in progress_bar(members, leave=False):
+                if member.isdir(): path.mkdir(parents=True, exist_ok=True)
+                else:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    _extract(partial(tar.extractfile, member), path)
+        if not (tmp/'GTSRB').is_dir():
+            raise ValueError(f'{archive} holds no GTSRB/ folder: it is not a copy of GTSRB in the official layout. '
+                             'Nothing was unpacked; put the official zips (or their unpacked GTSRB/ folder) there '
+                             'instead.')
+        os.rename(tmp/'GTSRB', dest/'GTSRB')
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise ValueError(f'{archive} is not a readable tarball ({e}): it is damaged or cut short. Nothing was '
+                         'unpacked; copy or download it again.') from None
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    files = sum(m.isfile() for m, _ in members)
+    _report(f'Unpacking {archive.name}', files, files)
+    return files
+
+
+def _tarball(path: Path) -> Path | None:
+    "The one tarball in `path` (of the `GTSRB/` folder, such as `gtsrb32.tar.gz`), or None; an error for several"
+    found = sorted(p for p in path.iterdir() if p.name.endswith(TARBALLS) and not p.name.startswith('.') and
+                   p.is_file()) if path.is_dir() else []
+    if len(found) > 1:
+        raise ValueError(f'{path} holds several tarballs, {[p.name for p in found]}, and no GTSRB/ folder: keep the '
+                         'one that holds the GTSRB/ folder (such as gtsrb32.tar.gz), or unpack it there yourself.')
+    return found[0] if found else None
 
 
 def _check_zip(path: Path, size: int, md5: str):
@@ -435,19 +484,22 @@ def _test_labels_file(path: Path) -> Path | None:
 
 def prepare_gtsrb(path: str | Path, classes: Iterable[int] | None = None, validation_fraction: float = 0.2,
                   link: bool = False, seed: int = 42, zips: dict[str, tuple[int, str]] = GTSRB_ZIPS) -> dict[str, Path]:
-    """From the official zips in `path` (verified against `zips`, then unpacked) or their unpacked `path/GTSRB`
-    folder, make `path/train`, `path/valid` and `path/all` (one sub-folder per ClassId) and, when the test images
-    and `GT-final_test.csv` are there, `path/test`. Only reads the sources; a second run changes nothing.
+    """From the official zips in `path` (verified against `zips`, then unpacked), their unpacked `path/GTSRB` folder,
+    or a tarball of that folder (such as the 32x32 copy `gtsrb32.tar.gz`, unpacked to `path/GTSRB`), make
+    `path/train`, `path/valid` and `path/all` (one sub-folder per ClassId) and, when the test images and
+    `GT-final_test.csv` are there, `path/test`. Only reads the sources; a second run changes nothing.
     Returns the paths by name (`test` is None without test data)."""
     path = Path(path)
     for name, (size, md5) in zips.items():
         if (path/name).exists():
             _check_zip(path/name, size, md5)
             _unpack(path/name, path)
+    if not (path/'GTSRB').exists() and (tarball := _tarball(path)): _unpack_tarball(tarball, path)
     source, test_images = path/'GTSRB'/'Final_Training'/'Images', path/'GTSRB'/'Final_Test'/'Images'
     if not source.is_dir():
         raise FileNotFoundError(f'No GTSRB training images in {path}: put the official zips there (`download_gtsrb` '
-                                'fetches them) or their unpacked GTSRB/Final_Training/Images folder.')
+                                'fetches them), their unpacked GTSRB/Final_Training/Images folder, or a tarball of '
+                                'that GTSRB/ folder (such as gtsrb32.tar.gz).')
     labels = _test_labels_file(path)
     if test_images.is_dir() and labels is None:
         raise FileNotFoundError(f'The test images in {test_images} have no labels: GT-final_test.csv (from '
@@ -467,10 +519,27 @@ def _class_id(path: Path) -> int:
     return int(Path(path).parent.name)
 
 
-def _class_images(path: Path, folders: list[str], classes: set[int] | None = None) -> list[Path]:
-    "The images of `folders` under `path`, of `classes` only when given"
-    files = get_image_files(path, folders=folders)
+def _class_images(path: Path, train: str, valid: str, classes: set[int] | None = None) -> list[Path]:
+    "The images of `train` and `valid` under `path`, of `classes` only when given; an error for classes never prepared"
+    files = get_image_files(path, folders=[train, valid])
+    held = {side: {_class_id(f) for f in files if f.parent.parent.name == side} for side in (train, valid)}
+    missing = sorted(classes - held[train]) if classes else []
+    if missing or not held[train]:
+        also = sorted(set(missing) - held[valid])
+        of, fix = (f' of classes {missing}', f', classes={missing}') if missing else ('', '')
+        nor = f' (nor in {path/valid})' if also == missing else f' (nor of {also} in {path/valid})' if also else ''
+        raise FileNotFoundError(f'No images{of} in {path/train}{nor}: they were never prepared there (it holds classes '
+                                f'{sorted(held[train]) or "none"}). Run prepare_gtsrb({str(path)!r}{fix}) first; it '
+                                'adds them beside the classes already there.')
     return files if classes is None else files.filter(lambda f: _class_id(f) in classes)
+
+
+def _open_image(fn: Path) -> PILImage:
+    "`PILImage.create(fn)`, with an error that names a damaged file (PIL's says only 'image file is truncated')"
+    try: return PILImage.create(fn)
+    except (OSError, SyntaxError) as e:
+        raise OSError(f'{fn} is not a readable image ({e}): delete it and run prepare_gtsrb again to copy it anew '
+                      '(if its source is damaged too, unpack the GTSRB data again first).') from None
 
 
 def gtsrb_dls(path: str | Path, size: int = 96, bs: int = 256, classes: Iterable[int] | None = None,
@@ -484,8 +553,9 @@ def gtsrb_dls(path: str | Path, size: int = 96, bs: int = 256, classes: Iterable
         if not (path/folder).is_dir():
             raise FileNotFoundError(f'{path/folder} does not exist: run prepare_gtsrb({str(path)!r}) first.')
     tfms = aug_transforms(do_flip=False, max_zoom=1.2, max_rotate=10, max_lighting=0.8, p_lighting=0.8)
-    dblock = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=list(range(N_CLASSES)))),
-                       get_items=partial(_class_images, folders=[train, valid], classes=classes),
+    images = TransformBlock(type_tfms=_open_image, batch_tfms=IntToFloatTensor)  # ImageBlock, naming damaged files
+    dblock = DataBlock(blocks=(images, CategoryBlock(vocab=list(range(N_CLASSES)))),
+                       get_items=partial(_class_images, train=train, valid=valid, classes=classes),
                        splitter=GrandparentSplitter(train_name=train, valid_name=valid), get_y=_class_id,
                        item_tfms=Resize(size), batch_tfms=[*(tfms if augment else []), Normalize.from_stats(*imagenet_stats)])
     return ImageDataLoaders.from_dblock(dblock, path, path=path, bs=bs, **kwargs)
@@ -494,8 +564,14 @@ def gtsrb_dls(path: str | Path, size: int = 96, bs: int = 256, classes: Iterable
 def gtsrb_test_dl(learn_or_dls, path: str | Path, classes: Iterable[int] | None = None) -> tuple[TfmdDL, Tensor]:
     """A test `DataLoader` over `path/test` (with the validation transforms of `learn_or_dls`, a `Learner` or
     `DataLoaders`) and the ClassIds of its images, from `test/labels.csv`, in the same order."""
-    dls = getattr(learn_or_dls, 'dls', learn_or_dls)
+    dls, classes = getattr(learn_or_dls, 'dls', learn_or_dls), _check_classes(classes)
     annotations = read_annotations(Path(path)/'test'/TEST_LABELS, classes)
+    absent = sorted(classes - {a.label for a in annotations}) if classes else []
+    if absent or not annotations:
+        of, fix = (f' of classes {absent}', f', classes={absent}') if absent else ('', '')
+        raise FileNotFoundError(f'{Path(path)/"test"} holds no test images{of}: they were never prepared there. Run '
+                                f'prepare_gtsrb({str(path)!r}{fix}) with the test zips (or the GTSRB/Final_Test '
+                                'folder) in that folder first.')
     files = [Path(path)/'test'/a.filename for a in annotations]
     missing = [f for f in files if not f.is_file()]
     if missing: raise FileNotFoundError(f'{len(missing)} test images are missing, e.g. {missing[0]}: run '

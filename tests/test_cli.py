@@ -123,3 +123,25 @@ def test_gtsrb_job_then_evaluate_its_student(gtsrb32, tmp_path, capsys):
     per_class = pd.read_csv(evaluation/'per_class.csv')
     assert list(per_class.label) == [0, 19, 37] and per_class.name[1] == 'Dangerous curve to the left'
     assert (evaluation/'confusion.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_a_user_error_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    "The data folder exists but holds no GTSRB data: one line naming the fix, exit code 1; --debug raises it"
+    (tmp_path/'empty').mkdir()
+    assert main(['prepare', '--data', str(tmp_path/'empty')]) == 1
+    printed = capsys.readouterr()
+    assert printed.err.startswith(f'fastkd: No GTSRB training images in {tmp_path/"empty"}: put the official zips')
+    assert len(printed.err.strip().splitlines()) == 1 and 'Traceback' not in printed.err
+    with pytest.raises(FileNotFoundError, match='No GTSRB training images'):
+        main(['--debug', 'prepare', '--data', str(tmp_path/'empty')])
+
+
+def test_prepare_from_the_32px_tarball_alone(gtsrb_data, tmp_path, capsys):
+    "--data holding only gtsrb32.tar.gz, as notebook 01 accepts it: unpacked there, then prepared (was: no images)"
+    data = tmp_path/'data'
+    data.mkdir()
+    (data/'gtsrb32.tar.gz').symlink_to(gtsrb_data/'gtsrb32.tar.gz')
+    assert main(['prepare', '--data', str(data), '--classes', '19']) == 0
+    assert 'Unpacking gtsrb32.tar.gz: 43042 of 43042 files written' in capsys.readouterr().out
+    assert sorted(p.name for p in data.iterdir()) == ['GTSRB', 'all', 'gtsrb32.tar.gz', 'test', 'train', 'valid']
+    assert len(list((data/'all'/'19').iterdir())) == 210 and len(list((data/'test').glob('*.ppm'))) > 0
