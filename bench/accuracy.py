@@ -75,7 +75,7 @@ from fastkd.memory import InMemoryDL, in_memory
 from fastkd.report import compare_models
 from fastkd.split import default_split
 from fastkd.tta import tta_preds
-from fastkd.workflow import VERDICT_RULE, Schedule, kd_method, seed_gain, train_schedule, weighted_f1
+from fastkd.workflow import SPREAD_RULE, Schedule, kd_method, seed_gain, train_schedule, weighted_f1
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent/'shared'/'data'/'gtsrb'
@@ -395,7 +395,7 @@ def report(table: pd.DataFrame, runs: pd.DataFrame, selection: pd.DataFrame, tea
         f"| teacher (ResNet-34) | {teacher['weights']} | - | - | {teacher['test_f1']:.4f} | {teacher['test_acc']:.4f} "
         f"| {teacher['test_f1_tta']:.4f} ({teacher['n_aug']}) | {teacher['valid_f1']:.4f} | | | | |",
         *map(_table_line, table.itertuples()), '',
-        f'Rule for "beyond spread": {VERDICT_RULE}', '', targets(table, runs), '',
+        SPREAD_RULE, '', targets(table, runs), '',
         '## Teacher and student', '',
         f"Student: {sizes.at['parameters', 'student']:,.0f} parameters ({ratio['parameters']:.1%} of the teacher's "
         f"{sizes.at['parameters', 'teacher']:,.0f}), {1 / ratio['latency_ms']:.1f}x faster at batch 1 "

@@ -1,13 +1,14 @@
 """How often does the demo's verdict flip under changes that only alter floating-point rounding?
 
 Runs `fastkd demo` (its defaults, as `make demo` does) once per rounding configuration with `--seeds N`, then reads
-every window of `--window` consecutive seeds as a demo of that many seeds would: its verdict by the demo's rule. A
-window's verdict *flips* when it differs between configurations. Configurations: CPU threads (1 or 2) and the
+every combination of some of those seeds as a demo of that many seeds would, by a verdict rule (`--demos 3:spread`:
+3 seeds read by the rule the demo had until December 2026; `8:interval`: 8 seeds, the confidence-interval rule). A
+demo *flips* when the configurations do not all give it the same verdict. Configurations: CPU threads (1 or 2) and the
 teacher's memory layout during distillation (channels-last, fastkd's CPU default, or kept as it is). Each
 configuration trains its own teacher and students from the same seeds, so every difference between them is rounding.
 
-    python bench/demo_verdict.py --seeds 9 --window 3      # trains, then writes bench/results/demo_verdict.md
-    python bench/demo_verdict.py --report --window 3 5     # rereads the runs, trains nothing
+    python bench/demo_verdict.py --seeds 9                 # trains, then writes bench/results/demo_verdict.md
+    python bench/demo_verdict.py --report --demos 3:spread 3:interval 8:interval  # rereads the runs only
 """
 from __future__ import annotations
 
@@ -47,41 +48,43 @@ def train(config: str, seeds: int, out: Path, extra: list[str]):
     (out/'bench.json').write_text(json.dumps(dict(config=config, seconds=time.perf_counter() - start, extra=extra)))
 
 
-def verdicts(results: pd.DataFrame, window: int) -> dict[str, bool]:
-    "Whether each window of `window` consecutive seeds gains beyond the spread, by the demo's own rule"
+RULES = {'spread': 'beyond_spread', 'interval': 'shown'}  # seed_gain's answer for each rule the demo has had
+
+
+def verdicts(results: pd.DataFrame, window: int, rule: str) -> dict[str, bool]:
+    "Whether each set of `window` seeds (every combination of the run's seeds) gains by `rule`"
     from fastkd.workflow import seed_gain
-    seeds = sorted(results.loc['student'].seed)
     alone, distilled = (results.loc[[name]].set_index('seed').test_f1 for name in ('student', 'distilled student'))
-    return {f'{s[0]}-{s[-1]}': seed_gain(alone.loc[s], distilled.loc[s])['beyond_spread']
-            for s in (seeds[i:i + window] for i in range(len(seeds) - window + 1))}
+    return {' '.join(map(str, s)): seed_gain(alone.loc[list(s)], distilled.loc[list(s)])[RULES[rule]]
+            for s in itertools.combinations(sorted(alone.index), window)}
 
 
-def report(out: Path, windows: list[int], dest: Path):
+def report(out: Path, demos: list[tuple[int, str]], dest: Path):
     runs = {json.loads((d/'bench.json').read_text())['config']: pd.read_csv(d/'results.csv', index_col='model')
             for d in sorted(out.iterdir()) if (d/'bench.json').exists()}
     if not runs: sys.exit(f'No finished run in {out}: run without --report first.')
-    lines = ['# Does the demo\'s verdict survive rounding? (`bench/demo_verdict.py`)', '',
-             f'Command: `python bench/demo_verdict.py {" ".join(sys.argv[1:])}`; runs in `{out.relative_to(ROOT)}`.', '',
-             '## Per-seed gains (test F1 points, distilled minus alone, same seed)', '']
     gains = pd.DataFrame({config: 100 * (r.loc['distilled student'].set_index('seed').test_f1
                                          - r.loc['student'].set_index('seed').test_f1) for config, r in runs.items()})
-    lines += [_markdown(gains.round(2)), '']
-    for window in windows:
-        table = pd.DataFrame({config: verdicts(r, window) for config, r in runs.items()})
-        flips = [len(set(row)) > 1 for row in table.itertuples(index=False)]
-        pairs = [(a, b) for a, b in itertools.combinations(table.columns, 2)]
-        differ = sum((table[a] != table[b]).sum() for a, b in pairs)
-        lines += [f'## Windows of {window} seeds: gain beyond the spread?', '', _markdown(table), '',
-                  f'Windows whose verdict differs between configurations: {sum(flips)} of {len(flips)}; '
-                  f'pairs of configurations that disagree on a window: {differ} of {len(pairs) * len(table)}.', '']
-    dest.write_text('\n'.join(lines))
+    lines = ["# Does the demo's verdict survive rounding? (`bench/demo_verdict.py`)", '',
+             f'Command: `python bench/demo_verdict.py {" ".join(sys.argv[1:])}`; runs in `{out}`.', '',
+             '## Per-seed gains (test F1 points, distilled minus alone, same seed)', '', _markdown(gains.round(2)), '',
+             'Each demo below is a set of seeds of these runs (every combination), read by a rule as the demo reads '
+             'its seeds; it *flips* when the configurations do not all give it the same verdict.', '']
+    for window, rule in demos:
+        table = pd.DataFrame({config: verdicts(r, window, rule) for config, r in runs.items()})
+        flips = sum(len(set(row)) > 1 for row in table.itertuples(index=False))
+        lines += [f'- {window} seeds, rule "{rule}": {flips} of {len(table)} demos flip ({flips / len(table):.0%}); '
+                  f'a gain is claimed in {table.values.mean():.0%} of demo runs '
+                  f'({", ".join(f"{c}: {table[c].mean():.0%}" for c in table.columns)}).']
+    dest.write_text('\n'.join(lines + ['']))
     print('\n'.join(lines))
 
 
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--seeds', type=int, default=9)
-    parser.add_argument('--window', type=int, nargs='+', default=[3])
+    parser.add_argument('--demos', nargs='+', default=['3:spread', '8:interval'],
+                        help='demos to read the runs as, SEEDS:RULE (rules: spread, the old one; interval, the new)')
     parser.add_argument('--configs', nargs='+', default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument('--out', type=Path, default=ROOT/'bench'/'out'/'demo_verdict')
     parser.add_argument('--results', type=Path, default=ROOT/'bench'/'results'/'demo_verdict.md')
@@ -95,4 +98,4 @@ if __name__ == '__main__':
             if (args.out/_slug(config)/'bench.json').exists(): continue
             subprocess.run([sys.executable, __file__, '--one', config, '--seeds', str(args.seeds), '--out',
                             str(args.out), *extra], check=True)
-    if not args.one: report(args.out, args.window, args.results)
+    if not args.one: report(args.out, [(int(n), rule) for n, rule in (d.split(':') for d in args.demos)], args.results)

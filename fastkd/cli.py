@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
                                description='Teacher, student alone, distilled student and their TTA scores on '
                                'scikit-learn\'s digits written as an image folder; writes a report folder.')
     _schedule_args(demo, size=16, epochs=6, bs=64, lr_find_iters=100, teacher='xresnet34-half',
-                   student='xresnet18-sixteenth', seeds=3, teacher_epochs=12, lr=1e-2)
+                   student='xresnet18-sixteenth', seeds=8, teacher_epochs=12, lr=1e-2)
     demo.add_argument('--data', type=Path, default=None,
                       help='where to write the digits image folder (default: OUT/digits)')
     gtsrb = commands.add_parser('gtsrb', help='the whole job on GTSRB (ResNet-34 teacher, ResNet-18 student)',

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastai.vision.learner import vision_learner
 from matplotlib.figure import Figure
+from scipy.stats import t as t_distribution
 from sklearn.metrics import f1_score
 from fastai.data.transforms import Normalize
 from torch import Tensor, nn
@@ -284,35 +286,43 @@ def seed_summary(table: pd.DataFrame) -> pd.DataFrame:
     return stats
 
 
-VERDICT_RULE = ('A gain is claimed only when the mean of the per-seed gains (distilled student minus student alone, '
-                'same seed) is above zero, above the standard deviation of those gains, and above the standard '
-                "deviation of the student alone's scores across seeds (sample standard deviations).")
+VERDICT_RULE = ('A gain is claimed only when the 95% confidence interval of the mean per-seed gain (distilled student '
+                'minus student alone, same seed; Student t with one degree of freedom fewer than seeds) lies above '
+                'zero, and a loss only when it lies below. More seeds narrow the interval, so a real gain is shown '
+                'more surely, and a verdict does not hinge on the rounding of one run.')
+SPREAD_RULE = ('"Beyond spread": the mean of the per-seed gains is above zero, above the standard deviation of those '
+               "gains, and above the standard deviation of the student alone's scores across seeds (sample standard "
+               'deviations).')
 
 
-def seed_gain(alone: pd.Series, distilled: pd.Series) -> dict:
+def seed_gain(alone: pd.Series, distilled: pd.Series, confidence: float = 0.95) -> dict:
     """The gain of distillation in points (100 x the score) over seeds: `alone` and `distilled` hold one score per
     seed (indexed by seed), paired by seed. Returns the number of seeds, the mean and sample standard deviation of the
-    per-seed gains, the student alone's standard deviation, and whether the gain counts by `VERDICT_RULE`."""
+    per-seed gains, the student alone's standard deviation, the `confidence` interval of the mean gain (`ci_low`,
+    `ci_high`), whether it lies above zero (`shown`, `VERDICT_RULE`) and whether the gain is `beyond_spread`
+    (`SPREAD_RULE`)."""
     gains = 100 * (distilled - alone.reindex(distilled.index))
-    mean, std, alone_std = gains.mean(), gains.std(), 100 * alone.std()
-    return dict(seeds=len(gains), mean=mean, std=std, alone_std=alone_std,
-                beyond_spread=bool(len(gains) > 1 and mean > 0 and mean > std and mean > alone_std))
+    n, mean, std, alone_std = len(gains), gains.mean(), gains.std(), 100 * alone.std()
+    half = t_distribution.ppf((1 + confidence) / 2, n - 1) * std / math.sqrt(n) if n > 1 else math.nan
+    return dict(seeds=n, mean=mean, std=std, alone_std=alone_std, ci_low=mean - half, ci_high=mean + half,
+                shown=bool(mean - half > 0), beyond_spread=bool(n > 1 and mean > 0 and mean > std and mean > alone_std))
 
 
 def distillation_verdict(table: pd.DataFrame, score: str = 'test_f1') -> str:
     """Whether distillation paid on `score` over the seeds of `table` (rows 'student' and 'distilled student', a
     `seed` column), by `VERDICT_RULE`: 'distillation gained X +- Y points' (mean and standard deviation of the
-    per-seed gains, in points of 100), else 'no gain beyond seed-to-seed spread'"""
+    per-seed gains, in points of 100) with the confidence interval of the mean gain: 'Distillation gained: ...',
+    'Distillation cost: ...' or 'No gain shown: ...'"""
     alone, distilled = (table.loc[[name]].set_index('seed')[score] for name in ('student', 'distilled student'))
     gain = seed_gain(alone, distilled)
     if gain['seeds'] < 2:
         return (f'Distillation changed the student\'s {score} by {gain["mean"]:+.1f} points on one seed: with no '
                 'seed-to-seed spread to compare with, this says nothing yet (run with --seeds 3 or more).')
-    if gain['beyond_spread']:
-        return (f'Distillation gained {gain["mean"]:.1f} +- {gain["std"]:.1f} points of {score} over '
-                f'{gain["seeds"]} seeds.')
-    return (f'No gain beyond seed-to-seed spread: distillation changed {score} by {gain["mean"]:+.1f} +- '
-            f'{gain["std"]:.1f} points over {gain["seeds"]} seeds (student alone: +- {gain["alone_std"]:.1f}).')
+    changed = (f'changed {score} by {gain["mean"]:+.1f} +- {gain["std"]:.1f} points over {gain["seeds"]} seeds (95% '
+               f'confidence interval of the mean gain: {gain["ci_low"]:+.1f} to {gain["ci_high"]:+.1f}')
+    if gain['shown']: return f'Distillation gained: it {changed}).'
+    if gain['ci_high'] < 0: return f'Distillation cost: it {changed}).'
+    return f'No gain shown: distillation {changed}, which includes zero; student alone: +- {gain["alone_std"]:.1f}).'
 
 
 def _loss_figure(training: dict) -> Figure:

@@ -23,24 +23,39 @@ def results(alone: list[float], distilled: list[float], seeds=(1, 2, 3)) -> pd.D
     return pd.DataFrame(rows).set_index('model')
 
 
+CI = '(95% confidence interval of the mean gain:'
+
+
 @pytest.mark.parametrize('alone,distilled,verdict', [
-    ([0.90, 0.91, 0.92], [0.93, 0.935, 0.95], 'Distillation gained 2.8 +- 0.3 points of test_f1 over 3 seeds.'),
-    ([0.90, 0.91, 0.92], [0.95, 0.90, 0.93], 'No gain beyond seed-to-seed spread: distillation changed test_f1 by '
-                                             '+1.7 +- 3.1 points over 3 seeds (student alone: +- 1.0).'),
-    ([0.88, 0.90, 0.92], [0.895, 0.915, 0.935], 'No gain beyond seed-to-seed spread: distillation changed test_f1 by '
-                                                '+1.5 +- 0.0 points over 3 seeds (student alone: +- 2.0).'),
-    ([0.90, 0.91, 0.92], [0.88, 0.89, 0.905], 'No gain beyond seed-to-seed spread: distillation changed test_f1 by '
-                                              '-1.8 +- 0.3 points over 3 seeds (student alone: +- 1.0).')])
-def test_verdict_claims_a_gain_only_beyond_both_spreads(alone, distilled, verdict):
-    "Gains of every seed but noisy, steady gains smaller than the student's own spread, and losses are no gain"
+    ([0.90, 0.91, 0.92], [0.93, 0.935, 0.95], f'Distillation gained: it changed test_f1 by +2.8 +- 0.3 points over 3 '
+                                              f'seeds {CI} +2.1 to +3.6).'),
+    ([0.90, 0.91, 0.92], [0.95, 0.90, 0.93], f'No gain shown: distillation changed test_f1 by +1.7 +- 3.1 points over 3 '
+                                             f'seeds {CI} -5.9 to +9.3, which includes zero; student alone: +- 1.0).'),
+    ([0.88, 0.90, 0.92], [0.895, 0.915, 0.935], f'Distillation gained: it changed test_f1 by +1.5 +- 0.0 points over 3 '
+                                                f'seeds {CI} +1.5 to +1.5).'),
+    ([0.90, 0.91, 0.92], [0.88, 0.89, 0.905], f'Distillation cost: it changed test_f1 by -1.8 +- 0.3 points over 3 '
+                                              f'seeds {CI} -2.6 to -1.1).')])
+def test_verdict_claims_a_gain_only_when_the_confidence_interval_is_above_zero(alone, distilled, verdict):
+    """Noisy gains are no gain; a gain of every seed smaller than the student's own spread is one when it is steady
+    (the interval narrows with the spread of the gains, not of the runs); losses on every seed are a cost"""
     assert distillation_verdict(results(alone, distilled)) == verdict
+
+
+def test_more_seeds_show_a_gain_that_few_seeds_cannot():
+    "The same gains, mean 1.5 and spread 1.3, are no gain over 3 seeds and a gain over 8: the interval narrows"
+    gains = [0.0, 3.0, 1.5, 0.5, 2.5, 1.0, 3.0, 0.5]
+    alone = [0.9] * 8
+    distilled = [a + g / 100 for a, g in zip(alone, gains)]
+    assert distillation_verdict(results(alone[:3], distilled[:3])).startswith('No gain shown')
+    assert distillation_verdict(results(alone, distilled, seeds=range(8))).startswith('Distillation gained: it changed '
+                                                                                       'test_f1 by +1.5')
 
 
 def test_verdict_pairs_runs_by_seed_not_by_row_order():
     table = results([0.90, 0.92], [0.93, 0.95], seeds=(7, 8))
     shuffled = pd.concat([table.iloc[[0, 3, 4]], table.iloc[[1, 2]]])  # seed 8's runs first
     assert distillation_verdict(shuffled) == distillation_verdict(table) == \
-        'Distillation gained 3.0 +- 0.0 points of test_f1 over 2 seeds.'
+        f'Distillation gained: it changed test_f1 by +3.0 +- 0.0 points over 2 seeds {CI} +3.0 to +3.0).'
 
 
 def test_verdict_on_one_seed_asks_for_more():
@@ -102,4 +117,4 @@ def test_each_seed_pairs_the_student_alone_with_the_distilled_student(few_digits
     initial = scratch_learner(dls, TINY_ARCH, seed=5).model.state_dict()
     assert not torch.equal(alone['0.0.0.weight'], initial['0.0.0.weight'])  # and they did train
     assert list(job['summary'].seeds) == [1, 2, 2]
-    assert job['verdict'].startswith('No gain beyond seed-to-seed spread: distillation changed test_f1 by +0.0 +- 0.0')
+    assert job['verdict'].startswith('No gain shown: distillation changed test_f1 by +0.0 +- 0.0')
