@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser('demo', help='the whole job on scikit-learn\'s digits (no download)',
                                description='Teacher, student alone, distilled student and their TTA scores on '
                                'scikit-learn\'s digits written as an image folder; writes a report folder.')
-    _schedule_args(demo, size=16, epochs=6, bs=64, lr_find_iters=100, teacher='xresnet34-half',
+    _schedule_args(demo, size=16, epochs=1, bs=64, lr_find_iters=100, teacher='xresnet34-half',
                    student='xresnet18-sixteenth', seeds=8, teacher_epochs=12, lr=1e-2)
     demo.add_argument('--data', type=Path, default=None,
                       help='where to write the digits image folder (default: OUT/digits)')
@@ -106,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     gtsrb.add_argument('--teacher-weights', type=Path, default=None,
                        help='state dict of a trained teacher (skips training the teacher)')
     gtsrb.add_argument('--validation-fraction', type=float, default=0.2, help='share of tracks held out (default: 0.2)')
-    _schedule_args(gtsrb, size=None, epochs=4, bs=64, lr_find_iters=100, teacher='resnet34', student='resnet18', seeds=1,
+    _schedule_args(gtsrb, size=None, epochs=4, bs=64, lr_find_iters=100, teacher='resnet34', student='resnet18',
+                   seeds=1,
                    method='dist')  # DIST paid on GTSRB 32x32 (bench/accuracy.py); SoftTarget T=4 slowed small students
     prepare = commands.add_parser('prepare', help='GTSRB zips or folders to train/valid/all/test folders',
                                   description='Make train/, valid/, all/ and test/ folders (one sub-folder per '
@@ -122,7 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument('--arch', choices=ARCHS, default=None,
                           help=f"its architecture (default: the one in the weights' {SIDECAR} file, else resnet18)")
     evaluate.add_argument('--size', type=int, default=None,
-                          help=f"image size in pixels (default: the one in the weights' {SIDECAR} file, else {DEFAULT_SIZE})")
+                          help=f"image size in pixels (default: the one in the weights' {SIDECAR} file, else "
+                          f'{DEFAULT_SIZE})')
     evaluate.add_argument('--bs', type=int, default=64, help='batch size (default: %(default)s)')
     evaluate.add_argument('--n-augs', type=int, nargs='+', default=[0, 5, 10],
                           help='numbers of augmented passes (default: 0 5 10)')
@@ -188,7 +190,7 @@ def _settings(args) -> dict:
 
 
 def _job(args, dls, test_dl, y_true, teacher=None, mask=None, title: str = ''):
-    "Run the distillation job with the command-line settings, keeping each run in --out as it ends, and write its report"
+    "Run the distillation job with the command-line settings, keeping each run in --out as it ends; write its report"
     loss_kwargs = {**({'T': args.temperature} if args.temperature else {}),
                    **({'standardize': True} if args.standardize else {})}
     kd_loss, mix = kd_method(args.method, args.mix or 'mixup', args.mix_alpha, **loss_kwargs)
@@ -277,7 +279,8 @@ def _evaluate(args):
     from .report import per_class_table, plot_confusion
     from .tta import plot_tta, test_time_aug
     trained_for = _trained_for(args.weights)
-    args.arch, args.size = args.arch or trained_for.get('arch', 'resnet18'), args.size or trained_for.get('size', DEFAULT_SIZE)
+    args.arch = args.arch or trained_for.get('arch', 'resnet18')
+    args.size = args.size or trained_for.get('size', DEFAULT_SIZE)
     args.classes = args.classes or trained_for.get('classes')
     dls = gtsrb_dls(args.data, size=args.size, bs=args.bs, classes=args.classes)
     learn = scratch_learner(dls, ARCHS[args.arch])

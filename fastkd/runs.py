@@ -63,7 +63,8 @@ class RunStore:
             self.path.mkdir(parents=True, exist_ok=True)
             atomic_write(file, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=1)))
 
-    def _file(self, name: str, seed: int, suffix: str) -> Path: return self.path/f'{name.replace(" ", "-")}-seed{seed}{suffix}'
+    def _file(self, name: str, seed: int, suffix: str) -> Path:
+        return self.path/f'{name.replace(" ", "-")}-seed{seed}{suffix}'
 
     def load(self, name: str, seed: int, model: nn.Module | None = None) -> dict | None:
         "The record of `name` at `seed`, its weights loaded into `model` when given; None when that run has not ended"
@@ -75,5 +76,6 @@ class RunStore:
 
     def save(self, name: str, seed: int, record: dict, model: nn.Module | None = None):
         "Keep a finished run: the weights first, then the record that says the run is complete"
-        if model is not None: atomic_write(self._file(name, seed, '.pth'), lambda tmp: torch.save(model.state_dict(), tmp))
+        if model is not None:
+            atomic_write(self._file(name, seed, '.pth'), lambda tmp: torch.save(model.state_dict(), tmp))
         atomic_write(self._file(name, seed, '.json'), lambda tmp: Path(tmp).write_text(json.dumps(record)))

@@ -66,7 +66,8 @@ def train_schedule(learn: Learner, schedule: Schedule) -> dict:
     start = time.perf_counter()
     if schedule.lr: lr = schedule.lr
     else:
-        with learn.added_cbs(Reseed(schedule.seed)): lr = learn.lr_find(num_it=schedule.lr_find_iters, show_plot=False).valley
+        with learn.added_cbs(Reseed(schedule.seed)):
+            lr = learn.lr_find(num_it=schedule.lr_find_iters, show_plot=False).valley
     epochs = []
     for frozen, n_epochs in ((True, schedule.freeze_epochs), (False, schedule.epochs)):
         if not n_epochs: continue
@@ -140,8 +141,8 @@ def _job_settings(dls, test_dl, y_true, teacher_arch, student_arch, schedule, te
                 data=_data_fingerprint(dls, test_dl, y_true, mask))
 
 
-def _run(name: str, seed: int, learn: Learner, train: Callable[[], dict | None], score: Callable, store: RunStore | None,
-         keep_weights: bool = True) -> dict:
+def _run(name: str, seed: int, learn: Learner, train: Callable[[], dict | None], score: Callable,
+         store: RunStore | None, keep_weights: bool = True) -> dict:
     """Train (`train()`) and score (`score(learn)`, its random draws from `seed`) run `name` of `seed`, then keep it in
     `store`; or, when `store` holds that run already, load its weights into `learn` and take its record.
     Returns the record: `row` (for the results table), `tta` (the sweep), `training` (or None) and `reused`."""
@@ -182,20 +183,19 @@ def distillation_job(dls: DataLoaders, test_dl, y_true, teacher_arch: Callable, 
     learners = {'teacher': scratch_learner(dls, teacher_arch, schedule.seed)}
     if teacher is not None: learners['teacher'].model.load_state_dict(teacher.state_dict())
     teacher_schedule = replace(schedule, epochs=teacher_epochs or schedule.epochs)
-    train_teacher = (lambda: None) if teacher is not None else partial(train_schedule, learners['teacher'], teacher_schedule)
+    train_teacher = partial(train_schedule, learners['teacher'], teacher_schedule) if teacher is None else lambda: None
     runs_done = {('teacher', schedule.seed): _run('teacher', schedule.seed, learners['teacher'], train_teacher, score,
                                                    store, keep_weights=teacher is None)}
     for seed in seeds:
         students = {'student': scratch_learner(dls, student_arch, seed)}
-        alone = runs_done[('student', seed)] = _run('student', seed, students['student'],
-                                                    partial(train_schedule, students['student'], replace(schedule, seed=seed)),
-                                                    score, store)
+        train_alone = partial(train_schedule, students['student'], replace(schedule, seed=seed))
+        alone = runs_done[('student', seed)] = _run('student', seed, students['student'], train_alone, score, store)
         cbs = [KnowledgeDistillation(learners['teacher'], kd_loss, weight=kd_weight), *([mix()] if mix else [])]
         distilled = students['distilled student'] = scratch_learner(dls, student_arch, seed, cbs=cbs)
-        distilled_schedule = replace(schedule, seed=seed, lr=alone['training']['lr'])
-        runs_done[('distilled student', seed)] = _run('distilled student', seed, distilled,
-                                                      partial(train_schedule, distilled, distilled_schedule), score, store)
-        if seed == seeds[0]: learners.update(students)  # the first seed's models are the ones the report plots and saves
+        train_distilled = partial(train_schedule, distilled, replace(schedule, seed=seed, lr=alone['training']['lr']))
+        runs_done[('distilled student', seed)] = _run('distilled student', seed, distilled, train_distilled, score,
+                                                      store)
+        if seed == seeds[0]: learners.update(students)  # the first seed's models: those the report plots and saves
     first = {name: runs_done[(name, schedule.seed if name == 'teacher' else seeds[0])] for name in learners}
     sizes = compare_models(learners['teacher'], learners['student'], input_size=tuple(dls.one_batch()[0].shape[1:]))
     table = pd.DataFrame([run['row'] for run in runs_done.values()]).set_index('model')
@@ -213,7 +213,8 @@ _UNCOMPARED = ('command', 'out', 'threads')  # recorded in the report, but a job
 
 def _row(name: str, seed: int, learn: Learner, tta: pd.DataFrame, training: dict | None) -> dict:
     "One line of the results table: the model's validation accuracy, its test scores, its epochs and training time"
-    return {'model': name, 'seed': seed, 'valid_accuracy': float(learn.validate()[1]), 'test_f1': float(tta.score.iloc[0]),
+    return {'model': name, 'seed': seed, 'valid_accuracy': float(learn.validate()[1]),
+            'test_f1': float(tta.score.iloc[0]),
             f'test_f1_tta{tta.n_aug.iloc[-1]}': float(tta.score.iloc[-1]),
             'epochs': len(training['epochs']) if training else float('nan'),
             'train_s': training['seconds'] if training else float('nan')}
@@ -374,7 +375,8 @@ def write_report(job: dict, dest: str | Path, title: str = 'fastkd distillation 
              for k, v in {**settings, **env}.items()}  # job_seed, job_epochs: the job's, beside each run's own
     atomic_write(dest/'results.csv', lambda tmp: table.assign(**about).to_csv(tmp))
     atomic_write(dest/'losses.png', lambda tmp: _loss_figure(job['training']).savefig(tmp, format='png', dpi=100))
-    atomic_write(dest/'tta.png', lambda tmp: plot_tta(job['tta']['distilled student']).savefig(tmp, format='png', dpi=100))
+    atomic_write(dest/'tta.png',
+                 lambda tmp: plot_tta(job['tta']['distilled student']).savefig(tmp, format='png', dpi=100))
     atomic_write(dest/'student.pth', lambda tmp: torch.save(learners['distilled student'].model.state_dict(), tmp))
     trained_for = {key: settings[name] for key, name in (('arch', 'student'), ('size', 'size'), ('classes', 'classes'))
                    if settings.get(name) is not None}

@@ -93,7 +93,8 @@ def test_a_killed_job_resumes_without_retraining_and_reports_as_an_uninterrupted
     names = sorted(f.removesuffix('.json').replace('-seed', ' seed ').replace('distilled-', 'distilled ')
                    for f in finished)
     assert f'Reused the runs kept in {killed/"runs"}: ' in rerun.stdout
-    assert sorted(rerun.stdout.split('Reused the runs kept in ')[1].split(': ', 1)[1].split('.\n')[0].split(', ')) == names
+    reused = rerun.stdout.split('Reused the runs kept in ')[1].split(': ', 1)[1].split('.\n')[0]
+    assert sorted(reused.split(', ')) == names
     assert all(_runs(killed)[name] == written for name, written in finished.items())  # not trained again
     assert set(_runs(killed)) == set(_runs(whole))
 
@@ -101,8 +102,9 @@ def test_a_killed_job_resumes_without_retraining_and_reports_as_an_uninterrupted
     pd.testing.assert_frame_equal(resumed[SCORES], expected[SCORES])
     weights = [torch.load(out/'student.pth', weights_only=True) for out in (whole, killed)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    verdict = [line for line in (whole/'report.md').read_text().splitlines() if line.startswith('**')]
-    assert verdict and verdict == [line for line in (killed/'report.md').read_text().splitlines() if line.startswith('**')]
+    verdicts = [[line for line in (out/'report.md').read_text().splitlines() if line.startswith('**')]
+                for out in (whole, killed)]
+    assert verdicts[0] and verdicts[0] == verdicts[1]
 
 
 def test_other_settings_in_the_same_folder_are_refused_with_the_fix(few_digits, tmp_path):

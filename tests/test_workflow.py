@@ -29,8 +29,9 @@ CI = '(95% confidence interval of the mean gain:'
 @pytest.mark.parametrize('alone,distilled,verdict', [
     ([0.90, 0.91, 0.92], [0.93, 0.935, 0.95], f'Distillation gained: it changed test_f1 by +2.8 +- 0.3 points over 3 '
                                               f'seeds {CI} +2.1 to +3.6).'),
-    ([0.90, 0.91, 0.92], [0.95, 0.90, 0.93], f'No gain shown: distillation changed test_f1 by +1.7 +- 3.1 points over 3 '
-                                             f'seeds {CI} -5.9 to +9.3, which includes zero; student alone: +- 1.0).'),
+    ([0.90, 0.91, 0.92], [0.95, 0.90, 0.93], f'No gain shown: distillation changed test_f1 by +1.7 +- 3.1 points '
+                                             f'over 3 seeds {CI} -5.9 to +9.3, which includes zero; student alone: '
+                                             '+- 1.0).'),
     ([0.88, 0.90, 0.92], [0.895, 0.915, 0.935], f'Distillation gained: it changed test_f1 by +1.5 +- 0.0 points over 3 '
                                                 f'seeds {CI} +1.5 to +1.5).'),
     ([0.90, 0.91, 0.92], [0.88, 0.89, 0.905], f'Distillation cost: it changed test_f1 by -1.8 +- 0.3 points over 3 '
