@@ -12,3 +12,4 @@ from .memory import *
 from .report import *
 from .tta import *
 from .workflow import *
+from .kd_find import *
