@@ -68,9 +68,9 @@ class TeacherAgreement(Metric):
 
 
 def kd_candidates(learn: Learner, teacher) -> dict[str, dict]:
-    """fastkd's default candidates for `learn`'s task. Single-label classification: SoftTarget at T=4 and T=2, SoftTarget
-    on standardised logits (T=2), DIST, DKD, function matching (SoftTarget T=4 on batches mixed by `MixUp`, which
-    teacher and student share) and, where `match_layers` finds a pair, DIST with a FitNet hint from the student's
+    """fastkd's default candidates for `learn`'s task. Single-label classification: SoftTarget at T=4 and T=2,
+    SoftTarget on standardised logits (T=2), DIST, DKD, function matching (SoftTarget T=4 on batches mixed by `MixUp`,
+    which teacher and student share) and, where `match_layers` finds a pair, DIST with a FitNet hint from the student's
     deepest feature map to the teacher's deepest one of the same spatial size. Other tasks: the callback's own loss."""
     if task_of(learn.loss_func).kind != 'categorical': return {'auto': dict(loss='auto')}
     candidates = {'softtarget T4': dict(loss=SoftTarget(T=4), weight=0.5),
@@ -123,7 +123,7 @@ def _fresh(cb) -> Callback:
 
 
 class _Restored:
-    "Everything a trial changes in `learn`, kept on entry and put back on exit: weights, trainability, optimizer, modes, history"
+    "What trials change in `learn`, kept on entry and put back on exit: weights, trainability, optimizer, modes, Recorder"
     def __init__(self, learn: Learner): self.learn = learn
 
     def __enter__(self):
@@ -259,7 +259,7 @@ def _verdict(trials: pd.DataFrame, table: pd.DataFrame, metric: str) -> tuple[st
             f'seed{"s" * (seeds > 1)} at {epochs} epochs (student alone: +- {gain["alone_std"]:.1f})')
     if gain['beyond_spread']: return name, f'Distil with {said}.'
     if seeds < 2:
-        return None, f'No verdict: {said}; with one seed there is no seed-to-seed spread to compare with (seeds=(0, 1)).'
+        return None, f'No verdict: {said}; one seed has no seed-to-seed spread to compare with (seeds=(0, 1)).'
     return None, f'No candidate beat the student alone beyond the seed-to-seed spread: at best, {said}.'
 
 
@@ -305,7 +305,8 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
                     restored.reset()
                     kwargs = deepcopy(candidates.get(name, {}))
                     extra = [_fresh(cb) for cb in kwargs.pop('cbs', [])]
-                    cbs = [Reseed(seed), *([KnowledgeDistillation(teacher, **kwargs), *extra] if name != 'alone' else [])]
+                    distil = [KnowledgeDistillation(teacher, **kwargs), *extra] if name != 'alone' else []
+                    cbs = [Reseed(seed), *distil]
                     trial_start = time.perf_counter()
                     fit(learn, rung, lr, cbs)
                     seconds = time.perf_counter() - trial_start
@@ -330,8 +331,8 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
 @patch
 def kd_find(self: Learner, teacher, candidates: dict[str, dict] | None = None, epochs: int = 4,
             lr: float | None = None, **kwargs) -> KDFindResult:
-    "`kd_find(learn, teacher, ...)`: which way of distilling `teacher` pays for this learner (see `fastkd.kd_find.kd_find`)"
-    return kd_find(self, teacher, candidates, epochs, lr, **kwargs)  # `patch` leaves the module's `kd_find` the function
+    "`kd_find(learn, teacher, ...)`: which way of distilling `teacher` pays for this learner (`fastkd.kd_find.kd_find`)"
+    return kd_find(self, teacher, candidates, epochs, lr, **kwargs)  # `patch` leaves the module's kd_find the function
 
 
 def kd_find_for_job(dls, student_arch: Callable, teacher, schedule: Schedule, metric: Callable = accuracy,

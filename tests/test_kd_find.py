@@ -1,4 +1,5 @@
-"kd_find on the digits: it ranks a harmful candidate below the student alone, picks nothing when nothing pays, leaves the learner as it was; TeacherAgreement as a metric"
+"""kd_find on the digits: it ranks a harmful candidate below the student alone, picks nothing when nothing pays, and
+leaves the learner as it was; TeacherAgreement as a metric"""
 import pytest
 import torch
 import torch.nn.functional as F
