@@ -89,6 +89,8 @@ def main(argv=None):
                                       found['callbacks']())
             runs.append(dict(row=f'kd_find pick: {found["name"]}', seed=seed, test_f1=f1, seconds=seconds))
             print(runs[-1], flush=True)
+    pd.to_pickle(dict(runs=runs, trials=found['result'].trials, find_seconds=find_seconds),
+                 Path(tempfile.gettempdir())/f'{args.out.stem}.pkl')  # to rebuild a report without training again
     atomic_write(args.out, lambda tmp: Path(tmp).write_text(report(pd.DataFrame(runs), found, find_seconds, teacher_f1,
                                                                    command, args), encoding='utf-8'))
     print(f'written {args.out}')
