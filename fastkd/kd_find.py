@@ -245,6 +245,13 @@ def _table(trials: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values(['rung', 'gain'], ascending=False)
 
 
+def _survivors(trials: pd.DataFrame, rung: int, n: int) -> list[str]:
+    "The `n` candidates with the highest gain over the student alone at `rung` (ties in the candidates' order)"
+    here = trials[trials.rung == rung].groupby('name', sort=False).score.mean()
+    gains = here.drop(index='alone') - here['alone']
+    return list(gains.sort_values(ascending=False, kind='stable').index[:n])
+
+
 def _verdict(trials: pd.DataFrame, table: pd.DataFrame, metric: str) -> tuple[str | None, str]:
     "The best finalist if its per-seed gains beat the seed-to-seed spread (`seed_gain`'s rule), and why, in words"
     rung = trials.rung.max()
@@ -315,9 +322,7 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
                                      seconds=seconds))
                     bar.comment = f'{name}, {rung} epochs, seed {seed}'
                     bar.update(len(rows))
-            if not last:
-                gains = _table(pd.DataFrame(rows)).drop(index='alone').gain
-                names = [n for n in gains.sort_values(ascending=False).index][:sizes[i + 1]]
+            if not last: names = _survivors(pd.DataFrame(rows), i, sizes[i + 1])
         bar.on_iter_end()
     trials = pd.DataFrame(rows)
     table = _table(trials)

@@ -1,5 +1,6 @@
 """kd_find on the digits: it ranks a harmful candidate below the student alone, picks nothing when nothing pays, and
 leaves the learner as it was; TeacherAgreement as a metric"""
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from conftest import assert_same_state, state, tiny_cnn
 from fastkd.callback import KnowledgeDistillation
 from fastkd.digits import digits_dls
 from fastkd.hints import FitNet, Hint
-from fastkd.kd_find import KDFindResult, TeacherAgreement, kd_candidates, kd_find
+from fastkd.kd_find import KDFindResult, TeacherAgreement, _survivors, kd_candidates, kd_find
 from fastkd.losses import DIST, SoftTarget
 
 LR = 1e-2
@@ -150,3 +151,12 @@ def test_teacher_agreement_runs_the_teacher_on_validation_batches_only(few_dls, 
     expected = (preds.argmax(1) == teacher_preds.argmax(1)).float().mean().item()
     assert learn.recorder.values[-1][-1] == pytest.approx(expected)
     assert learn.recorder.metric_names[-2] == 'valid_teacher_agreement'
+
+
+def test_the_next_rung_takes_the_best_of_this_rung_only():
+    "A candidate dropped earlier (its last gain measured at a shorter schedule) never comes back"
+    trials = pd.DataFrame([('alone', 0, .30), ('a', 0, .50), ('b', 0, .40), ('c', 0, .35), ('d', 0, .34),
+                           ('alone', 1, .90), ('a', 1, .80), ('b', 1, .85), ('c', 1, .70)],
+                          columns=['name', 'rung', 'score'])
+    assert _survivors(trials, 0, 3) == ['a', 'b', 'c']
+    assert _survivors(trials, 1, 1) == ['b']  # not 'd', whose only gain (rung 0) was above every gain of rung 1
