@@ -56,6 +56,8 @@ def main(argv=None):
     parser.add_argument('--epochs', type=int, default=6)
     parser.add_argument('--teacher-epochs', type=int, default=12)
     parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--reuse-rows', action='store_true',
+                        help='take the method rows from the measurements kept by an earlier run; run kd_find again')
     parser.add_argument('--rebuild', metavar='COMMAND', default=None,
                         help='rewrite the report from the measurements kept beside it, naming COMMAND as its maker')
     parser.add_argument('--out', type=Path, default=Path(__file__).parent/'results'/'kd_find.md')
@@ -75,8 +77,10 @@ def main(argv=None):
         teacher_f1 = test_f1(teacher, test_dl, y_true)
         print(f'teacher test F1 {teacher_f1:.4f}', flush=True)
         student = ARCHS['xresnet18-sixteenth']
-        runs = []
-        for seed in args.seeds:
+        runs = [] if not args.reuse_rows else [
+            run for run in pd.DataFrame(pd.read_pickle(kept(args))['runs']).to_dict('records')
+            if not run['row'].startswith('kd_find')]  # the rows of an earlier run, to measure kd_find again
+        for seed in args.seeds if not args.reuse_rows else []:
             schedule = Schedule(1, args.epochs, lr=1e-2, seed=seed)
             for name, kwargs in {'alone': None, **ROWS}.items():
                 cbs = cbs_of(teacher, kwargs) if kwargs else []

@@ -341,17 +341,21 @@ def kd_find(self: Learner, teacher, candidates: dict[str, dict] | None = None, e
 
 
 def kd_find_for_job(dls, student_arch: Callable, teacher, schedule: Schedule, metric: Callable = accuracy,
-                    candidates: dict[str, dict] | None = None, seeds: Sequence[int] = (0, 1)) -> dict:
+                    candidates: dict[str, dict] | None = None, seeds: Sequence[int] = (0, 1), **kwargs) -> dict:
     """`kd_find` for the main job (`--method auto`): a student built as the job builds it (`scratch_learner` from
     `schedule.seed`), trained as the job trains it (`frozen_first(schedule.freeze_epochs)`, then rungs up to
     `schedule.epochs`) at `schedule.lr` (lr_find's valley when None). Returns the result (`table`, `plot()`,
-    `seconds`, `runs`), the chosen candidate `name` (`best`, else `top` with `paid=False`), its `loss` and `weight`,
-    and `callbacks`: a function that makes a fresh list of its callbacks (distillation and extras) for each student."""
+    `seconds`, `runs`), the chosen candidate `name` (`best`, else `top` with `paid=False`), its `loss`, `weight`,
+    `hints`, `mix` (a factory of its one extra callback, e.g. MixUp, else None) and `callbacks`: a function that makes a
+    fresh list of all its callbacks (distillation with hints, and extras) for each student.
+    Other keyword arguments (`rungs`, `keep`, `show_progress`) go to `kd_find`."""
     learn = scratch_learner(dls, student_arch, schedule.seed)
     res = kd_find(learn, teacher, candidates, epochs=schedule.epochs, lr=schedule.lr, seeds=seeds, metric=metric,
-                  fit=frozen_first(schedule.freeze_epochs))
+                  fit=frozen_first(schedule.freeze_epochs), **kwargs)
     name = res.best or res.top
     chosen = res.candidates[name]
+    extra = chosen.get('cbs', [])
     return dict(result=res, name=name, paid=res.best is not None, loss=chosen.get('loss', 'auto'),
-                weight=chosen.get('weight', 0.5), callbacks=lambda: res.callback(name), table=res.table,
-                figure=res.plot(), seconds=res.seconds, runs=res.runs, message=res.message)
+                weight=chosen.get('weight', 0.5), hints=chosen.get('hints', ()),
+                mix=(lambda: _fresh(extra[0])) if len(extra) == 1 else None, callbacks=lambda: res.callback(name),
+                table=res.table, figure=res.plot(), seconds=res.seconds, runs=res.runs, message=res.message)
