@@ -159,7 +159,8 @@ def report(runs: pd.DataFrame, trials: pd.DataFrame, find_seconds: float, teache
         'rows above). Target: at most 8.', '',
         f'kd_find\'s verdict: {message}', '',
         '## Did the early rungs drop the eventual winner?', '',
-        f'| row | test gain, {len(args.seeds)} seeds (points) | last kd_find rung (epochs) | kd_find validation gain there (points) |',
+        f'| row | test gain, {len(args.seeds)} seeds (points) | last kd_find rung (epochs) '
+        '| kd_find validation gain there (points) |',
         '|---|---|---|---|', *kept, '',
         '## kd_find\'s table (validation split, accuracy; gain in accuracy units)', '',
         _markdown(found), '',

@@ -123,7 +123,7 @@ def _fresh(cb) -> Callback:
 
 
 class _Restored:
-    "What trials change in `learn`, kept on entry and put back on exit: weights, trainability, optimizer, modes, Recorder"
+    "What trials change in `learn`, kept on entry and put back on exit: weights, trainability, optimizer, modes, log"
     def __init__(self, learn: Learner): self.learn = learn
 
     def __enter__(self):
