@@ -272,7 +272,7 @@ def _verdict(trials: pd.DataFrame, table: pd.DataFrame, metric: str) -> tuple[st
 
 def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, epochs: int = 4,
             lr: float | None = None, seeds: Sequence[int] = (0, 1), metric: Callable = accuracy,
-            fit: Fit | None = None, rungs: Sequence[int] | None = None, keep: float = 0.5,
+            fit: Fit | None = None, rungs: Sequence[int] | None = None, keep: float = 0.5, early_seeds: int = 1,
             show_progress: bool = True) -> KDFindResult:
     """Which way of distilling `teacher` (a model or a `Learner`) into `learn`'s model pays, measured on the validation
     set. `candidates`: name -> `KnowledgeDistillation` keyword arguments (default: `kd_candidates(learn, teacher)`),
@@ -282,9 +282,9 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     always measured, as 'alone'. Every trial starts from the learner's current weights with a new optimizer and sees
     the batches of its seed (`Reseed`); it trains with `fit(learn, epochs, lr, cbs)` (default: `fit_one_cycle`;
     `frozen_first(1)` trains as the main job) at `lr` (default: `lr_find`'s valley for the student alone, found once).
-    Successive halving: rungs of `rungs` epochs (default: `epochs` halved down to 1, shortest first) on `seeds[0]`, the
-    best `keep` share of the candidates going on to the next, and the last rung (`epochs`, the planned schedule) on
-    every seed in `seeds`. Scores are `metric(preds, targets)` (higher is better); `gain` is the candidate's score minus
+    Successive halving: rungs of `rungs` epochs (default: `epochs` halved down to 1, shortest first) on the first
+    `early_seeds` of `seeds` (gains averaged), the best `keep` share of the candidates going on to the next, and the
+    last rung (`epochs`, the planned schedule) on every seed in `seeds`. Scores are `metric(preds, targets)` (higher is better); `gain` is the candidate's score minus
     the student alone's, same rung and seeds, in the metric's units. `best` follows `seed_gain`'s rule. The learner is
     left as it was: weights, trainability, optimizer, callbacks, modes and the Recorder's history."""
     candidates = kd_candidates(learn, teacher) if candidates is None else dict(candidates)
@@ -296,7 +296,8 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     if not 0 < keep < 1: raise ValueError(f'keep is the share of candidates kept at each rung, in (0, 1), got {keep}.')
     sizes = [len(candidates)]
     for _ in rungs[1:]: sizes.append(max(1, int(sizes[-1] * keep)))
-    n_trials = sum((size + 1) * (len(seeds) if i == len(rungs) - 1 else 1) for i, size in enumerate(sizes))
+    rung_seeds = [seeds[:early_seeds]] * (len(rungs) - 1) + [seeds]
+    n_trials = sum((size + 1) * len(rung_seed) for size, rung_seed in zip(sizes, rung_seeds))
     teacher_model, rows, start = _teacher_model(teacher), [], time.perf_counter()
     with _Restored(learn) as restored, learn.no_bar(), learn.no_logging():
         restored.reset()
@@ -307,7 +308,7 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
         names = list(candidates)
         for i, (rung, size) in enumerate(zip(rungs, sizes)):
             last = i == len(rungs) - 1
-            for seed in (seeds if last else seeds[:1]):
+            for seed in rung_seeds[i]:
                 for name in ['alone', *names[:size]]:
                     restored.reset()
                     kwargs = deepcopy(candidates.get(name, {}))
