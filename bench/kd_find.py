@@ -58,6 +58,7 @@ def main(argv=None):
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--rungs', type=int, nargs='+', default=None,
                         help="kd_find's rungs, epochs after the frozen one (default: --epochs halved down to 1)")
+    parser.add_argument('--keep', type=float, default=0.5, help="kd_find's keep (default: %(default)s)")
     parser.add_argument('--early-seeds', type=int, default=1, help="kd_find's early_seeds (default: %(default)s)")
     parser.add_argument('--reuse-rows', action='store_true',
                         help='take the method rows from the measurements kept by an earlier run; run kd_find again')
@@ -92,7 +93,7 @@ def main(argv=None):
                 print(runs[-1], flush=True)
         start = time.perf_counter()
         found = kd_find_for_job(dls, student, teacher, Schedule(1, args.epochs, lr=1e-2, seed=args.seeds[0]),
-                                early_seeds=args.early_seeds, rungs=args.rungs)
+                                early_seeds=args.early_seeds, rungs=args.rungs, keep=args.keep)
         find_seconds = time.perf_counter() - start
         print(found["result"], flush=True)
         for seed in args.seeds:
