@@ -57,8 +57,8 @@ def main(argv=None):
     parser.add_argument('--teacher-epochs', type=int, default=12)
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--rungs', type=int, nargs='+', default=None,
-                        help="kd_find's rungs, epochs after the frozen one (default: --epochs halved down to 1)")
-    parser.add_argument('--keep', type=float, default=0.5, help="kd_find's keep (default: %(default)s)")
+                        help="kd_find's rungs, epochs after the frozen one (default: half of --epochs, then --epochs)")
+    parser.add_argument('--keep', type=float, default=0.25, help="kd_find's keep (default: %(default)s)")
     parser.add_argument('--early-seeds', type=int, default=1, help="kd_find's early_seeds (default: %(default)s)")
     parser.add_argument('--reuse-rows', action='store_true',
                         help='take the method rows from the measurements kept by an earlier run; run kd_find again')
