@@ -13,3 +13,4 @@ from .report import *
 from .tta import *
 from .runs import *
 from .workflow import *
+from .kd_find import *

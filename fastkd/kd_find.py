@@ -1,0 +1,364 @@
+"""`learn.kd_find(teacher)`: which way of distilling pays for this learner, as `lr_find` tells the learning rate.
+
+Every candidate (a set of `KnowledgeDistillation` arguments, plus callbacks such as `MixUp`) and the student alone
+train from the learner's current weights on the same batches (`Reseed`), and are scored on the validation set only.
+Successive halving spends the budget where it matters: all candidates at a short schedule, the better half at twice
+as many epochs, ..., the last rung at the planned schedule with a second seed. `TeacherAgreement` is the metric of
+how often student and teacher predict the same class."""
+from __future__ import annotations
+
+import time
+from copy import deepcopy
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import fastai.callback.schedule  # noqa: F401  (adds lr_find and fit_one_cycle to Learner)
+import numpy as np
+import pandas as pd
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.mixup import MixUp
+from fastai.learner import Learner, Metric
+from fastai.metrics import accuracy
+from fastai.torch_core import to_device
+from fastcore.basics import patch
+from fastprogress.fastprogress import progress_bar
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+
+from .callback import KnowledgeDistillation, _evaluating, _first, _teacher_model
+from .hints import FitNet, Hint, match_layers
+from .losses import DIST, DKD, SoftTarget
+from .tasks import task_of
+from .workflow import Reseed, Schedule, scratch_learner, seed_gain
+
+__all__ = ['TeacherAgreement', 'kd_candidates', 'kd_find', 'KDFindResult', 'frozen_first', 'kd_find_for_job']
+
+Fit = Callable[[Learner, int, float, list], None]
+
+
+def _agreement(student_logits: Tensor, teacher_logits: Tensor, axis: int = 1) -> tuple[int, int]:
+    "How many items (positions, for dense outputs) have the same top-1 class for student and teacher, and of how many"
+    axis = axis if student_logits.ndim > 1 else -1
+    same = student_logits.argmax(dim=axis) == teacher_logits.to(student_logits.device).argmax(dim=axis)
+    return int(same.sum()), same.numel()
+
+
+class TeacherAgreement(Metric):
+    """The share of validation items whose top-1 class for the student equals the teacher's (big_vision logs it during
+    distillation). A metric for `metrics=`: it runs `teacher` (a model or a `Learner`) in eval mode without gradient on
+    validation batches only, so training, and what the teacher runs there, stay as they were."""
+    def __init__(self, teacher): self.teacher = _teacher_model(teacher)
+
+    def reset(self): self.same, self.total = 0, 0
+
+    def accumulate(self, learn: Learner):
+        if learn.training: return
+        student = _first(learn.pred)
+        self.teacher.to(student.device)
+        with torch.no_grad(), _evaluating(self.teacher): teacher = _first(self.teacher(*learn.xb))
+        same, total = _agreement(student, teacher, task_of(learn.loss_func).axis)
+        self.same, self.total = self.same + same, self.total + total
+
+    @property
+    def value(self): return self.same / self.total if self.total else None
+
+    @property
+    def name(self) -> str: return 'teacher_agreement'
+
+
+def kd_candidates(learn: Learner, teacher) -> dict[str, dict]:
+    """fastkd's default candidates for `learn`'s task. Single-label classification: SoftTarget at T=4 and T=2,
+    SoftTarget on standardised logits (T=2), DIST, DKD, function matching (SoftTarget T=4 on batches mixed by `MixUp`,
+    which teacher and student share) and, where `match_layers` finds a pair, DIST with a FitNet hint from the student's
+    deepest feature map to the teacher's deepest one of the same spatial size. Other tasks: the callback's own loss."""
+    if task_of(learn.loss_func).kind != 'categorical': return {'auto': dict(loss='auto')}
+    candidates = {'softtarget T4': dict(loss=SoftTarget(T=4), weight=0.5),
+                  'softtarget T2': dict(loss=SoftTarget(T=2), weight=0.5),
+                  'softtarget-std T2': dict(loss=SoftTarget(T=2, standardize=True), weight=0.5),
+                  'dist': dict(loss=DIST(), weight=0.5),
+                  'dkd': dict(loss=DKD(), weight=0.5),
+                  'fm (mixup)': dict(loss=SoftTarget(T=4), weight=0.5, cbs=[MixUp])}
+    pair = _hint_pair(learn, teacher)
+    if pair: candidates['dist + hint'] = dict(loss=DIST(), weight=0.5, hints=[Hint(*pair, FitNet())])
+    return candidates
+
+
+def _hint_pair(learn: Learner, teacher) -> tuple[str, str] | None:
+    "The student's deepest feature map (larger than 1x1) and the teacher's deepest layer of the same spatial size"
+    xb = learn.dls.valid.one_batch()[:learn.dls.n_inp] if len(learn.dls.valid) else learn.dls.train.one_batch()[:1]
+    with torch.random.fork_rng(devices=[]):
+        pairs = match_layers(learn.model, _teacher_model(teacher), tuple(xb))
+    pairs = pairs[[np.prod(shape[2:]) > 1 for shape in pairs.student_shape]]
+    if not len(pairs): return None
+    deepest = pairs[pairs.student_layer == pairs.student_layer.iloc[-1]].iloc[-1]
+    return deepest.student_layer, deepest.teacher_layer
+
+
+def frozen_first(freeze_epochs: int = 1) -> Fit:
+    """A `fit` for `kd_find` that trains as the main job does: `freeze_epochs` with the body frozen (`freeze_to(1)`),
+    then the rung's epochs unfrozen, each `fit_one_cycle` at the same learning rate and with the trial's callbacks"""
+    def fit(learn: Learner, epochs: int, lr: float, cbs: list):
+        if freeze_epochs:
+            learn.freeze_to(1)
+            learn.fit_one_cycle(freeze_epochs, lr, cbs=cbs)
+        learn.unfreeze()
+        learn.fit_one_cycle(epochs, lr, cbs=cbs)
+    return fit
+
+
+def _one_cycle(learn: Learner, epochs: int, lr: float, cbs: list): learn.fit_one_cycle(epochs, lr, cbs=cbs)
+
+
+def _rungs(epochs: int) -> list[int]:
+    """Epochs of each rung: half the planned schedule, then all of it. On the digits demo (bench/kd_find.py) rungs of
+    1 epoch ranked the methods at random (spreads of 15 points between seeds) and dropped the test split's winner;
+    half the schedule ranked them in the test split's order"""
+    return [epochs // 2, epochs] if epochs >= 2 else [epochs]
+
+
+def _fresh(cb) -> Callback:
+    "A new callback for a trial: a class or factory is called, an instance copied"
+    return deepcopy(cb) if isinstance(cb, Callback) else cb()
+
+
+class _Restored:
+    "What trials change in `learn`, kept on entry and put back on exit: weights, trainability, optimizer, modes, log"
+    def __init__(self, learn: Learner): self.learn = learn
+
+    def __enter__(self):
+        learn = self.learn
+        self.weights = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
+        self.trainable = [p.requires_grad for p in learn.model.parameters()]
+        self.modes = [m.training for m in learn.model.modules()]
+        self.opt, self.cbs = learn.opt, list(learn.cbs)
+        self.history = {k: getattr(learn.recorder, k) for k in ('lrs', 'iters', 'losses', 'values')
+                        if hasattr(learn, 'recorder') and hasattr(learn.recorder, k)}
+        self.distillers = learn.cbs.filter(lambda cb: isinstance(cb, KnowledgeDistillation))
+        learn.remove_cbs(self.distillers)  # a callback the user attached would distil in every trial
+        return self
+
+    def reset(self):
+        "The learner as it was on entry, with a new optimizer (created by the next fit)"
+        self.learn.model.load_state_dict(self.weights)
+        for p, trainable in zip(self.learn.model.parameters(), self.trainable): p.requires_grad_(trainable)
+        self.learn.opt = None
+
+    def __exit__(self, *exc):
+        learn = self.learn
+        self.reset()
+        for m, mode in zip(learn.model.modules(), self.modes): m.training = mode
+        learn.opt = self.opt
+        learn.cbs.clear()
+        learn.add_cbs(self.cbs)  # in their order, the distillers included
+        for k, v in self.history.items(): setattr(learn.recorder, k, v)
+
+
+@dataclass
+class KDFindResult:
+    """What `kd_find` measured: `trials` (one row per training run), `table` (one row per candidate at the last rung it
+    reached, best first), `best` (a candidate name, or None when none beat the student alone beyond the seed-to-seed
+    spread), `candidates` and `teacher` (to build `callback()`), `seconds` and `runs` (the cost, in student-alone runs
+    of the planned schedule)"""
+    trials: pd.DataFrame
+    table: pd.DataFrame
+    best: str | None
+    candidates: dict
+    teacher: object
+    metric: str
+    seconds: float
+    runs: float
+    lr: float
+    message: str = field(default='')
+
+    @property
+    def top(self) -> str:
+        "The candidate with the highest gain at the last rung, whether or not it counts"
+        return next(name for name in self.table.index if name != 'alone')
+
+    def callback(self, name: str | None = None) -> list[Callback]:
+        "A fresh `KnowledgeDistillation` of candidate `name` (default: `best`) and its extra callbacks, for `cbs=`"
+        name = name or self.best
+        if name is None:
+            raise ValueError(f'{self.message} Train the student alone, or take a candidate anyway: '
+                             f'res.callback({self.top!r}).')
+        if name not in self.candidates:
+            raise KeyError(f'No candidate {name!r}: choose one of {", ".join(self.candidates)}.')
+        kwargs = deepcopy(self.candidates[name])
+        extra = [_fresh(cb) for cb in kwargs.pop('cbs', [])]
+        return [KnowledgeDistillation(self.teacher, **kwargs), *extra]
+
+    def plot(self) -> Figure:
+        "Gain over the student alone per candidate (the mean over the seeds of its last rung; bars: their std)"
+        rows = self.table.drop(index='alone')
+        fig = Figure(figsize=(7, 0.45 * len(rows) + 1.5))
+        ax = fig.subplots()
+        colors = ['tab:green' if name == self.best else 'tab:blue' if gain > 0 else 'tab:red'
+                  for name, gain in rows.gain.items()]
+        labels = [f'{name} ({int(e)} ep, {int(s)} seed{"s" * (s > 1)})' for name, e, s in
+                  zip(rows.index, rows.epochs, rows.seeds)]
+        ax.barh(labels[::-1], rows.gain[::-1], xerr=rows.gain_std.fillna(0)[::-1], color=colors[::-1], capsize=3)
+        ax.axvline(0, color='black', lw=1)
+        ax.set(xlabel=f'gain over the student alone ({self.metric}, validation)', title='kd_find')
+        fig.tight_layout()
+        return fig
+
+    def __repr__(self) -> str: return f'{self.message}\n{self.table.to_string(float_format="{:.4g}".format)}'
+
+    def _repr_markdown_(self) -> str:
+        header = ['candidate', *self.table.columns]
+        cells = [[str(name), *(f'{v:.4g}' if isinstance(v, float) else str(v) for v in row)]
+                 for name, row in zip(self.table.index, self.table.itertuples(index=False))]
+        lines = [header, ['---'] * len(header), *cells]
+        return f'**{self.message}**\n\n' + '\n'.join('| ' + ' | '.join(line) + ' |' for line in lines)
+
+
+def _scores(learn: Learner, teacher_logits: Tensor, metric: Callable) -> tuple[float, float]:
+    "The learner's `metric` on the validation set, and its agreement with the teacher's logits there"
+    preds, targs = learn.get_preds(dl=learn.dls.valid)
+    same, total = _agreement(preds, teacher_logits, task_of(learn.loss_func).axis)
+    return float(metric(preds, targs)), same / total
+
+
+@torch.no_grad()
+def _teacher_logits(teacher: nn.Module, learn: Learner) -> Tensor:
+    "The teacher's logits for every validation batch, on the CPU"
+    device = next(learn.model.parameters()).device
+    teacher.to(device)
+    with _evaluating(teacher):
+        return torch.cat([_first(teacher(*to_device(b[:learn.dls.n_inp], device))).float().cpu()
+                          for b in learn.dls.valid])
+
+
+def _table(trials: pd.DataFrame) -> pd.DataFrame:
+    "Per candidate, its last rung: mean score and agreement over seeds, gain over the student alone of that rung"
+    rows = {}
+    for name, runs in trials.groupby('name', sort=False):
+        rung = runs.rung.max()
+        last = runs[runs.rung == rung].set_index('seed')
+        alone = trials[(trials.name == 'alone') & (trials.rung == rung)].set_index('seed').score
+        gains = last.score - alone.reindex(last.index)
+        rows[name] = dict(score=last.score.mean(), epochs=last.epochs.iloc[0], seeds=len(last), gain=gains.mean(),
+                          gain_std=gains.std(), agreement=last.agreement.mean(), seconds=runs.seconds.sum(), rung=rung)
+    table = pd.DataFrame.from_dict(rows, orient='index')
+    table.index.name = 'candidate'
+    return table.sort_values(['rung', 'gain'], ascending=False)
+
+
+def _survivors(trials: pd.DataFrame, rung: int, n: int) -> list[str]:
+    "The `n` candidates with the highest gain over the student alone at `rung` (ties in the candidates' order)"
+    here = trials[trials.rung == rung].groupby('name', sort=False).score.mean()
+    gains = here.drop(index='alone') - here['alone']
+    return list(gains.sort_values(ascending=False, kind='stable').index[:n])
+
+
+def _verdict(trials: pd.DataFrame, table: pd.DataFrame, metric: str) -> tuple[str | None, str]:
+    "The best finalist if its per-seed gains beat the seed-to-seed spread (`seed_gain`'s rule), and why, in words"
+    rung = trials.rung.max()
+    final = trials[trials.rung == rung]
+    alone = final[final.name == 'alone'].set_index('seed').score
+    finalists = [name for name in table.index if name != 'alone' and table.rung[name] == rung]
+    if not finalists: return None, 'No candidate reached the last rung.'
+    name = finalists[0]
+    gain = seed_gain(alone, final[final.name == name].set_index('seed').score)
+    epochs, seeds = int(table.epochs[name]), gain['seeds']
+    said = (f'{name} changed validation {metric} by {gain["mean"]:+.1f} +- {gain["std"]:.1f} points over {seeds} '
+            f'seed{"s" * (seeds > 1)} at {epochs} epochs (student alone: +- {gain["alone_std"]:.1f})')
+    if gain['beyond_spread']: return name, f'Distil with {said}.'
+    if seeds < 2:
+        return None, f'No verdict: {said}; one seed has no seed-to-seed spread to compare with (seeds=(0, 1)).'
+    return None, f'No candidate beat the student alone beyond the seed-to-seed spread: at best, {said}.'
+
+
+def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, epochs: int = 4,
+            lr: float | None = None, seeds: Sequence[int] = (0, 1), metric: Callable = accuracy,
+            fit: Fit | None = None, rungs: Sequence[int] | None = None, keep: float = 0.25, early_seeds: int = 1,
+            show_progress: bool = True) -> KDFindResult:
+    """Which way of distilling `teacher` (a model or a `Learner`) into `learn`'s model pays, measured on the validation
+    set. `candidates`: name -> `KnowledgeDistillation` keyword arguments (default: `kd_candidates(learn, teacher)`),
+    e.g. `{'soft T4': dict(loss=SoftTarget(T=4)), 'dist': dict(loss=DIST(), weight=0.8)}`; a candidate's `cbs` entry
+    lists extra callbacks that train beside it, as classes, factories or instances (copied), e.g. function matching:
+    `dict(loss=SoftTarget(T=4), cbs=[MixUp])` (teacher and student see the same mixed batch). The student alone is
+    always measured, as 'alone'. Every trial starts from the learner's current weights with a new optimizer and sees
+    the batches of its seed (`Reseed`); it trains with `fit(learn, epochs, lr, cbs)` (default: `fit_one_cycle`;
+    `frozen_first(1)` trains as the main job) at `lr` (default: `lr_find`'s valley for the student alone, found once).
+    Successive halving: rungs of `rungs` epochs (default: half of `epochs`, then `epochs`) on the first `early_seeds`
+    of `seeds` (gains averaged), the best `keep` share of the candidates (at least one) going on to the next, and the
+    last rung (`epochs`, the planned schedule) on every seed in `seeds`. Scores are `metric(preds, targets)` (higher
+    is better); `gain` is the candidate's score minus the student alone's, same rung and seeds, in the metric's units.
+    `best` follows `seed_gain`'s rule. Seeds change the batches and augmentations, not the starting weights, so the
+    spread is that of the data order. The learner is left as it was: weights, trainability, optimizer, callbacks, modes
+    and the Recorder's history."""
+    candidates = kd_candidates(learn, teacher) if candidates is None else dict(candidates)
+    if 'alone' in candidates: raise ValueError("'alone' is the student without a teacher, always measured: rename it.")
+    if not candidates: raise ValueError('No candidates to try: pass a dict name -> KnowledgeDistillation arguments.')
+    rungs, seeds, fit = list(rungs or _rungs(epochs)), list(seeds), fit or _one_cycle
+    if rungs != sorted(rungs) or rungs[0] < 1:
+        raise ValueError(f'rungs are epochs per rung, at least 1 and increasing, got {rungs}.')
+    if not 0 < keep < 1: raise ValueError(f'keep is the share of candidates kept at each rung, in (0, 1), got {keep}.')
+    sizes = [len(candidates)]
+    for _ in rungs[1:]: sizes.append(max(1, int(sizes[-1] * keep)))
+    rung_seeds = [seeds[:early_seeds]] * (len(rungs) - 1) + [seeds]
+    n_trials = sum((size + 1) * len(rung_seed) for size, rung_seed in zip(sizes, rung_seeds))
+    teacher_model, rows, start = _teacher_model(teacher), [], time.perf_counter()
+    with _Restored(learn) as restored, learn.no_bar(), learn.no_logging():
+        restored.reset()
+        if lr is None: lr = float(learn.lr_find(show_plot=False).valley)
+        teacher_logits = _teacher_logits(teacher_model, learn)
+        bar = progress_bar(range(n_trials), display=show_progress, leave=False)
+        bar.update(0)
+        names = list(candidates)
+        for i, (rung, size) in enumerate(zip(rungs, sizes)):
+            last = i == len(rungs) - 1
+            for seed in rung_seeds[i]:
+                for name in ['alone', *names[:size]]:
+                    restored.reset()
+                    kwargs = deepcopy(candidates.get(name, {}))
+                    extra = [_fresh(cb) for cb in kwargs.pop('cbs', [])]
+                    distil = [KnowledgeDistillation(teacher, **kwargs), *extra] if name != 'alone' else []
+                    cbs = [Reseed(seed), *distil]
+                    trial_start = time.perf_counter()
+                    fit(learn, rung, lr, cbs)
+                    seconds = time.perf_counter() - trial_start
+                    score, agreement = _scores(learn, teacher_logits, metric)
+                    rows.append(dict(name=name, rung=i, epochs=rung, seed=seed, score=score, agreement=agreement,
+                                     seconds=seconds))
+                    bar.comment = f'{name}, {rung} epochs, seed {seed}'
+                    bar.update(len(rows))
+            if not last: names = _survivors(pd.DataFrame(rows), i, sizes[i + 1])
+        bar.on_iter_end()
+    trials = pd.DataFrame(rows)
+    table = _table(trials)
+    best, message = _verdict(trials, table, getattr(metric, '__name__', 'score'))
+    alone_seconds = trials[(trials.name == 'alone') & (trials.rung == trials.rung.max())].seconds.mean()
+    seconds = time.perf_counter() - start
+    return KDFindResult(trials, table, best, candidates, teacher, getattr(metric, '__name__', 'score'), seconds,
+                        seconds / alone_seconds, lr, message)
+
+
+@patch
+def kd_find(self: Learner, teacher, candidates: dict[str, dict] | None = None, epochs: int = 4,
+            lr: float | None = None, **kwargs) -> KDFindResult:
+    "`kd_find(learn, teacher, ...)`: which way of distilling `teacher` pays for this learner (`fastkd.kd_find.kd_find`)"
+    return kd_find(self, teacher, candidates, epochs, lr, **kwargs)  # `patch` leaves the module's kd_find the function
+
+
+def kd_find_for_job(dls, student_arch: Callable, teacher, schedule: Schedule, metric: Callable = accuracy,
+                    candidates: dict[str, dict] | None = None, seeds: Sequence[int] = (0, 1), **kwargs) -> dict:
+    """`kd_find` for the main job (`--method auto`): a student built as the job builds it (`scratch_learner` from
+    `schedule.seed`), trained as the job trains it (`frozen_first(schedule.freeze_epochs)`, then rungs up to
+    `schedule.epochs`) at `schedule.lr` (lr_find's valley when None). Returns the result (`table`, `plot()`,
+    `seconds`, `runs`), the chosen candidate `name` (`best`, else `top` with `paid=False`), its `loss`, `weight`,
+    `hints`, `mix` (a factory of its one extra callback, e.g. MixUp, else None) and `callbacks`: a function that makes a
+    fresh list of all its callbacks (distillation with hints, and extras) for each student.
+    Other keyword arguments (`rungs`, `keep`, `show_progress`) go to `kd_find`."""
+    learn = scratch_learner(dls, student_arch, schedule.seed)
+    res = kd_find(learn, teacher, candidates, epochs=schedule.epochs, lr=schedule.lr, seeds=seeds, metric=metric,
+                  fit=frozen_first(schedule.freeze_epochs), **kwargs)
+    name = res.best or res.top
+    chosen = res.candidates[name]
+    extra = chosen.get('cbs', [])
+    return dict(result=res, name=name, paid=res.best is not None, loss=chosen.get('loss', 'auto'),
+                weight=chosen.get('weight', 0.5), hints=chosen.get('hints', ()),
+                mix=(lambda: _fresh(extra[0])) if len(extra) == 1 else None, callbacks=lambda: res.callback(name),
+                table=res.table, figure=res.plot(), seconds=res.seconds, runs=res.runs, message=res.message)

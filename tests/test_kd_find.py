@@ -1,0 +1,162 @@
+"""kd_find on the digits: it ranks a harmful candidate below the student alone, picks nothing when nothing pays, and
+leaves the learner as it was; TeacherAgreement as a metric"""
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from fastai.callback.mixup import MixUp
+from fastai.learner import Learner
+from fastai.metrics import accuracy
+from fastai.torch_core import set_seed
+from matplotlib.figure import Figure
+
+from conftest import assert_same_state, state, tiny_cnn
+from fastkd.callback import KnowledgeDistillation
+from fastkd.digits import digits_dls
+from fastkd.hints import FitNet, Hint
+from fastkd.kd_find import KDFindResult, TeacherAgreement, _survivors, kd_candidates, kd_find
+from fastkd.losses import DIST, SoftTarget
+
+LR = 1e-2
+
+
+@pytest.fixture(scope='module')
+def few_dls(few_digits):
+    "300 training and 100 validation digits: an epoch takes about a second"
+    return digits_dls(few_digits, size=32, bs=32, num_workers=0)
+
+
+@pytest.fixture(scope='module')
+def warm_student(few_dls) -> dict:
+    "A student trained for 3 epochs (about 80% validation accuracy): the weights every kd_find trial starts from"
+    set_seed(1, reproducible=True)
+    learn = Learner(few_dls, tiny_cnn(8), metrics=accuracy)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, 3e-2)
+    return state(learn.model)
+
+
+def student_learner(dls, weights: dict, **kwargs) -> Learner:
+    learn = Learner(dls, tiny_cnn(8), metrics=accuracy, **kwargs)
+    learn.model.load_state_dict(weights)
+    return learn
+
+
+def away_from_teacher(student_logits, teacher_logits):
+    "A harmful distillation loss: minus the KL divergence, so training pushes the student away from the teacher"
+    return -F.kl_div(F.log_softmax(student_logits, -1), F.softmax(teacher_logits, -1), reduction='batchmean')
+
+
+@pytest.fixture(scope='module')
+def ranked(few_dls, teacher, warm_student) -> KDFindResult:
+    "kd_find with a helpful and a harmful candidate: rungs of 1 and 2 epochs, the last on two seeds"
+    set_seed(42, reproducible=True)
+    learn = student_learner(few_dls, warm_student)
+    return learn.kd_find(teacher, {'soft T4': dict(loss=SoftTarget(T=4), weight=0.5),
+                                   'away': dict(loss=away_from_teacher, weight=0.5)}, epochs=2, lr=LR)
+
+
+def test_a_harmful_candidate_ranks_below_the_student_alone_and_is_never_picked(ranked):
+    table = ranked.table
+    assert list(table.index).index('alone') < list(table.index).index('away')  # ranked below the student alone
+    assert table.loc['away', 'gain'] < -0.05 and table.loc['away', 'epochs'] == 1
+    assert table.loc['soft T4', 'epochs'] == 2 and table.loc['soft T4', 'seeds'] == 2
+    assert ranked.best != 'away'
+    assert table.loc['away', 'agreement'] < table.loc['alone', 'agreement']  # pushed away from the teacher's classes
+    assert set(ranked.trials.name[ranked.trials.rung == 1]) == {'alone', 'soft T4'}
+
+
+def test_the_table_gain_is_the_score_over_the_student_alone_of_the_same_rung_and_seeds(ranked):
+    trials = ranked.trials[ranked.trials.rung == 1].pivot(index='seed', columns='name', values='score')
+    assert ranked.table.loc['soft T4', 'gain'] == pytest.approx((trials['soft T4'] - trials['alone']).mean())
+    assert ranked.table.loc['alone', 'score'] == pytest.approx(trials['alone'].mean())
+    assert isinstance(ranked.plot(), Figure)
+
+
+def test_the_callback_of_a_candidate_trains(ranked, few_dls, warm_student):
+    learn = student_learner(few_dls, warm_student)
+    cbs = ranked.callback('soft T4')
+    assert isinstance(cbs[0], KnowledgeDistillation) and isinstance(cbs[0].kd_loss, SoftTarget) and cbs[0].weight == 0.5
+    assert cbs[0] is not ranked.callback('soft T4')[0]  # fresh every time: one per training
+    with learn.no_bar(): learn.fit_one_cycle(1, LR, cbs=cbs)
+    assert 'train_kd' in learn.recorder.metric_names
+    assert not any(isinstance(cb, KnowledgeDistillation) for cb in learn.cbs)
+    with pytest.raises(KeyError, match='choose one of'): ranked.callback('nope')
+
+
+def test_nothing_pays_with_a_random_teacher(few_dls, warm_student):
+    set_seed(3, reproducible=True)
+    random_teacher = tiny_cnn(32)
+    learn = student_learner(few_dls, warm_student)
+    res = kd_find(learn, random_teacher, {'soft T4': dict(loss=SoftTarget(T=4), weight=0.9)}, epochs=1, lr=LR)
+    assert res.best is None
+    assert res.table.loc['soft T4', 'gain'] < 0
+    assert 'No candidate beat the student alone beyond the seed-to-seed spread' in repr(res)
+    assert 'beyond the seed-to-seed spread' in res._repr_markdown_()
+    with pytest.raises(ValueError, match="res.callback\\('soft T4'\\)"): res.callback()
+
+
+def forward_hooks(model) -> int: return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_the_learner_and_the_teacher_are_left_as_they_were(few_dls, teacher, warm_student):
+    distiller = KnowledgeDistillation(teacher, SoftTarget(T=4))
+    learn = student_learner(few_dls, warm_student, cbs=distiller)
+    learn.freeze_to(-1)  # trainability that trials change (fastai clears the optimizer's state here)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)  # an optimizer with state, a Recorder with history
+    weights, teacher_weights, opt = state(learn.model), state(teacher.model), learn.opt
+    opt_state = [{k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+                 for p, *_ in opt.all_params()]
+    assert any(opt_state)  # momentum buffers to compare
+    trainable, cbs, values = [p.requires_grad for p in learn.model.parameters()], list(learn.cbs), learn.recorder.values
+    loss_func, teacher_training = learn.loss_func, teacher.model.training
+    hinted = dict(loss=DIST(), hints=[Hint('0.2', '0.2', FitNet())], cbs=[MixUp])
+    res = kd_find(learn, teacher, {'hinted, mixed': hinted}, epochs=1, seeds=(0,), show_progress=False)
+    assert len(res.trials) == 2 and res.lr > 0  # lr_find ran
+    assert_same_state(learn.model, weights)
+    assert_same_state(teacher.model, teacher_weights)
+    assert learn.opt is opt
+    after = [{k: v for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)} for p, *_ in opt.all_params()]
+    assert len(after) == len(opt_state)
+    for now, before in zip(after, opt_state):
+        assert now.keys() == before.keys() and all(torch.equal(now[k], v) for k, v in before.items())
+    assert [p.requires_grad for p in learn.model.parameters()] == trainable
+    assert list(learn.cbs) == cbs and learn.knowledge_distillation is distiller
+    assert learn.recorder.values is values and learn.loss_func is loss_func
+    assert forward_hooks(learn.model) == 0 and forward_hooks(teacher.model) == 0
+    assert teacher.model.training == teacher_training
+
+
+def test_default_candidates_cover_the_methods_and_a_hint_where_layers_match(few_dls, teacher, warm_student):
+    candidates = kd_candidates(student_learner(few_dls, warm_student), teacher)
+    assert {'softtarget T4', 'softtarget T2', 'softtarget-std T2', 'dist', 'dkd', 'fm (mixup)', 'dist + hint'} \
+        == set(candidates)
+    assert candidates['fm (mixup)']['cbs'] == [MixUp]
+    hint = candidates['dist + hint']['hints'][0]
+    assert (hint.student_layer, hint.teacher_layer) == ('0.2', '0.2')  # the deepest maps larger than 1x1: 4x4
+
+
+def test_bad_settings_are_refused_with_the_fix(few_dls, teacher, warm_student):
+    learn = student_learner(few_dls, warm_student)
+    with pytest.raises(ValueError, match='always measured'): kd_find(learn, teacher, {'alone': {}}, lr=LR)
+    with pytest.raises(ValueError, match='increasing'): kd_find(learn, teacher, {'a': {}}, rungs=[2, 1], lr=LR)
+
+
+def test_teacher_agreement_runs_the_teacher_on_validation_batches_only(few_dls, teacher, teacher_calls):
+    learn = Learner(few_dls, tiny_cnn(8), metrics=[accuracy, TeacherAgreement(teacher)])
+    learn.recorder.train_metrics = True  # fastai then also asks the metrics on training batches
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    assert len(teacher_calls) == len(few_dls.valid)  # not one call in training
+    preds, _ = learn.get_preds()
+    teacher_preds, _ = teacher.get_preds(dl=few_dls.valid)
+    expected = (preds.argmax(1) == teacher_preds.argmax(1)).float().mean().item()
+    assert learn.recorder.values[-1][-1] == pytest.approx(expected)
+    assert learn.recorder.metric_names[-2] == 'valid_teacher_agreement'
+
+
+def test_the_next_rung_takes_the_best_of_this_rung_only():
+    "A candidate dropped earlier (its last gain measured at a shorter schedule) never comes back"
+    trials = pd.DataFrame([('alone', 0, .30), ('a', 0, .50), ('b', 0, .40), ('c', 0, .35), ('d', 0, .34),
+                           ('alone', 1, .90), ('a', 1, .80), ('b', 1, .85), ('c', 1, .70)],
+                          columns=['name', 'rung', 'score'])
+    assert _survivors(trials, 0, 3) == ['a', 'b', 'c']
+    assert _survivors(trials, 1, 1) == ['b']  # not 'd', whose only gain (rung 0) was above every gain of rung 1
