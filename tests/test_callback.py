@@ -53,6 +53,17 @@ def test_fit_distils_the_teacher_and_leaves_it_untouched(dls, teacher, teacher_c
     assert all(p.grad is g for p, g in zip(teacher.model.parameters(), teacher_grads))  # no gradient reached it
 
 
+def test_the_loss_gets_teacher_logits_without_a_graph_from_a_teacher_that_requires_grad(dls, teacher):
+    "The callback's no_grad is what keeps every distillation loss from sending gradient to the teacher"
+    received = []
+    def recording(student_logits, teacher_logits):
+        received.append(teacher_logits)
+        return SoftTarget()(student_logits, teacher_logits)
+    assert all(p.requires_grad for p in teacher.model.parameters())  # a Learner's model, as its training left it
+    Learner(dls, tiny_cnn(8), cbs=KnowledgeDistillation(teacher, recording)).fit(1, 1e-3, cbs=CancelAfterOneStep())
+    assert received and not any(t.requires_grad or t.grad_fn for t in received)
+
+
 def test_recorder_shows_both_loss_parts_and_their_mix(dls, teacher):
     learn = student(dls, teacher, weight=0.3)
     learn.fit(2, 1e-2)
