@@ -117,11 +117,17 @@ def test_segmentation_dkd_and_dist_treat_every_pixel_as_an_item(segmentation_dls
 
 def test_segmentation_learner_trains_and_predicts_after_distillation(segmentation_dls):
     torch.manual_seed(3)
-    learn = Learner(segmentation_dls, fcn(8), cbs=KnowledgeDistillation(fcn(16)))
-    fit_quietly(learn)
+    teacher = Learner(segmentation_dls, fcn(16))
+    fit_quietly(teacher, epochs=2)
+    learn = Learner(segmentation_dls, fcn(8), cbs=KnowledgeDistillation(teacher))
+    fit_quietly(learn, epochs=2)
     assert learn.recorder.metric_names[1:4] == ['train_loss', 'train_ce', 'train_kd']
     preds, targets = learn.get_preds()
     assert preds.shape == (len(segmentation_dls.valid_ds), len(CODES), 16, 16)
+    background = (targets == 0).float().mean().item()  # the accuracy of predicting the background everywhere: 0.63
+    accuracy = (preds.argmax(1) == targets).float().mean().item()  # 0.78 (a stroke's parity needs the whole digit)
+    strokes_found = ((preds.argmax(1) > 0) == (targets > 0)).float().mean().item()  # 0.96
+    assert accuracy > background + 0.1 and strokes_found > background + 0.2
     assert learn.validate()[0] == pytest.approx(F.cross_entropy(preds.log(), targets.long()).item(), rel=1e-3)
     mask, *_ = learn.predict(segmentation_dls.valid_ds.items[0])
     assert mask.shape == (16, 16)
@@ -163,6 +169,16 @@ def test_multilabel_picks_a_per_label_sigmoid_loss(multilabel_dls):
     assert probs.shape == (4,) and set(labels) <= set(multilabel_dls.vocab)
 
 
+def test_a_multilabel_ensemble_averages_the_teachers_sigmoids(multilabel_dls):
+    torch.manual_seed(6)
+    teachers = [cnn(16, 4), cnn(8, 4)]
+    kd = KnowledgeDistillation(teachers)
+    Learner(multilabel_dls, cnn(8, 4), cbs=kd)
+    xb = multilabel_dls.one_batch()[:1]
+    expected = sum(teacher_pred(t, xb).sigmoid() for t in teachers) / 2
+    torch.testing.assert_close(kd.teacher_output(xb).sigmoid(), expected)
+
+
 @pytest.mark.parametrize('loss', [SoftTarget(), DKD(), DIST()])
 def test_multilabel_refuses_a_softmax_loss_naming_the_right_ones(multilabel_dls, loss):
     learn = Learner(multilabel_dls, cnn(8, 4), cbs=KnowledgeDistillation(cnn(8, 4), loss))
@@ -197,6 +213,16 @@ def test_regression_picks_logit_matching_and_distils(diabetes_dls):
     fit_quietly(learn)
     assert learn.recorder.metric_names[2:4] == ['train_mse', 'train_kd']
     assert learn.get_preds()[0].shape == (len(diabetes_dls.valid_ds), 1)
+
+
+def test_a_regression_ensemble_averages_the_teachers_outputs(diabetes_dls):
+    torch.manual_seed(7)
+    teachers = [tabular_learner(diabetes_dls, layers=[32]).model, tabular_learner(diabetes_dls, layers=[16]).model]
+    kd = KnowledgeDistillation(teachers)
+    tabular_learner(diabetes_dls, layers=[8], cbs=kd)
+    xb = diabetes_dls.one_batch()[:2]
+    expected = sum(teacher_pred(t, xb) for t in teachers) / 2
+    torch.testing.assert_close(kd.teacher_output(xb), expected)
 
 
 @pytest.mark.parametrize('loss', [SoftTarget(), DIST(), BinarySoftTarget()])
