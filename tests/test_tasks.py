@@ -21,6 +21,7 @@ from sklearn.datasets import load_diabetes, load_wine
 
 from fastkd.callback import KnowledgeDistillation
 from fastkd.losses import DIST, DKD, BinarySoftTarget, LogitMSE, SoftTarget
+from fastkd.tasks import Task
 
 
 class Record(Callback):
@@ -51,6 +52,25 @@ def fit_quietly(learn: Learner, epochs: int = 1, lr: float = 1e-2):
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter('ignore')
         learn.fit(epochs, lr)
+
+
+# --- Task on its own: what a loss is given and what it is refused --------------------------------------------
+
+def test_only_categorical_outputs_are_laid_out_as_rows_other_losses_see_the_learners_shapes():
+    dense = torch.randn(2, 3, 4, 5)
+    rows = Task('categorical', 1).items(dense)
+    assert torch.equal(rows, dense.movedim(1, -1).reshape(-1, 3))
+    assert torch.equal(Task('categorical', 1).targets(torch.zeros(2, 4, 5)), torch.zeros(40))
+    for task in (Task('binary', -1), Task('regression', -1)):
+        assert task.items(dense) is dense and task.targets(dense) is dense  # a user's loss gets them as they are
+
+
+@pytest.mark.parametrize('kind,n_outputs', [('regression', 2), ('regression', 1), ('categorical', 1), ('binary', 1)])
+def test_probability_losses_are_refused_for_any_regression_and_for_a_single_output(kind, n_outputs):
+    with pytest.raises(ValueError, match=r'^SoftTarget turns outputs into probabilities.*Use LogitMSE\(\)\.$'):
+        Task(kind).check(SoftTarget(), n_outputs)
+    Task(kind).check(LogitMSE(), n_outputs)  # raw outputs: fine
+    Task(kind).check(lambda s, t: (s - t).abs().mean(), n_outputs)  # a function says nothing: taken as it is
 
 
 # --- segmentation: (B, C, H, W) outputs, CrossEntropyLossFlat(axis=1) ------------------------------------------
