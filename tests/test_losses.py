@@ -139,3 +139,9 @@ def test_binary_soft_target_sees_labels_as_independent():
     assert SoftTarget(1)(student, teacher).item() == pytest.approx(0, abs=1e-6)
     assert BinarySoftTarget(1)(student, teacher).item() > 4.5
     assert BinarySoftTarget(1)(teacher, teacher).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_dist_ranks_a_copy_of_the_teacher_above_its_opposite_even_for_nearly_uniform_outputs():
+    "eps is added to the norms: for probabilities that hardly vary it shrinks the correlations, never flips them"
+    t = torch.randn(6, 5) * 1e-4
+    assert DIST()(t.clone(), t) < DIST()(-t, t)
