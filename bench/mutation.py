@@ -48,7 +48,8 @@ def run_module(module: str, workdir: Path, max_children: int) -> dict:
     dest = workdir/module
     if dest.exists(): shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    for folder in ('fastkd', 'tests'): shutil.copytree(ROOT/folder, dest/folder, ignore=shutil.ignore_patterns('__pycache__'))
+    for folder in ('fastkd', 'tests'):
+        shutil.copytree(ROOT/folder, dest/folder, ignore=shutil.ignore_patterns('__pycache__'))
     tests = '\n'.join(f'    {t}' for t in MODULES[module])
     (dest/'setup.cfg').write_text(SETUP_CFG.format(module=module, tests=tests))
     mutmut = [sys.executable, '-m', 'mutmut']

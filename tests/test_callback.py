@@ -106,7 +106,8 @@ def test_a_weight_schedule_follows_training_progress(dls, teacher):
     assert 0.7 < batch.pct < 0.8
     weight = 0.2 + 0.6 * batch.pct
     teacher_logits = eval_logits(teacher.model, batch.inputs)
-    expected = (1 - weight) * F.cross_entropy(batch.logits, *batch.targets) + weight * kd_loss(batch.logits, teacher_logits)
+    expected = (1 - weight) * F.cross_entropy(batch.logits, *batch.targets) + weight * kd_loss(batch.logits,
+                                                                                               teacher_logits)
     assert batch.total_loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 

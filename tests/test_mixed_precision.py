@@ -39,7 +39,8 @@ class FirstSteps(Callback):
 
 def first_losses(digits_path, precision: str = 'float32', teacher=None, **kwargs):
     """Three steps of a student distilled from a fixed teacher, and what the teacher output: on the CPU in float32 or
-    under bf16 autocast (`precision` 'bf16'), with `learn.to_bf16()` alone ('to_bf16'), or on the GPU in float32 ('cuda') or with fastai's fp16 ('fp16')"""
+    under bf16 autocast (`precision` 'bf16'), with `learn.to_bf16()` alone ('to_bf16'),
+    or on the GPU in float32 ('cuda') or with fastai's fp16 ('fp16')"""
     set_seed(0, reproducible=True)  # the loader draws its shuffling seed when it is made
     device = torch.device('cuda' if precision in ('cuda', 'fp16') else 'cpu')
     dls = digits_dls(digits_path, size=32, bs=64, augment=False, num_workers=0, device=device)

@@ -56,7 +56,8 @@ def test_the_api_table_gives_real_parameters(entry):
     name = NAME.match(entry).group()
     params = inspect.signature(getattr(fastkd.all, name)).parameters
     shown = [argument.partition('=')[0].strip().lstrip('*') for argument in arguments(entry)]
-    required = [key for key, p in params.items() if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    required = [key for key, p in params.items()
+                if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if '...' not in shown: assert set(required) <= set(shown), f'{entry} leaves out the required {required}'
     for argument in arguments(entry):
         if argument == '...': continue

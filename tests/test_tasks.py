@@ -13,6 +13,7 @@ from fastai.data.block import CategoryBlock, DataBlock, MultiCategoryBlock, Regr
 from fastai.data.transforms import FuncSplitter, get_image_files
 from fastai.layers import ConvLayer, NormType
 from fastai.learner import Callback, Learner
+from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, LabelSmoothingCrossEntropy, MSELossFlat
 from fastai.tabular.all import TabularDataLoaders, tabular_learner
 from fastai.text.all import AWD_LSTM, TextDataLoaders, text_classifier_learner
 from fastai.vision.all import ImageBlock, MaskBlock, PILImage, Resize
@@ -21,7 +22,7 @@ from sklearn.datasets import load_diabetes, load_wine
 
 from fastkd.callback import KnowledgeDistillation
 from fastkd.losses import DIST, DKD, BinarySoftTarget, LogitMSE, SoftTarget
-from fastkd.tasks import Task
+from fastkd.tasks import Task, task_of
 
 
 class Record(Callback):
@@ -55,6 +56,26 @@ def fit_quietly(learn: Learner, epochs: int = 1, lr: float = 1e-2):
 
 
 # --- Task on its own: what a loss is given and what it is refused --------------------------------------------
+
+@pytest.mark.parametrize('loss_func,task', [
+    (CrossEntropyLossFlat(), Task('categorical', -1, 'train_ce')),
+    (CrossEntropyLossFlat(axis=1), Task('categorical', 1, 'train_ce')),
+    (torch.nn.CrossEntropyLoss(), Task('categorical', 1, 'train_ce')), (F.cross_entropy, Task('categorical', 1, 'train_ce')),
+    (LabelSmoothingCrossEntropy(), Task('categorical', -1, 'train_ce')),
+    (BCEWithLogitsLossFlat(), Task('binary', -1, 'train_bce')), (MSELossFlat(), Task('regression', -1, 'train_mse')),
+    (torch.nn.SmoothL1Loss(), Task('regression', -1, 'train_smooth_l1')), (F.l1_loss, Task('regression', -1, 'train_l1')),
+    (lambda p, y: (p - y).abs().mean(), Task('unknown'))])
+def test_task_of_reads_the_kind_the_class_axis_and_the_column_from_the_loss_function(loss_func, task):
+    assert task_of(loss_func) == task
+
+
+def test_ensembles_of_two_copies_are_the_teacher_itself():
+    "Averaging probabilities (or outputs) of identical teachers changes nothing: the division is by the count"
+    logits = torch.randn(4, 3, 2, 2)
+    for task in (Task('categorical', 1), Task('binary', -1), Task('regression', -1)):
+        torch.testing.assert_close(task.ensemble([logits, logits.clone()]), task.ensemble([logits]) if task.kind
+                                   != 'categorical' else logits.log_softmax(dim=1))
+
 
 def test_only_categorical_outputs_are_laid_out_as_rows_other_losses_see_the_learners_shapes():
     dense = torch.randn(2, 3, 4, 5)

@@ -123,7 +123,8 @@ def test_the_distilled_student_is_distilled(few_digits):
     files = sorted((few_digits/'test').glob('*/*.png'))
     TeacherCalls.made.clear()
     job = distillation_job(dls, dls.test_dl(files), [int(f.parent.name) for f in files], TINY_ARCH, TINY_ARCH,
-                           Schedule(freeze_epochs=0, epochs=1, lr=1e-2), teacher=scratch_learner(dls, TINY_ARCH, 0).model,
+                           Schedule(freeze_epochs=0, epochs=1, lr=1e-2),
+                           teacher=scratch_learner(dls, TINY_ARCH, 0).model,
                            kd_weight=0.5, n_augs=[1], mix=TeacherCalls)
     assert len(TeacherCalls.made) == 1 and TeacherCalls.made[0].calls >= len(dls.train)  # every step, and the check
     distilled, alone = (job['training'][name]['epochs'] for name in ('distilled student', 'student'))
