@@ -60,10 +60,12 @@ def fit_quietly(learn: Learner, epochs: int = 1, lr: float = 1e-2):
 @pytest.mark.parametrize('loss_func,task', [
     (CrossEntropyLossFlat(), Task('categorical', -1, 'train_ce')),
     (CrossEntropyLossFlat(axis=1), Task('categorical', 1, 'train_ce')),
-    (torch.nn.CrossEntropyLoss(), Task('categorical', 1, 'train_ce')), (F.cross_entropy, Task('categorical', 1, 'train_ce')),
+    (torch.nn.CrossEntropyLoss(), Task('categorical', 1, 'train_ce')),
+    (F.cross_entropy, Task('categorical', 1, 'train_ce')),
     (LabelSmoothingCrossEntropy(), Task('categorical', -1, 'train_ce')),
     (BCEWithLogitsLossFlat(), Task('binary', -1, 'train_bce')), (MSELossFlat(), Task('regression', -1, 'train_mse')),
-    (torch.nn.SmoothL1Loss(), Task('regression', -1, 'train_smooth_l1')), (F.l1_loss, Task('regression', -1, 'train_l1')),
+    (torch.nn.SmoothL1Loss(), Task('regression', -1, 'train_smooth_l1')),
+    (F.l1_loss, Task('regression', -1, 'train_l1')),
     (lambda p, y: (p - y).abs().mean(), Task('unknown'))])
 def test_task_of_reads_the_kind_the_class_axis_and_the_column_from_the_loss_function(loss_func, task):
     assert task_of(loss_func) == task
