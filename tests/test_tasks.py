@@ -346,3 +346,10 @@ def test_explicit_loss_wins_over_the_automatic_choice(wine_dls):
     kd = KnowledgeDistillation(tabular_learner(wine_dls).model, LogitMSE())
     tabular_learner(wine_dls, layers=[8], cbs=kd)
     assert isinstance(kd.kd_loss, LogitMSE) and repr(kd) == 'KnowledgeDistillation(loss=LogitMSE(), weight=0.5)'
+
+
+def test_a_per_label_loss_is_refused_for_a_single_label_learner_naming_the_right_ones():
+    with pytest.raises(ValueError, match=r'^BinarySoftTarget treats every output as an independent label.*'
+                                         r'Use SoftTarget\(\), DKD\(\) or DIST\(\)\.$'):
+        Task('categorical').check(BinarySoftTarget(), 10)
+    Task('binary', -1).check(BinarySoftTarget(), 4)
