@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench notebooks clean
+.PHONY: install demo test bench notebooks mutation clean
 
 $(STAMP): settings.ini setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ bench: $(STAMP)  # each writes its table to bench/results/
 
 notebooks: $(STAMP)  # executes nbs/*.ipynb at their default settings and writes their outputs
 	$(BIN)/python nbs/run_notebooks.py
+
+mutation: $(STAMP)  # mutmut over the core modules, each against its own tests (an hour or more: not in CI)
+	$(BIN)/python bench/mutation.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -91,7 +91,14 @@ def test_a_whole_schedule_runs_the_teacher_once_per_item_and_exports_no_cache(dl
 def test_float16_storage(dls, teacher):
     learn, record = distilled(dls, teacher, cache=TeacherCache(dtype=torch.float16))
     fit(learn)
-    assert_outputs_of_their_inputs(record.batches, teacher, torch.float16)
+    assert learn.knowledge_distillation.cache.outputs.dtype == torch.float16
+    assert record.items <= 1.2 * len(dls.train.dataset)  # the second epoch came from the cache
+    second = [b for b in record.batches if b[0] == 1]
+    assert_outputs_of_their_inputs(second, teacher, torch.float16)
+    reused = torch.cat([cached for _, _, cached in second])
+    assert reused.dtype == torch.float32 and torch.equal(reused, reused.half().float())  # float16 values, handed back
+    with torch.no_grad(): live = torch.cat([teacher(inputs) for _, inputs, _ in second])
+    assert not torch.equal(reused, live)  # rounded: not the float32 outputs
 
 
 def test_a_changed_teacher_or_dataset_refills_the_cache(digits_path, dls, teacher):

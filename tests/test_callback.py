@@ -53,6 +53,17 @@ def test_fit_distils_the_teacher_and_leaves_it_untouched(dls, teacher, teacher_c
     assert all(p.grad is g for p, g in zip(teacher.model.parameters(), teacher_grads))  # no gradient reached it
 
 
+def test_the_loss_gets_teacher_logits_without_a_graph_from_a_teacher_that_requires_grad(dls, teacher):
+    "The callback's no_grad is what keeps every distillation loss from sending gradient to the teacher"
+    received = []
+    def recording(student_logits, teacher_logits):
+        received.append(teacher_logits)
+        return SoftTarget()(student_logits, teacher_logits)
+    assert all(p.requires_grad for p in teacher.model.parameters())  # a Learner's model, as its training left it
+    Learner(dls, tiny_cnn(8), cbs=KnowledgeDistillation(teacher, recording)).fit(1, 1e-3, cbs=CancelAfterOneStep())
+    assert received and not any(t.requires_grad or t.grad_fn for t in received)
+
+
 def test_recorder_shows_both_loss_parts_and_their_mix(dls, teacher):
     learn = student(dls, teacher, weight=0.3)
     learn.fit(2, 1e-2)
@@ -72,6 +83,73 @@ def test_training_loss_is_the_weighted_mix(dls, teacher):
     weight = 0.2 + 0.6 * batch.progress
     expected = (1 - weight) * F.cross_entropy(batch.logits, *batch.targets) + weight * kd_loss(batch.logits, teacher_logits)
     assert batch.total_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+class RecordStep(Callback):
+    "After the loss of training step `step` (counted over the whole fit): the inputs, teacher logits, loss and progress"
+    order, run_valid = KnowledgeDistillation.order + 1, False
+    def __init__(self, step: int): self.step, self.seen = step, 0
+    def after_loss(self):
+        if self.seen < self.step:
+            self.seen += 1
+            return
+        self.inputs, self.targets, self.logits = self.learn.xb, self.learn.yb, self.learn.pred.detach()
+        self.total_loss, self.pct = self.learn.loss_grad.detach(), self.learn.pct_train
+        raise CancelFitException()
+
+
+def test_a_weight_schedule_follows_training_progress(dls, teacher):
+    kd_loss = SoftTarget(T=2)
+    learn = student(dls, teacher, loss=kd_loss, weight=SchedLin(0.2, 0.8))
+    batch = RecordStep(len(dls.train) + len(dls.train) // 2)  # halfway through the second of 2 epochs
+    learn.fit(2, 1e-3, cbs=batch)
+    assert 0.7 < batch.pct < 0.8
+    weight = 0.2 + 0.6 * batch.pct
+    teacher_logits = eval_logits(teacher.model, batch.inputs)
+    expected = (1 - weight) * F.cross_entropy(batch.logits, *batch.targets) + weight * kd_loss(batch.logits,
+                                                                                               teacher_logits)
+    assert batch.total_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+class GradientsOfTheLoss(Callback):
+    "At the first training step: the student's gradients from the loss to backpropagate, and from `kd_loss` alone"
+    order = KnowledgeDistillation.order + 1
+    def __init__(self, kd_loss, teacher): self.kd_loss, self.teacher = kd_loss, teacher
+    def after_loss(self):
+        params = [p for p in self.learn.model.parameters() if p.requires_grad]
+        self.of_loss = torch.autograd.grad(self.learn.loss_grad, params, retain_graph=True)
+        kd = self.kd_loss(self.learn.pred, eval_logits(self.teacher, self.learn.xb))
+        self.of_kd = torch.autograd.grad(kd, params, retain_graph=True)
+        raise CancelFitException()
+
+
+def test_the_distillation_term_sends_its_gradient_to_the_student(dls, teacher):
+    "With weight 1 the loss to backpropagate is the distillation loss alone, gradient included (not a detached copy)"
+    kd_loss = SoftTarget(T=2)
+    grads = GradientsOfTheLoss(kd_loss, teacher.model)
+    student(dls, teacher, loss=kd_loss, weight=1.0).fit(1, 1e-3, cbs=grads)
+    assert any(g.abs().max() > 0 for g in grads.of_kd)
+    for of_loss, of_kd in zip(grads.of_loss, grads.of_kd): torch.testing.assert_close(of_loss, of_kd)
+
+
+class Permuted(torch.nn.Module):
+    "A model whose class `i` is the class `(i + 1) % n` of `model`: a teacher that disagrees with every label"
+    def __init__(self, model): super().__init__(); self.model = model
+    def forward(self, x): return self.model(x).roll(1, dims=-1)
+
+
+def test_with_weight_1_the_student_follows_a_teacher_that_disagrees_with_the_labels(dls, teacher):
+    permuted = Permuted(teacher.model)
+    set_seed(2, reproducible=True)
+    learn = student(dls, permuted, loss=SoftTarget(T=2), weight=1.0)
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # it is worse than chance on the labels, on purpose
+        learn.fit_one_cycle(2, 3e-2)
+    preds, labels = learn.get_preds()
+    with torch.no_grad():
+        taught = torch.cat([permuted.eval()(xb) for xb, _ in dls.valid]).argmax(-1).cpu()
+    agreement, accuracy = (preds.argmax(-1) == taught).float().mean(), (preds.argmax(-1) == labels).float().mean()
+    assert agreement > 0.3 > accuracy  # it learnt the teacher's classes, not the labels' (about 0.44 and 0.05)
 
 
 def kd_without_target(student_logits, teacher_logits):
@@ -213,14 +291,17 @@ def test_export_loads_and_predicts_where_fastkd_is_not_installed(dls, teacher, t
     torch.testing.assert_close(probs, learn.predict(PILImage.create(image))[2])
 
 
-def test_distil_again_from_an_exported_student(dls, teacher, trained_student, tmp_path):
+def test_distil_again_from_an_exported_student(dls, teacher, trained_student, tmp_path, teacher_calls):
     trained_student.path = tmp_path
     trained_student.export('student.pkl')
     loaded = load_learner(tmp_path/'student.pkl')
     loaded.dls = dls
     loaded.add_cb(KnowledgeDistillation(teacher))  # the documented way: a new callback
+    teacher_calls.clear()
     loaded.fit(1, 1e-3)
-    assert 'train_kd' in loaded.recorder.metric_names
+    names = list(loaded.recorder.metric_names[1:-1])
+    assert loaded.recorder.values[-1][names.index('train_kd')] > 0  # a column alone is set up before anything trains
+    assert len(teacher_calls) == 1 + len(dls.train)  # the check, then every training step
 
 
 def test_teacher_learner_trains_again_after_the_callback_and_a_distillation_fit(dls):
@@ -313,15 +394,20 @@ def test_non_finite_teacher_outputs_fail_before_training(dls):
 def test_a_teacher_no_better_than_chance_is_warned_about_once_per_fit(dls, teacher):
     set_seed(5, reproducible=True)
     untrained = tiny_cnn(8)
-    with pytest.warns(UserWarning, match='no better than chance'):
-        student(dls, untrained).fit(1, 1e-3, cbs=CancelAfterOneStep())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')  # every warning counted, not only the first from each line
+        student(dls, untrained).fit(2, 1e-3, cbs=CancelAfterOneStep(epoch=1))  # an epoch and a step: two before_train
+    assert sum('no better than chance' in str(w.message) for w in caught) == 1
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         student(dls, teacher).fit(1, 1e-3, cbs=CancelAfterOneStep())  # a trained teacher: no warning
 
 
 class CancelAfterOneStep(Callback):
-    def after_step(self): raise CancelFitException()
+    "Stop the fit after the first step of epoch `epoch`"
+    def __init__(self, epoch: int = 0): self.at_epoch = epoch
+    def after_step(self):
+        if self.epoch == self.at_epoch: raise CancelFitException()
 
 
 def test_gradient_accumulation_is_refused_clearly(dls, teacher):

@@ -101,11 +101,25 @@ def test_losses_compute_in_float32_from_half_inputs(logits, loss):
 
 
 @pytest.mark.parametrize('loss', [SoftTarget(4), DKD(), DIST(), LogitMSE()])
-def test_losses_give_gradients_to_the_student_only(logits, loss):
+def test_losses_give_gradients_to_the_student(logits, loss):
+    "That no gradient reaches the teacher is the callback's doing (its forward runs under no_grad): see test_callback"
     s, t, y = logits
     s = s.clone().requires_grad_()
     loss(s, t, y).backward()
     assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+def test_defaults_are_the_papers():
+    assert repr(SoftTarget()) == 'SoftTarget(T=4.0, standardize=False)'
+    assert repr(DKD()) == 'DKD(alpha=1.0, beta=8.0, T=4.0, standardize=False)'
+    assert repr(DIST()) == 'DIST(beta=1.0, gamma=1.0, T=1.0)'
+    assert repr(BinarySoftTarget()) == 'BinarySoftTarget(T=1.0)'
+
+
+def test_standardize_logits_keeps_nearly_constant_rows_finite_and_in_order():
+    "eps is added to the spread: a row whose spread is below it is scaled down, not blown up or reversed"
+    z = standardize_logits(torch.tensor([[0., 1e-8, 2e-8]]))
+    assert torch.isfinite(z).all() and z[0, 0] < z[0, 1] < z[0, 2] and z.abs().max() < 0.2
 
 
 def sigmoid(z): return 1 / (1 + np.exp(-z))
@@ -125,3 +139,9 @@ def test_binary_soft_target_sees_labels_as_independent():
     assert SoftTarget(1)(student, teacher).item() == pytest.approx(0, abs=1e-6)
     assert BinarySoftTarget(1)(student, teacher).item() > 4.5
     assert BinarySoftTarget(1)(teacher, teacher).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_dist_ranks_a_copy_of_the_teacher_above_its_opposite_even_for_nearly_uniform_outputs():
+    "eps is added to the norms: for probabilities that hardly vary it shrinks the correlations, never flips them"
+    t = torch.randn(6, 5) * 1e-4
+    assert DIST()(t.clone(), t) < DIST()(-t, t)

@@ -54,17 +54,30 @@ def test_batch_augmentation_still_runs_every_batch(plain_and_memory):
     assert not torch.equal(first, dl.one_batch()[0])  # aug_transforms redrawn: same items, other images
 
 
-def test_learner_trains_distils_predicts_and_exports_without_the_items(plain_and_memory, teacher, digits_path, tmp_path):
-    plain, memory = plain_and_memory
-    learn = Learner(memory, tiny_cnn(8), metrics=accuracy, path=tmp_path,
-                    cbs=KnowledgeDistillation(teacher, weight=0.5))
+def distilled(dls, teacher, **kwargs) -> Learner:
+    "The same student, seed and recipe on `dls`: distilled for 4 epochs"
+    set_seed(42, reproducible=True)
+    learn = Learner(dls, tiny_cnn(8), metrics=accuracy, cbs=KnowledgeDistillation(teacher, weight=0.5), **kwargs)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(4, 3e-2)
-    assert learn.recorder.values[-1][-1] > 0.6  # accuracy on 10 classes: it learnt (0.79 without distillation)
+    return learn
+
+
+def test_learner_trains_distils_predicts_and_exports_without_the_items(plain_and_memory, teacher, teacher_calls,
+                                                                      digits_path, tmp_path):
+    plain, memory = plain_and_memory
+    learn = distilled(memory, teacher, path=tmp_path)
+    assert len(teacher_calls) == 1 + 4 * len(memory.train)  # it distilled: the check, then every training step
+    names = list(learn.recorder.metric_names[1:-1])
+    assert all(row[names.index('train_kd')] > 0 for row in learn.recorder.values)
+    from_disk = distilled(plain, teacher).recorder.values[-1][-1]
+    # it trains as the same recipe from disk does (0.67 and 0.69 here; a student alone reaches 0.80 in 4 epochs,
+    # distillation from this teacher at T=4 costs accuracy this early; chance is 0.10)
+    assert learn.recorder.values[-1][-1] == pytest.approx(from_disk, abs=0.06) and from_disk > 0.5
     test_files = sorted((digits_path/'test').rglob('*.png'))[:40]
     test_dl = memory.test_dl(test_files)
     assert type(test_dl) is TfmdDL  # other items are read from disk
-    from_disk = learn.get_preds(dl=test_dl)[0]
-    assert torch.equal(learn.get_preds(dl=InMemoryDL.from_dl(test_dl))[0], from_disk)
+    preds = learn.get_preds(dl=test_dl)[0]
+    assert torch.equal(learn.get_preds(dl=InMemoryDL.from_dl(test_dl))[0], preds)
     learn.export('export.pkl')
     assert (tmp_path/'export.pkl').stat().st_size < memory.train.decoded[0].numel() / 4
 

@@ -39,7 +39,8 @@ class FirstSteps(Callback):
 
 def first_losses(digits_path, precision: str = 'float32', teacher=None, **kwargs):
     """Three steps of a student distilled from a fixed teacher, and what the teacher output: on the CPU in float32 or
-    under bf16 autocast (`precision` 'bf16'), or on the GPU in float32 ('cuda') or with fastai's fp16 ('fp16')"""
+    under bf16 autocast (`precision` 'bf16'), with `learn.to_bf16()` alone ('to_bf16'),
+    or on the GPU in float32 ('cuda') or with fastai's fp16 ('fp16')"""
     set_seed(0, reproducible=True)  # the loader draws its shuffling seed when it is made
     device = torch.device('cuda' if precision in ('cuda', 'fp16') else 'cpu')
     dls = digits_dls(digits_path, size=32, bs=64, augment=False, num_workers=0, device=device)
@@ -52,6 +53,7 @@ def first_losses(digits_path, precision: str = 'float32', teacher=None, **kwargs
     set_seed(0, reproducible=True)
     learn = Learner(dls, tiny_cnn(8), cbs=[KnowledgeDistillation(teacher, kd_loss, **kwargs), steps])
     if precision == 'bf16': learn.to_bf16().add_cb(CPUAutocast())
+    if precision == 'to_bf16': learn.to_bf16()  # as users write it
     if precision == 'fp16': learn.to_fp16()
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
     hook.remove()
@@ -65,6 +67,14 @@ def test_bf16_autocast_reaches_the_teacher_and_the_distillation_term_stays_float
     reference, teacher_dtypes, _ = first_losses(digits_path)
     assert teacher_dtypes == {torch.float32}
     assert losses == pytest.approx(reference, rel=5e-3)  # bf16 keeps about 3 significant digits
+
+
+def test_to_bf16_on_a_cpu_trains_in_float32(digits_path):
+    "What users run on a CPU: fastai's MixedPrecision autocasts CUDA only, so teacher and student compute in float32"
+    losses, teacher_dtypes, kd_dtypes = first_losses(digits_path, 'to_bf16')
+    assert teacher_dtypes == {torch.float32} and kd_dtypes == {(torch.float32, torch.float32, torch.float32)}
+    reference, _, _ = first_losses(digits_path)
+    assert losses == pytest.approx(reference, rel=1e-6)  # the float32 run, not a bf16 one
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fastai's fp16 (MixedPrecision) autocasts CUDA only")

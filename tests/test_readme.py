@@ -51,9 +51,14 @@ def test_the_api_table_names_exactly_the_exports():
 
 @pytest.mark.parametrize('entry', [e for e in api_entries() if '(' in e])
 def test_the_api_table_gives_real_parameters(entry):
-    "Each parameter the table shows exists under that name, and a literal default is the real one (`...`: elided)"
+    """Each parameter the table shows exists under that name, a literal default is the real one, and every parameter
+    without a default is shown (`...` elides the rest): `FitNet()` promises a call without arguments"""
     name = NAME.match(entry).group()
     params = inspect.signature(getattr(fastkd.all, name)).parameters
+    shown = [argument.partition('=')[0].strip().lstrip('*') for argument in arguments(entry)]
+    required = [key for key, p in params.items()
+                if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if '...' not in shown: assert set(required) <= set(shown), f'{entry} leaves out the required {required}'
     for argument in arguments(entry):
         if argument == '...': continue
         key, _, default = argument.partition('=')

@@ -13,6 +13,7 @@ from fastai.data.block import CategoryBlock, DataBlock, MultiCategoryBlock, Regr
 from fastai.data.transforms import FuncSplitter, get_image_files
 from fastai.layers import ConvLayer, NormType
 from fastai.learner import Callback, Learner
+from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, LabelSmoothingCrossEntropy, MSELossFlat
 from fastai.tabular.all import TabularDataLoaders, tabular_learner
 from fastai.text.all import AWD_LSTM, TextDataLoaders, text_classifier_learner
 from fastai.vision.all import ImageBlock, MaskBlock, PILImage, Resize
@@ -21,6 +22,7 @@ from sklearn.datasets import load_diabetes, load_wine
 
 from fastkd.callback import KnowledgeDistillation
 from fastkd.losses import DIST, DKD, BinarySoftTarget, LogitMSE, SoftTarget
+from fastkd.tasks import Task, task_of
 
 
 class Record(Callback):
@@ -51,6 +53,47 @@ def fit_quietly(learn: Learner, epochs: int = 1, lr: float = 1e-2):
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter('ignore')
         learn.fit(epochs, lr)
+
+
+# --- Task on its own: what a loss is given and what it is refused --------------------------------------------
+
+@pytest.mark.parametrize('loss_func,task', [
+    (CrossEntropyLossFlat(), Task('categorical', -1, 'train_ce')),
+    (CrossEntropyLossFlat(axis=1), Task('categorical', 1, 'train_ce')),
+    (torch.nn.CrossEntropyLoss(), Task('categorical', 1, 'train_ce')),
+    (F.cross_entropy, Task('categorical', 1, 'train_ce')),
+    (LabelSmoothingCrossEntropy(), Task('categorical', -1, 'train_ce')),
+    (BCEWithLogitsLossFlat(), Task('binary', -1, 'train_bce')), (MSELossFlat(), Task('regression', -1, 'train_mse')),
+    (torch.nn.SmoothL1Loss(), Task('regression', -1, 'train_smooth_l1')),
+    (F.l1_loss, Task('regression', -1, 'train_l1')),
+    (lambda p, y: (p - y).abs().mean(), Task('unknown'))])
+def test_task_of_reads_the_kind_the_class_axis_and_the_column_from_the_loss_function(loss_func, task):
+    assert task_of(loss_func) == task
+
+
+def test_ensembles_of_two_copies_are_the_teacher_itself():
+    "Averaging probabilities (or outputs) of identical teachers changes nothing: the division is by the count"
+    logits = torch.randn(4, 3, 2, 2)
+    for task in (Task('categorical', 1), Task('binary', -1), Task('regression', -1)):
+        torch.testing.assert_close(task.ensemble([logits, logits.clone()]), task.ensemble([logits]) if task.kind
+                                   != 'categorical' else logits.log_softmax(dim=1))
+
+
+def test_only_categorical_outputs_are_laid_out_as_rows_other_losses_see_the_learners_shapes():
+    dense = torch.randn(2, 3, 4, 5)
+    rows = Task('categorical', 1).items(dense)
+    assert torch.equal(rows, dense.movedim(1, -1).reshape(-1, 3))
+    assert torch.equal(Task('categorical', 1).targets(torch.zeros(2, 4, 5)), torch.zeros(40))
+    for task in (Task('binary', -1), Task('regression', -1)):
+        assert task.items(dense) is dense and task.targets(dense) is dense  # a user's loss gets them as they are
+
+
+@pytest.mark.parametrize('kind,n_outputs', [('regression', 2), ('regression', 1), ('categorical', 1), ('binary', 1)])
+def test_probability_losses_are_refused_for_any_regression_and_for_a_single_output(kind, n_outputs):
+    with pytest.raises(ValueError, match=r'^SoftTarget turns outputs into probabilities.*Use LogitMSE\(\)\.$'):
+        Task(kind).check(SoftTarget(), n_outputs)
+    Task(kind).check(LogitMSE(), n_outputs)  # raw outputs: fine
+    Task(kind).check(lambda s, t: (s - t).abs().mean(), n_outputs)  # a function says nothing: taken as it is
 
 
 # --- segmentation: (B, C, H, W) outputs, CrossEntropyLossFlat(axis=1) ------------------------------------------
@@ -117,11 +160,17 @@ def test_segmentation_dkd_and_dist_treat_every_pixel_as_an_item(segmentation_dls
 
 def test_segmentation_learner_trains_and_predicts_after_distillation(segmentation_dls):
     torch.manual_seed(3)
-    learn = Learner(segmentation_dls, fcn(8), cbs=KnowledgeDistillation(fcn(16)))
-    fit_quietly(learn)
+    teacher = Learner(segmentation_dls, fcn(16))
+    fit_quietly(teacher, epochs=2)
+    learn = Learner(segmentation_dls, fcn(8), cbs=KnowledgeDistillation(teacher))
+    fit_quietly(learn, epochs=2)
     assert learn.recorder.metric_names[1:4] == ['train_loss', 'train_ce', 'train_kd']
     preds, targets = learn.get_preds()
     assert preds.shape == (len(segmentation_dls.valid_ds), len(CODES), 16, 16)
+    background = (targets == 0).float().mean().item()  # the accuracy of predicting the background everywhere: 0.63
+    accuracy = (preds.argmax(1) == targets).float().mean().item()  # 0.78 (a stroke's parity needs the whole digit)
+    strokes_found = ((preds.argmax(1) > 0) == (targets > 0)).float().mean().item()  # 0.96
+    assert accuracy > background + 0.1 and strokes_found > background + 0.2
     assert learn.validate()[0] == pytest.approx(F.cross_entropy(preds.log(), targets.long()).item(), rel=1e-3)
     mask, *_ = learn.predict(segmentation_dls.valid_ds.items[0])
     assert mask.shape == (16, 16)
@@ -163,6 +212,16 @@ def test_multilabel_picks_a_per_label_sigmoid_loss(multilabel_dls):
     assert probs.shape == (4,) and set(labels) <= set(multilabel_dls.vocab)
 
 
+def test_a_multilabel_ensemble_averages_the_teachers_sigmoids(multilabel_dls):
+    torch.manual_seed(6)
+    teachers = [cnn(16, 4), cnn(8, 4)]
+    kd = KnowledgeDistillation(teachers)
+    Learner(multilabel_dls, cnn(8, 4), cbs=kd)
+    xb = multilabel_dls.one_batch()[:1]
+    expected = sum(teacher_pred(t, xb).sigmoid() for t in teachers) / 2
+    torch.testing.assert_close(kd.teacher_output(xb).sigmoid(), expected)
+
+
 @pytest.mark.parametrize('loss', [SoftTarget(), DKD(), DIST()])
 def test_multilabel_refuses_a_softmax_loss_naming_the_right_ones(multilabel_dls, loss):
     learn = Learner(multilabel_dls, cnn(8, 4), cbs=KnowledgeDistillation(cnn(8, 4), loss))
@@ -197,6 +256,16 @@ def test_regression_picks_logit_matching_and_distils(diabetes_dls):
     fit_quietly(learn)
     assert learn.recorder.metric_names[2:4] == ['train_mse', 'train_kd']
     assert learn.get_preds()[0].shape == (len(diabetes_dls.valid_ds), 1)
+
+
+def test_a_regression_ensemble_averages_the_teachers_outputs(diabetes_dls):
+    torch.manual_seed(7)
+    teachers = [tabular_learner(diabetes_dls, layers=[32]).model, tabular_learner(diabetes_dls, layers=[16]).model]
+    kd = KnowledgeDistillation(teachers)
+    tabular_learner(diabetes_dls, layers=[8], cbs=kd)
+    xb = diabetes_dls.one_batch()[:2]
+    expected = sum(teacher_pred(t, xb) for t in teachers) / 2
+    torch.testing.assert_close(kd.teacher_output(xb), expected)
 
 
 @pytest.mark.parametrize('loss', [SoftTarget(), DIST(), BinarySoftTarget()])
@@ -277,3 +346,10 @@ def test_explicit_loss_wins_over_the_automatic_choice(wine_dls):
     kd = KnowledgeDistillation(tabular_learner(wine_dls).model, LogitMSE())
     tabular_learner(wine_dls, layers=[8], cbs=kd)
     assert isinstance(kd.kd_loss, LogitMSE) and repr(kd) == 'KnowledgeDistillation(loss=LogitMSE(), weight=0.5)'
+
+
+def test_a_per_label_loss_is_refused_for_a_single_label_learner_naming_the_right_ones():
+    with pytest.raises(ValueError, match=r'^BinarySoftTarget treats every output as an independent label.*'
+                                         r'Use SoftTarget\(\), DKD\(\) or DIST\(\)\.$'):
+        Task('categorical').check(BinarySoftTarget(), 10)
+    Task('binary', -1).check(BinarySoftTarget(), 4)

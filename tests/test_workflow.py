@@ -5,6 +5,7 @@ from functools import partial
 import pandas as pd
 import pytest
 import torch
+from fastai.callback.core import Callback
 from fastai.callback.mixup import CutMix, MixUp
 from fastai.vision.models.xresnet import xresnet18
 
@@ -119,3 +120,28 @@ def test_each_seed_pairs_the_student_alone_with_the_distilled_student(few_digits
     assert not torch.equal(alone['0.0.0.weight'], initial['0.0.0.weight'])  # and they did train
     assert list(job['summary'].seeds) == [1, 2, 2]
     assert job['verdict'].startswith('No gain shown: distillation changed test_f1 by +0.0 +- 0.0')
+
+
+class TeacherCalls(Callback):
+    "Passed as the job's `mix`, so it joins the distilled student's learner alone: counts its teachers' forwards"
+    made = []
+    def __init__(self): self.calls, self.hooks = 0, []; TeacherCalls.made.append(self)
+    def before_fit(self):
+        self.hooks = [t.register_forward_hook(self.count) for t in self.learn.knowledge_distillation.teachers]
+    def count(self, *_): self.calls += 1
+    def after_fit(self):
+        for hook in self.hooks: hook.remove()
+
+
+def test_the_distilled_student_is_distilled(few_digits):
+    "Its training called the teacher and logged a distillation term; the student alone logged none"
+    dls = digits_dls(few_digits, size=16, bs=30, num_workers=0)
+    files = sorted((few_digits/'test').glob('*/*.png'))
+    TeacherCalls.made.clear()
+    job = distillation_job(dls, dls.test_dl(files), [int(f.parent.name) for f in files], TINY_ARCH, TINY_ARCH,
+                           Schedule(freeze_epochs=0, epochs=1, lr=1e-2),
+                           teacher=scratch_learner(dls, TINY_ARCH, 0).model,
+                           kd_weight=0.5, n_augs=[1], mix=TeacherCalls)
+    assert len(TeacherCalls.made) == 1 and TeacherCalls.made[0].calls >= len(dls.train)  # every step, and the check
+    distilled, alone = (job['training'][name]['epochs'] for name in ('distilled student', 'student'))
+    assert (distilled.train_kd > 0).all() and 'train_kd' not in alone
