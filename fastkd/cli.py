@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser('demo', help='the whole job on scikit-learn\'s digits (no download)',
                                description='Teacher, student alone, distilled student and their TTA scores on '
                                'scikit-learn\'s digits written as an image folder; writes a report folder.')
-    _schedule_args(demo, size=16, epochs=1, bs=64, lr_find_iters=100, teacher='xresnet34-half',
+    _schedule_args(demo, size=16, epochs=3, bs=64, lr_find_iters=100, teacher='xresnet34-half',
                    student='xresnet18-sixteenth', seeds=8, teacher_epochs=12, lr=1e-2)
     demo.add_argument('--data', type=Path, default=None,
                       help='where to write the digits image folder (default: OUT/digits)')

@@ -208,7 +208,7 @@ def distillation_job(dls: DataLoaders, test_dl, y_true, teacher_arch: Callable, 
                 reused=[f'{name} seed {seed}' for (name, seed), run in runs_done.items() if run['reused']])
 
 
-_UNCOMPARED = ('command', 'out', 'threads')  # recorded in the report, but a job resumed with others is the same job
+_UNCOMPARED = ('command', 'out', 'threads', 'seeds', 'teacher_weights')  # recorded, but not what makes a run
 
 
 def _row(name: str, seed: int, learn: Learner, tta: pd.DataFrame, training: dict | None) -> dict:
@@ -291,9 +291,9 @@ VERDICT_RULE = ('A gain is claimed only when the 95% confidence interval of the 
                 'minus student alone, same seed; Student t with one degree of freedom fewer than seeds) lies above '
                 'zero, and a loss only when it lies below. More seeds narrow the interval, so a real gain is shown '
                 'more surely, and a verdict does not hinge on the rounding of one run.')
-SPREAD_RULE = ('"Beyond spread": the mean of the per-seed gains is above zero, above the standard deviation of those '
-               "gains, and above the standard deviation of the student alone's scores across seeds (sample standard "
-               'deviations).')
+SPREAD_RULE = ('Rule for "beyond spread": the mean of the per-seed gains is above zero, above the standard deviation '
+               "of those gains, and above the standard deviation of the student alone's scores across seeds (sample "
+               'standard deviations).')
 
 
 def seed_gain(alone: pd.Series, distilled: pd.Series, confidence: float = 0.95) -> dict:

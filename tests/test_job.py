@@ -116,3 +116,6 @@ def test_other_settings_in_the_same_folder_are_refused_with_the_fix(few_digits, 
                        r"it, pass another --out for this job, or delete .*runs to start again\."):
         main([*JOB, '--seeds', '1', '--data', str(few_digits), '--out', str(out), '--weight', '0.3'])
     assert _runs(out) == kept
+    assert main([*JOB, '--data', str(few_digits), '--out', str(out)]) == 0  # more seeds: the same job, one seed more
+    assert all(_runs(out)[name] == written for name, written in kept.items())
+    assert set(_runs(out)) - set(kept) == {'student-seed43.json', 'distilled-student-seed43.json'}
