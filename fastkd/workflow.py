@@ -138,7 +138,7 @@ def _job_settings(dls, test_dl, y_true, teacher_arch, student_arch, schedule, te
                 **{k: v for k, v in asdict(schedule).items()}, teacher_epochs=teacher_epochs or schedule.epochs,
                 teacher=fingerprint(teacher) if teacher is not None else 'trained by the job', kd_loss=repr(kd_loss),
                 kd_weight=kd_weight, mix=_name(mix) if mix else None, n_augs=n_augs, metric=_name(metric),
-                data=_data_fingerprint(dls, test_dl, y_true, mask))
+                data_fingerprint=_data_fingerprint(dls, test_dl, y_true, mask))
 
 
 def _run(name: str, seed: int, learn: Learner, train: Callable[[], dict | None], score: Callable,

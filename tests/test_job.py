@@ -64,7 +64,8 @@ def test_weights_the_job_writes_say_what_they_were_trained_for(tmp_path, few_dig
     assert '1 torch threads' in header and 'GPU: none' in header
     for setting, value in (('size', 16), ('epochs', 1), ('lr', 0.01), ('method', 'softtarget'), ('weight', 0.5),
                            ('teacher', 'trained by the job'), ('student_arch', 'xresnet18(widen=0.25)'),
-                           ('kd_loss', 'SoftTarget(T=4.0, standardize=False)'), ('data', '')):
+                           ('kd_loss', 'SoftTarget(T=4.0, standardize=False)'), ('data', few_digits),
+                           ('data_fingerprint', '')):
         assert f'| {setting} | {value}' in header
     results = pd.read_csv(out/'results.csv', index_col='model')
     assert (results.command == f'{command} --data {few_digits} --out {out}').all()
