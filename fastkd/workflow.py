@@ -135,7 +135,7 @@ def _job_settings(dls, test_dl, y_true, teacher_arch, student_arch, schedule, te
                   metric, mix, teacher_epochs) -> dict:
     "Every setting the results of a job depend on (its seeds aside: each run is kept per seed)"
     return dict(teacher_arch=_name(teacher_arch), student_arch=_name(student_arch),
-                **{k: v for k, v in asdict(schedule).items()}, teacher_epochs=teacher_epochs or schedule.epochs,
+                **asdict(schedule), teacher_epochs=teacher_epochs or schedule.epochs,
                 teacher=fingerprint(teacher) if teacher is not None else 'trained by the job', kd_loss=repr(kd_loss),
                 kd_weight=kd_weight, mix=_name(mix) if mix else None, n_augs=n_augs, metric=_name(metric),
                 data_fingerprint=_data_fingerprint(dls, test_dl, y_true, mask))
