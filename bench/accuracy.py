@@ -72,7 +72,7 @@ from fastkd.files import atomic_write
 from fastkd.gtsrb import gtsrb_dls, gtsrb_test_dl, prepare_gtsrb
 from fastkd.hints import FitNet, Hint
 from fastkd.memory import InMemoryDL, in_memory
-from fastkd.report import compare_models
+from fastkd.compression import compare_models
 from fastkd.split import default_split
 from fastkd.tta import tta_preds
 from fastkd.workflow import SPREAD_RULE, Schedule, kd_method, seed_gain, train_schedule, weighted_f1

@@ -9,6 +9,7 @@ from .digits import *
 from .files import *
 from .gtsrb import *
 from .memory import *
+from .compression import *
 from .report import *
 from .tta import *
 from .runs import *

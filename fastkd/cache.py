@@ -20,15 +20,11 @@ from fastai.vision.augment import RandTransform, Resize
 from fastcore.basics import store_attr
 from torch import Tensor, nn
 
+from .basics import user_loader
+
 __all__ = ['TeacherCache', 'random_augmentations']
 
 _PIPELINES = ('after_item', 'before_batch', 'after_batch')
-
-
-def user_loader(dl: DataLoader) -> DataLoader:
-    "The loader the user made: under `learn.distrib_ctx()`, fastai's `DistributedDL` wraps it in `.dl`"
-    inner = vars(dl).get('dl')
-    return inner if isinstance(inner, DataLoader) else dl
 
 
 def _transforms(dl: DataLoader) -> list[tuple[str, object]]:
@@ -57,7 +53,8 @@ def _fingerprints(xb: tuple) -> Tensor:
 
 def _teachers_signature(teachers: list[nn.Module]) -> list:
     "Which teachers these are and what their weights sum to, tensor by tensor: it changes when a teacher does"
-    return [(id(t), [float(v.double().sum()) for v in t.state_dict().values() if v.is_floating_point()]) for t in teachers]
+    return [(id(t), [float(v.double().sum()) for v in t.state_dict().values() if v.is_floating_point()])
+            for t in teachers]
 
 
 def _same_teachers(a: list, b: list) -> bool:
@@ -113,7 +110,7 @@ class TeacherCache:
         self.source = data, teachers
 
     def batch_items(self, learn: Learner, n: int) -> Tensor:
-        "Dataset indices of the `n` items of the training batch `learn.iter`, from the order the loader drew for this epoch"
+        "Dataset indices of the `n` items of training batch `learn.iter`, from the order the loader drew this epoch"
         dl = learn.dl
         order = getattr(dl, '_DataLoader__idxs', None)  # set by `DataLoader.__iter__` before the first batch
         items = order[learn.iter * dl.bs:learn.iter * dl.bs + n] if order is not None else []

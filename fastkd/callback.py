@@ -1,13 +1,15 @@
 """The `KnowledgeDistillation` callback, and `load_teacher`, which builds a frozen teacher from a weights file.
 
-Importing this module makes `Learner.export` leave `KnowledgeDistillation` out of the exported file, and `Learner.fit`
-remove the callback's hint hooks however the fit ends."""
+Importing this module wraps two methods of fastai's `Learner` (fastcore `patch_to`; fastai's own stay reachable as
+`Learner.fit.__wrapped__` and `Learner.export.__wrapped__`, and importing it again does not wrap them twice):
+`export` leaves `KnowledgeDistillation` out of the exported file, which then loads without fastkd, and `fit` removes
+the callback's hint hooks however the fit ends (fastai skips `after_fit` when a fit raises)."""
 from __future__ import annotations
 
 import inspect
 import sys
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from functools import partial, wraps
 from itertools import chain
 from pathlib import Path
@@ -22,43 +24,23 @@ from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner, Recorder
 from fastai.torch_core import to_device
 from fastai.vision.learner import create_vision_model
-from fastcore.basics import store_attr
+from fastcore.basics import patch_to, store_attr
 from fastcore.foundation import L
 from torch import Tensor, nn
 
+from .basics import evaluating, few, first_output, teacher_model, user_loader
+from .cache import TeacherCache
 from .hints import Hint, HintHooks
-from .cache import TeacherCache, user_loader
+from .losses import loss_examples
 from .tasks import task_of
 
 __all__ = ['KnowledgeDistillation', 'load_teacher']
-
-
-def _teacher_model(teacher) -> nn.Module:
-    "The model behind `teacher`, an `nn.Module` or the model of a fastai `Learner`, as the user gave it"
-    if isinstance(teacher, Learner): teacher = teacher.model
-    if isinstance(teacher, (str, Path)):
-        raise TypeError(f'The teacher is a path ({teacher}), not a model: load it first with '
-                        f'load_teacher(path, arch, n_out), e.g. load_teacher("{teacher}", resnet34, 43).')
-    if not isinstance(teacher, nn.Module):
-        raise TypeError(f'A teacher must be a torch `nn.Module` or a fastai `Learner`, got {type(teacher).__name__}. '
-                        'Pass the trained model (or the Learner that holds it), or a list of them for an ensemble.')
-    return teacher
 
 
 def _frozen(model: nn.Module) -> nn.Module:
     "`model` in eval mode without gradients: a teacher that fastkd built and owns"
     for param in model.parameters(): param.grad = None
     return model.eval().requires_grad_(False)
-
-
-@contextmanager
-def _evaluating(model: nn.Module):
-    "`model` in eval mode inside the block, then every submodule back in the mode it had"
-    modes = [module.training for module in model.modules()]
-    model.eval()
-    try: yield model
-    finally:
-        for module, mode in zip(model.modules(), modes): module.training = mode
 
 
 def _to_channels_last(model: nn.Module) -> list[Tensor]:
@@ -68,28 +50,22 @@ def _to_channels_last(model: nn.Module) -> list[Tensor]:
     return converted
 
 
-def _first(output):
-    "The prediction in a model's output: the first element of a tuple (fastai's text models), else the output"
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 _CALLING = ('fastkd calls a distillation loss as loss(student_logits, teacher_logits) or '
             'loss(student_logits, teacher_logits, target)')
 
 
 def _make_loss(loss) -> Callable | None:
-    "An instance of `loss` if it is a loss class or a partial of one, else `loss` itself; refuse what cannot be called so"
+    "An instance of `loss` if it is a loss class or a partial of one, else `loss`; refuse what cannot be called so"
     if loss is None: return None
     is_class = isinstance(loss, type) or (isinstance(loss, partial) and isinstance(loss.func, type))
     loss = loss() if is_class else loss
     if isinstance(loss, nn.modules.loss._Loss):
         raise TypeError(f'{type(loss).__name__} is a torch loss of a prediction against a target, not a distillation '
-                        f'loss: {_CALLING}. Use SoftTarget(T=4), DKD(), DIST(), BinarySoftTarget() or LogitMSE(), or '
-                        'a function such as lambda s, t: F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), '
-                        "reduction='batchmean').")
+                        f'loss: {_CALLING}. Use {loss_examples()}, or a function such as lambda s, t: '
+                        "F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction='batchmean').")
     if not callable(loss) or _n_positional(loss) < 2:
-        raise TypeError(f'{loss!r} cannot be a distillation loss: {_CALLING}. Use SoftTarget(T=4), DKD(), DIST(), '
-                        'BinarySoftTarget() or LogitMSE(), or a function of that form.')
+        raise TypeError(f'{loss!r} cannot be a distillation loss: {_CALLING}. Use {loss_examples()}, or a function of '
+                        'that form.')
     return loss
 
 
@@ -110,7 +86,8 @@ class KnowledgeDistillation(Callback):
     `weight` is a number or a schedule of training progress (e.g. `SchedLin(0, 0.5)`).
     `hints` (a list of `Hint`) add `sum(hint.weight * hint.loss)` on the outputs of named layers; with `loss=None`
     the training loss is the learner's loss plus the hints (no logit term). Their adapters are the parameters of
-    `learn.knowledge_distillation.hints`: `torch.save(learn.knowledge_distillation.hints.state_dict(), path)` keeps them.
+    `learn.knowledge_distillation.hints`: `torch.save(learn.knowledge_distillation.hints.state_dict(), path)` keeps
+    them.
     `cache=True` (or a `TeacherCache`) runs the teacher once per training item and reuses its outputs in later
     epochs: for training inputs without random augmentation. `teacher_channels_last` lays the teachers' 4-d weights out
     channels-last during each fit, and puts them back when it ends: `None` (the default) does so on CPUs, where it makes
@@ -118,7 +95,8 @@ class KnowledgeDistillation(Callback):
     The teacher runs in training steps only (plus, with a logit loss, one check on a validation batch as each fit
     starts), in eval mode and without gradients, and is left as it was given; validation, `get_preds`, `tta` and
     `valid_loss` are the learner's own. `learn.export()` leaves this callback out."""
-    order, run_valid, beta = Recorder.order + 1, False, 0.98  # after Recorder sets its columns, before ProgressCallback prints them
+    # after Recorder sets its columns, before ProgressCallback prints them
+    order, run_valid, beta = Recorder.order + 1, False, 0.98
 
     def __init__(self, teacher, loss='auto', weight: float | Callable = 0.5, hints: Sequence[Hint] = (),
                  cache: bool | TeacherCache = False, teacher_channels_last: bool | None = None,
@@ -130,15 +108,15 @@ class KnowledgeDistillation(Callback):
             raise TypeError(f'KnowledgeDistillation got {settings}: settings of the loss go to the loss itself, as in '
                             f'KnowledgeDistillation(teacher, {name}({settings})).')
         teachers = teacher if isinstance(teacher, (list, tuple)) else [teacher]
-        self.teachers = [_teacher_model(t) for t in teachers]
+        self.teachers = [teacher_model(t) for t in teachers]
         if not callable(weight) and not 0 <= weight <= 1:
             raise ValueError(f'weight must be between 0 and 1 (or a schedule of training progress), got {weight}')
         self.auto_loss = isinstance(loss, str) and loss == 'auto'
         self.kd_loss = None if self.auto_loss else _make_loss(loss)
         if hints and len(self.teachers) > 1:
-            raise ValueError(f'Hints name layers of one teacher, and this is an ensemble of {len(self.teachers)}: which '
-                             "teacher's layer would it be? Distil the ensemble's outputs without hints, or give hints "
-                             'with a single teacher.')
+            raise ValueError('Hints name layers of one teacher, and this is an ensemble of '
+                             f"{len(self.teachers)}: which teacher's layer would it be? Distil the ensemble's outputs "
+                             'without hints, or give hints with a single teacher.')
         if loss is None and not hints:
             raise ValueError('loss=None leaves nothing to distil: pass a distillation loss, or hints (feature '
                              'distillation without a logit term).')
@@ -161,7 +139,7 @@ class KnowledgeDistillation(Callback):
 
     def after_create(self):
         "Pick the loss as soon as the learner exists, so `repr` shows it (an unknown task is refused when a fit starts)"
-        if task_of(self.learn.loss_func).kind != 'unknown': self._pick_loss()
+        if task_of(self.learn.loss_func).known: self._pick_loss()
 
     def _pick_loss(self):
         "The task of the learner's loss function, and the distillation loss for it when `loss='auto'`"
@@ -172,11 +150,12 @@ class KnowledgeDistillation(Callback):
     def before_fit(self):
         "Pick the loss and add its parts to the Recorder (validation and `get_preds` also start with `before_fit`)"
         if self.teachers is None:
-            raise RuntimeError('This KnowledgeDistillation callback was unpickled, and pickles never store the teacher: '
-                               'add a new callback instead, learn.add_cb(KnowledgeDistillation(teacher)).')
+            raise RuntimeError('This KnowledgeDistillation callback was unpickled, and pickles never store the '
+                               'teacher: add a new callback instead, learn.add_cb(KnowledgeDistillation(teacher)).')
         if any(isinstance(cb, GradientAccumulation) for cb in self.learn.cbs):
-            raise ValueError('KnowledgeDistillation does not support GradientAccumulation yet (it scales the loss before '
-                             'the distillation term is mixed in): remove one of them, e.g. use a smaller batch size.')
+            raise ValueError('KnowledgeDistillation does not support GradientAccumulation yet (it scales the loss '
+                             'before the distillation term is mixed in): remove one of them, e.g. use a smaller batch '
+                             'size.')
         self._pick_loss()
         self.smooth_parts, self.n_batches, self.checked, self.channels_last = 0., 0, False, []
         if hasattr(self.learn, 'recorder') and 'train_loss' in self.recorder.metric_names:
@@ -206,7 +185,7 @@ class KnowledgeDistillation(Callback):
         autocast = getattr(getattr(self.learn, 'mixed_precision', None), 'autocast', None) or nullcontext()
         outputs = []
         for teacher in self.teachers:
-            with _evaluating(teacher), autocast: outputs.append(_first(teacher(*xb)).float())
+            with evaluating(teacher), autocast: outputs.append(first_output(teacher(*xb)).float())
         return self.task.ensemble(outputs)
 
     def _check_on_validation_batch(self):
@@ -219,19 +198,21 @@ class KnowledgeDistillation(Callback):
             batch = to_device(dl.one_batch(), device)
         xb, yb = batch[:dl.n_inp], batch[dl.n_inp:]
         teacher_pred = self.teacher_output(xb)
-        with torch.no_grad(), _evaluating(self.model): student_pred = _first(self.model(*xb))
+        with torch.no_grad(), evaluating(self.model): student_pred = first_output(self.model(*xb))
         self._check_outputs(teacher_pred, student_pred, 'on a validation batch before training')
         n_outputs = teacher_pred.shape[self.task.axis] if teacher_pred.ndim > 1 else 1
         if self.kd_loss is not None: self.task.check(self.kd_loss, n_outputs)
-        if self.task.kind == 'categorical' and yb and not yb[0].is_floating_point():
+        if self.task.one_class_per_item and yb and not yb[0].is_floating_point():
             targets = self.task.targets(yb[0])
             predicted = self.task.items(teacher_pred).argmax(dim=-1)
             if predicted.shape == targets.shape and targets.unique().numel() > 1:  # one class: no chance level to beat
-                accuracy, majority = (predicted == targets).float().mean().item(), targets.bincount().max().item() / len(targets)
+                accuracy = (predicted == targets).float().mean().item()
+                majority = targets.bincount().max().item() / len(targets)
                 if accuracy <= majority:
-                    warnings.warn(f'The teacher is no better than chance on a validation batch (accuracy {accuracy:.3f}, '
-                                  f'against {majority:.3f} for always predicting the most common class): check that it '
-                                  'was trained on these classes, in the same order, with the same input normalisation.')
+                    warnings.warn('The teacher is no better than chance on a validation batch (accuracy '
+                                  f'{accuracy:.3f}, against {majority:.3f} for always predicting the most common '
+                                  'class): check that it was trained on these classes, in the same order, with the '
+                                  'same input normalisation.')
 
     def _check_outputs(self, teacher_pred: Tensor, student_pred: Tensor, where: str):
         "Clear errors for outputs that cannot be compared: shapes that differ, non-finite teacher outputs"
@@ -246,14 +227,15 @@ class KnowledgeDistillation(Callback):
                              f'{tuple(student_pred.shape)}. The data has {n_data} classes (dls.c, from its vocab), so '
                              f'{fix}.')
         if not torch.isfinite(teacher_pred).all():
-            raise ValueError(f'The teacher gave non-finite logits (nan or inf) {where}: check its weights and the input '
-                             'normalisation.')
+            raise ValueError(f'The teacher gave non-finite logits (nan or inf) {where}: check its weights and the '
+                             'input normalisation.')
 
     def after_loss(self):
         "Mix the distillation loss and the hints into the loss that is backpropagated"
         if not len(self.yb): return
-        teacher_pred = self.cache(self.learn, self.xb, self.teacher_output) if self.cache else self.teacher_output(self.xb)
-        student_pred = _first(self.pred)  # hints captured the teachers' features during its forward
+        if self.cache: teacher_pred = self.cache(self.learn, self.xb, self.teacher_output)
+        else: teacher_pred = self.teacher_output(self.xb)
+        student_pred = first_output(self.pred)  # hints captured the teachers' features during its forward
         base_loss = self.learn.loss  # the loss function's value: what callbacks added since (AR/TAR) keeps its weight
         parts = [base_loss]
         if self.kd_loss is not None:
@@ -283,11 +265,18 @@ class KnowledgeDistillation(Callback):
         self.channels_last = []
 
 
-_fastai_export = Learner.export
+def _fastai_original(name: str) -> Callable:
+    "fastai's own `Learner.<name>`, also when this module is imported again and the attribute holds fastkd's wrapper"
+    method = getattr(Learner, name)
+    return method.__wrapped__ if getattr(method, 'fastkd_patch', False) else method
 
 
+_fastai_export, _fastai_fit = _fastai_original('export'), _fastai_original('fit')
+
+
+@patch_to(Learner)
 @wraps(_fastai_export)
-def _export_without_distillation(self: Learner, *args, **kwargs):
+def export(self: Learner, *args, **kwargs):
     """fastai's `Learner.export` without `KnowledgeDistillation`, and with the fastkd functions the learner still
     holds (a `default_split` splitter) stored by value, so that the file loads where fastkd is not installed"""
     package = sys.modules[__package__]
@@ -300,13 +289,9 @@ def _export_without_distillation(self: Learner, *args, **kwargs):
         if by_reference: cloudpickle.unregister_pickle_by_value(package)
 
 
-Learner.export = _export_without_distillation
-
-_fastai_fit = Learner.fit
-
-
+@patch_to(Learner)
 @wraps(_fastai_fit)
-def _fit_leaving_no_hooks(self: Learner, *args, **kwargs):
+def fit(self: Learner, *args, **kwargs):
     "fastai's `Learner.fit`, after which no hint hook remains even when it raises (which skips `after_fit`)"
     fit_cbs = inspect.signature(_fastai_fit).bind(self, *args, **kwargs).arguments.get('cbs')
     distillers = [cb for cb in L(self.cbs) + L(fit_cbs) if isinstance(cb, KnowledgeDistillation) and cb.hints]
@@ -315,12 +300,13 @@ def _fit_leaving_no_hooks(self: Learner, *args, **kwargs):
         for cb in distillers: cb.hints.detach()
 
 
-Learner.fit = _fit_leaving_no_hooks
+Learner.export.fastkd_patch = Learner.fit.fastkd_patch = True  # `_fastai_original` finds fastai's beneath them
 
 
 # What `learn.save`'s optimizer state holds besides tensors: fastcore's list, and the numpy scalars (with their dtype)
 # that schedulers such as fit_one_cycle leave in its hyper-parameters. Plain data: nothing here runs code when loaded.
-_OPTIMIZER_STATE_GLOBALS = [L, (np._core if hasattr(np, '_core') else np.core).multiarray.scalar, np.dtype, *{type(np.dtype(t)) for t in 'fdlib?'}]
+_OPTIMIZER_STATE_GLOBALS = [L, (np._core if hasattr(np, '_core') else np.core).multiarray.scalar, np.dtype,
+                            *{type(np.dtype(t)) for t in 'fdlib?'}]
 
 
 def load_teacher(path: str | Path, arch: Callable | nn.Module, n_out: int | None = None, **kwargs) -> nn.Module:
@@ -328,9 +314,11 @@ def load_teacher(path: str | Path, arch: Callable | nn.Module, n_out: int | None
     `create_vision_model(arch, n_out, pretrained=False, **kwargs)`) with the weights of the state dict at `path`.
     Loads with `torch.load(weights_only=True)`; files from `learn.save` (weights and optimizer) work too."""
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f'No teacher weights at {path}: pass the path of a saved state dict.')
+    if not path.is_file():
+        raise FileNotFoundError(f'No teacher weights at {path}: pass the path of a saved state dict.')
     if isinstance(arch, nn.Module): model = arch
-    elif n_out is None: raise ValueError('n_out is needed to build the teacher from an architecture: pass its class count.')
+    elif n_out is None:
+        raise ValueError('n_out is needed to build the teacher from an architecture: pass its class count.')
     else: model = create_vision_model(arch, n_out, pretrained=False, **kwargs)
     with torch.serialization.safe_globals(_OPTIMIZER_STATE_GLOBALS):
         state = torch.load(path, map_location='cpu', weights_only=True)
@@ -340,11 +328,6 @@ def load_teacher(path: str | Path, arch: Callable | nn.Module, n_out: int | None
         raise ValueError(f'The weights in {path} do not fit the teacher architecture (is n_out right?): {e}') from None
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f'The weights in {path} do not match the teacher architecture. '
-                         f'Missing keys: {_few(result.missing_keys)}. Unexpected keys: {_few(result.unexpected_keys)}.')
-    return _frozen(_teacher_model(model))
+                         f'Missing keys: {few(result.missing_keys)}. Unexpected keys: {few(result.unexpected_keys)}.')
+    return _frozen(teacher_model(model))
 
-
-def _few(keys: list[str], n: int = 5) -> str:
-    "At most `n` of `keys`, and how many more"
-    if not keys: return 'none'
-    return ', '.join(keys[:n]) + (f' (and {len(keys) - n} more)' if len(keys) > n else '')

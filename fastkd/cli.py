@@ -13,8 +13,9 @@ import torch
 import torchvision.models
 from fastai.vision.models.xresnet import xresnet18, xresnet34
 
+from .report import write_report
 from .workflow import (KD_METHODS, MIXES, Schedule, check_on_validation, distillation_job, kd_method, scratch_learner,
-                       weighted_f1, write_report)
+                       weighted_f1)
 
 __all__ = ['main', 'ARCHS']
 
@@ -49,9 +50,9 @@ def _schedule_args(parser: argparse.ArgumentParser, size: int, epochs: int, bs: 
     parser.add_argument('--teacher', choices=ARCHS, default=teacher, help='teacher architecture (default: %(default)s)')
     parser.add_argument('--student', choices=ARCHS, default=student, help='student architecture (default: %(default)s)')
     parser.add_argument('--method', choices=KD_METHODS, default=method,
-                        help='distillation loss: softtarget (Hinton), dkd (decoupled KD), dist (DIST) or fm (function '
-                        'matching: SoftTarget on batches mixed by --mix, the teacher seeing the same mixed images; '
-                        'the student alone trains without mixing) (default: %(default)s)')
+                        help='distillation loss: ' + '; '.join(f'{name}: {entry.about}' for name, entry in
+                                                               KD_METHODS.items())
+                        + '; the student alone always trains without mixing (default: %(default)s)')
     parser.add_argument('--temperature', type=float, default=None,
                         help="temperature T of the loss (default: the loss's own: 4 for softtarget, dkd and fm, "
                         '1 for dist)')
@@ -114,8 +115,10 @@ def _parser() -> argparse.ArgumentParser:
                                   'ClassId) in --data from the official zips or their unpacked GTSRB/ folder.')
     _data_args(prepare)
     prepare.add_argument('--download', action='store_true', help='download the official zips into --data first')
-    prepare.add_argument('--validation-fraction', type=float, default=0.2, help='share of tracks held out (default: 0.2)')
-    prepare.add_argument('--link', action='store_true', help='hard-link instead of copying where the file system allows')
+    prepare.add_argument('--validation-fraction', type=float, default=0.2,
+                         help='share of tracks held out (default: 0.2)')
+    prepare.add_argument('--link', action='store_true',
+                         help='hard-link instead of copying where the file system allows')
     evaluate = commands.add_parser('evaluate', help='TTA sweep, per-class table and confusion matrix of saved weights',
                                    description='Score a model\'s saved state dict on the prepared GTSRB test set.')
     _data_args(evaluate)
@@ -137,7 +140,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace):
     "Refuse values argparse lets through, naming the fix"
     if hasattr(args, 'weight') and not 0 <= args.weight <= 1: parser.error('--weight must be between 0 and 1')
     for name in ('size', 'bs', 'epochs', 'teacher_epochs', 'lr_find_iters', 'threads', 'seeds'):
-        if getattr(args, name, None) is not None and getattr(args, name) < 1: parser.error(f'--{name.replace("_", "-")} must be at least 1')
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            parser.error(f'--{name.replace("_", "-")} must be at least 1')
     if getattr(args, 'freeze_epochs', 0) < 0: parser.error('--freeze-epochs must be 0 or more')
     if (getattr(args, 'lr', None) or 0) < 0: parser.error('--lr must be above 0 (or 0 to find it with lr_find)')
     for name in ('temperature', 'mix_alpha'):
@@ -294,7 +298,8 @@ def _evaluate(args):
     atomic_write(args.out/'tta.png', partial(plot_tta(results).savefig, format='png'))
     table = per_class_table(y_true, y_pred, dls.vocab, gtsrb_class_names(), mask)
     atomic_write(args.out/'per_class.csv', table.to_csv)
-    atomic_write(args.out/'confusion.png', partial(plot_confusion(y_true, y_pred, dls.vocab, mask).savefig, format='png'))
+    confusion = plot_confusion(y_true, y_pred, dls.vocab, mask)
+    atomic_write(args.out/'confusion.png', partial(confusion.savefig, format='png'))
     print(f'{args.weights} ({args.arch}, {args.size} px) on the test set, weighted F1 by augmented passes:')
     print(results.to_string(index=False, float_format='{:.4f}'.format))
     print(f'Results written to {args.out}')

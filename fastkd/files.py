@@ -17,7 +17,7 @@ def _umask() -> int:
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
-    "Call `write(tmp)` on a temporary file beside `path`, then rename it into place; an interrupted write leaves no file"
+    "Call `write(tmp)` on a temporary file beside `path`, then rename it into place: an interrupted write leaves none"
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     os.close(fd)

@@ -84,11 +84,12 @@ def _check_classes(classes: Iterable[int] | None) -> set[int] | None:
     if classes is None: return None
     if isinstance(classes, (int, str)): classes = [classes]
     try: ids = {int(c) for c in classes}
-    except (TypeError, ValueError): raise ValueError(f'classes must be GTSRB ClassIds (ints 0 to 42), got {classes!r}.') from None
+    except (TypeError, ValueError):
+        raise ValueError(f'classes must be GTSRB ClassIds (ints 0 to 42), got {classes!r}.') from None
     unknown = sorted(ids - set(range(N_CLASSES)))
     if unknown or not ids:
-        raise ValueError(f'Unknown GTSRB class ids {unknown or "(none given)"}: ClassIds run from 0 to {N_CLASSES - 1}. '
-                         'Pass some of them, or classes=None for all.')
+        raise ValueError(f'Unknown GTSRB class ids {unknown or "(none given)"}: ClassIds run from 0 to '
+                         f'{N_CLASSES - 1}. Pass some of them, or classes=None for all.')
     return ids
 
 
@@ -125,7 +126,8 @@ def read_annotations(filename: str | Path, classes: Iterable[int] | None = None)
     columns = {name.strip(): i for i, name in enumerate(rows[0] if rows else [])}
     if not {'Filename', 'ClassId'} <= set(columns):
         raise ValueError(f'{filename} has no `Filename` and `ClassId` header: it is not a GTSRB ground-truth csv '
-                         '(the test labels are GT-final_test.csv in GTSRB_Final_Test_GT.zip, not GT-final_test.test.csv).')
+                         '(the test labels are GT-final_test.csv in GTSRB_Final_Test_GT.zip, not '
+                         'GT-final_test.test.csv).')
     annotations = [_parse_row(row, columns, f'{filename}, line {i}') for i, row in enumerate(rows[1:], 2) if row]
     names = [a.filename for a in annotations]
     if len(set(names)) < len(names):
@@ -135,7 +137,8 @@ def read_annotations(filename: str | Path, classes: Iterable[int] | None = None)
 
 
 def load_training_annotations(source_path: str | Path, classes: Iterable[int] | None = None) -> list[Annotation]:
-    "The annotations of `source_path/000NN/GT-000NN.csv` (the official `Final_Training/Images`) for `classes` (all 43 by default)"
+    """The annotations of `source_path/000NN/GT-000NN.csv` (the official `Final_Training/Images`) for `classes`
+    (all 43 by default)"""
     source_path, classes = Path(source_path), _check_classes(classes)
     annotations = []
     for label in sorted(classes or range(N_CLASSES)):
@@ -185,7 +188,8 @@ def _place(src: Path, dst: Path, link: bool) -> bool:
         try:
             atomic_write(dst, partial(_hard_link, src))
             return True
-        except OSError as e: warnings.warn(f'Cannot hard-link {src} to {dst.parent} ({e.strerror}): copying the files instead.')
+        except OSError as e:
+            warnings.warn(f'Cannot hard-link {src} to {dst.parent} ({e.strerror}): copying the files instead.')
     atomic_write(dst, partial(shutil.copyfile, src))
     return False
 
@@ -200,8 +204,9 @@ def _copy_pairs(pairs: list[tuple[Path, Path]], link: bool = False) -> int:
     todo = [(s, d) for s, d in pairs if not (d.exists() and _same_file(s, d))]
     clashes = [d for s, d in todo if d.exists() or d.is_symlink()]
     if clashes:
-        raise FileExistsError(f'{len(clashes)} destination files already hold other data, e.g. {clashes[0]}: nothing '
-                              'was changed. Prepare into an empty folder, or delete these files if they are not needed.')
+        raise FileExistsError(f'{len(clashes)} destination files already hold other data, e.g. {clashes[0]}: '
+                              'nothing was changed. Prepare into an empty folder, or delete these files if they are '
+                              'not needed.')
     _check_images(sorted({s for s, _ in todo}))
     for folder in {d.parent for _, d in todo}: folder.mkdir(parents=True, exist_ok=True)
     for src, dst in progress_bar(todo, leave=False): link = _place(src, dst, link)
@@ -212,8 +217,8 @@ def _check_no_strays(pairs: list[tuple[Path, Path]], keep: Iterable[str] = ()):
     "An error when a destination folder of `pairs` holds files they do not put there: it holds another split or data"
     planned = {d for _, d in pairs}
     for folder in sorted({d.parent for d in planned}):
-        strays = [f for f in folder.iterdir() if f not in planned and f.name not in keep and not f.name.startswith('.')] \
-            if folder.is_dir() else []
+        strays = [f for f in folder.iterdir() if f not in planned and f.name not in keep
+                  and not f.name.startswith('.')] if folder.is_dir() else []
         if strays:
             raise FileExistsError(f'{folder} holds {strays[0].name} (and {len(strays) - 1} more) that this preparation '
                                   'does not put there: the destination holds another split (made with another '
@@ -302,7 +307,8 @@ def copy_test_set(images_path: str | Path, test_path: str | Path, labels_file: s
     _check_no_strays([(Path(images_path)/a.filename, test_path/a.filename) for a in labelled], keep=[TEST_LABELS])
     pairs = [(Path(images_path)/a.filename, test_path/a.filename) for a in annotations]
     written = _copy_pairs(pairs, link)
-    labels = 'Filename;ClassId\n' + ''.join(f'{a.filename};{a.label}\n' for a in labelled if (test_path/a.filename).is_file())
+    labels = 'Filename;ClassId\n' + ''.join(f'{a.filename};{a.label}\n' for a in labelled
+                                            if (test_path/a.filename).is_file())
     labels_path = test_path/TEST_LABELS
     if not labels_path.is_file() or labels_path.read_text() != labels:
         test_path.mkdir(parents=True, exist_ok=True)
@@ -337,7 +343,8 @@ def _fetch(url: str, part: Path, size: int, timeout: float):
         have = 0
     request = Request(url, headers={'Range': f'bytes={have}-'} if have else {})
     with urlopen(request, timeout=timeout) as response:
-        resumed = have and response.status == 206 and response.headers.get('Content-Range', '').startswith(f'bytes {have}-')
+        content_range = response.headers.get('Content-Range', '')
+        resumed = have and response.status == 206 and content_range.startswith(f'bytes {have}-')
         if not resumed: have = 0  # the server sent the whole file: start over
         pbar = progress_bar([], total=size, leave=False)
         pbar.update(0)
@@ -557,7 +564,8 @@ def gtsrb_dls(path: str | Path, size: int = 96, bs: int = 256, classes: Iterable
     dblock = DataBlock(blocks=(images, CategoryBlock(vocab=list(range(N_CLASSES)))),
                        get_items=partial(_class_images, train=train, valid=valid, classes=classes),
                        splitter=GrandparentSplitter(train_name=train, valid_name=valid), get_y=_class_id,
-                       item_tfms=Resize(size), batch_tfms=[*(tfms if augment else []), Normalize.from_stats(*imagenet_stats)])
+                       item_tfms=Resize(size),
+                       batch_tfms=[*(tfms if augment else []), Normalize.from_stats(*imagenet_stats)])
     return ImageDataLoaders.from_dblock(dblock, path, path=path, bs=bs, **kwargs)
 
 

@@ -42,6 +42,8 @@ from fastai.optimizer import OptimWrapper
 from fastai.torch_core import get_model, to_device
 from torch import Tensor, nn
 
+from .basics import evaluating, first_output
+
 __all__ = ['Hint', 'FitNet', 'CosineHint', 'AttentionTransfer', 'HintHooks', 'match_layers']
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -54,7 +56,8 @@ def _compute_dtype(feature: Tensor) -> torch.dtype:
 
 
 def _check_features(name: str, s: Tensor, t: Tensor, maps_only: bool = False):
-    "Both features are (batch, channels, *spatial), of one batch size and rank: 1 to 3 spatial axes, or none unless `maps_only`"
+    """Both features are (batch, channels, *spatial), of one batch size and rank: 1 to 3 spatial axes, or none unless
+    `maps_only`"""
     ranks = (1, 2, 3) if maps_only else (0, 1, 2, 3)
     if s.ndim != t.ndim or s.ndim - 2 not in ranks or len(s) != len(t):
         kind = 'feature maps (batch, channels, height, width)' if maps_only else \
@@ -81,15 +84,18 @@ def _common_size(s: Tensor, t: Tensor) -> list[int]:
     return [min(a, b) for a, b in zip(s.shape[2:], t.shape[2:])]
 
 
-class FitNet(nn.Module):
-    """Romero et al., ICLR 2015, "FitNets: Hints for Thin Deep Nets": `mean((adapter(s) - t)**2)` over all elements,
-    for student and teacher features `s` and `t` of the same spatial size, where `adapter` is a 1x1 convolution
-    (a linear layer for flat features) from the student's channels to the teacher's, created at the first call and
-    trained with the student. Computes in float32."""
+class _Adapted(nn.Module):
+    "A feature loss that may need an adapter from the student's channels to the teacher's, made at its first call"
     def __init__(self):
         super().__init__()
         self.adapter = None
 
+
+class FitNet(_Adapted):
+    """Romero et al., ICLR 2015, "FitNets: Hints for Thin Deep Nets": `mean((adapter(s) - t)**2)` over all elements,
+    for student and teacher features `s` and `t` of the same spatial size, where `adapter` is a 1x1 convolution
+    (a linear layer for flat features) from the student's channels to the teacher's, created at the first call and
+    trained with the student. Computes in float32."""
     def forward(self, s: Tensor, t: Tensor) -> Tensor:
         _check_features('FitNet', s, t)
         if s.shape[2:] != t.shape[2:]:
@@ -101,15 +107,11 @@ class FitNet(nn.Module):
         return F.mse_loss(self.adapter(s.to(dtype)).to(dtype), t.to(dtype))
 
 
-class CosineHint(nn.Module):
+class CosineHint(_Adapted):
     """The hint of PyTorch's knowledge distillation tutorial: average-pool the larger feature map to the smaller spatial
     size, flatten each item, and `mean over items of (1 - cos(s_i, t_i))`. Where the flattened sizes still differ
     (different channel counts), `s` first goes through an adapter as in `FitNet`, created at the first call and trained
     with the student. Computes in float32."""
-    def __init__(self):
-        super().__init__()
-        self.adapter = None
-
     def forward(self, s: Tensor, t: Tensor) -> Tensor:
         _check_features('CosineHint', s, t)
         size, dtype = _common_size(s, t), _compute_dtype(s)
@@ -157,8 +159,8 @@ class Hint:
             raise TypeError(f'Hint layers are names (paths of `model.named_modules()`, such as "0.6"), got '
                             f'{self.student_layer!r} and {self.teacher_layer!r}.')
         if not isinstance(self.loss, nn.Module):
-            raise TypeError(f'A hint loss is a feature loss module such as FitNet(), CosineHint() or AttentionTransfer(), '
-                            f'got {type(self.loss).__name__}.')
+            raise TypeError('A hint loss is a feature loss module such as FitNet(), CosineHint() or '
+                            f'AttentionTransfer(), got {type(self.loss).__name__}.')
         if not self.weight >= 0: raise ValueError(f'A hint weight must be a number >= 0, got {self.weight}.')
 
 
@@ -171,14 +173,10 @@ def _layer(model: nn.Module, name: str, role: str) -> nn.Module:
                      'of `model.named_modules()`; `match_layers(student, teacher, x)` lists pairs that fit.')
 
 
-def _first_tensor(output) -> Tensor:
-    "A module's output, or the first element of a tuple or list output"
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 class HintHooks(nn.Module):
     """Forward hooks on the layers `hints` name, and a copy of each hint's loss: its parameters are the adapters.
-    `attach` at the start of a fit, `loss(opt)` after each training forward of student and teacher, `detach` at its end."""
+    `attach` at the start of a fit, `loss(opt)` after each training forward of student and teacher, `detach` at its
+    end."""
     def __init__(self, hints: Sequence[Hint]):
         super().__init__()
         self.hints = list(hints)
@@ -202,10 +200,10 @@ class HintHooks(nn.Module):
         self.saved = deepcopy(list(self.losses)) if restore else None  # a list: not a submodule
 
     def _keep_student(self, i: int, module: nn.Module, inputs, output):
-        if torch.is_grad_enabled(): self.student_features[i] = _first_tensor(output)
+        if torch.is_grad_enabled(): self.student_features[i] = first_output(output)
 
     def _keep_teacher(self, i: int, module: nn.Module, inputs, output):
-        self.teacher_features[i] = _first_tensor(output).detach()
+        self.teacher_features[i] = first_output(output).detach()
 
     def loss(self, opt=None) -> Tensor:
         """The weighted sum of the hint losses on the features of the last training forward of student and teacher,
@@ -246,7 +244,8 @@ class HintHooks(nn.Module):
         self.opt, self.n_joined = None, 0
 
     def detach(self):
-        "Remove the hooks, take the adapters out of the optimizer, forget the features; restore the adapters if asked at `attach`"
+        """Remove the hooks, take the adapters out of the optimizer, forget the features; restore the adapters if asked
+        at `attach`"""
         for handle in self.handles: handle.remove()
         self.handles, self.student_features, self.teacher_features = [], {}, {}
         if self.opt is not None: self._leave()
@@ -257,18 +256,16 @@ def _map_shapes(model: nn.Module, xb: tuple, depth: int) -> dict[str, tuple]:
     "The output shape of each layer of `model` at most `depth` levels deep whose output for `xb` is a feature map"
     shapes = {}
     def keep(name, module, inputs, output):
-        output = _first_tensor(output)
+        output = first_output(output)
         if isinstance(output, Tensor) and output.ndim > 2: shapes[name] = tuple(output.shape)
     layers = [(name, module) for name, module in model.named_modules() if name and name.count('.') < depth]
     handles = [module.register_forward_hook(partial(keep, name)) for name, module in layers]
-    modes = [(module, module.training) for module in model.modules()]
     parameter = next(model.parameters(), None)
     if parameter is not None: xb = to_device(xb, parameter.device)  # a batch from a GPU loader, a model on the CPU
     try:
-        with torch.no_grad(): model.eval()(*xb)
+        with torch.no_grad(), evaluating(model): model(*xb)
     finally:
         for handle in handles: handle.remove()
-        for module, training in modes: module.train(training)
     return {name: shapes[name] for name, _ in layers if name in shapes}
 
 

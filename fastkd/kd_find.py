@@ -26,7 +26,8 @@ from fastprogress.fastprogress import progress_bar
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from .callback import KnowledgeDistillation, _evaluating, _first, _teacher_model
+from .basics import evaluating, first_output, teacher_model
+from .callback import KnowledgeDistillation
 from .hints import FitNet, Hint, match_layers
 from .losses import DIST, DKD, SoftTarget
 from .tasks import task_of
@@ -48,15 +49,15 @@ class TeacherAgreement(Metric):
     """The share of validation items whose top-1 class for the student equals the teacher's (big_vision logs it during
     distillation). A metric for `metrics=`: it runs `teacher` (a model or a `Learner`) in eval mode without gradient on
     validation batches only, so training, and what the teacher runs there, stay as they were."""
-    def __init__(self, teacher): self.teacher = _teacher_model(teacher)
+    def __init__(self, teacher): self.teacher = teacher_model(teacher)
 
     def reset(self): self.same, self.total = 0, 0
 
     def accumulate(self, learn: Learner):
         if learn.training: return
-        student = _first(learn.pred)
+        student = first_output(learn.pred)
         self.teacher.to(student.device)
-        with torch.no_grad(), _evaluating(self.teacher): teacher = _first(self.teacher(*learn.xb))
+        with torch.no_grad(), evaluating(self.teacher): teacher = first_output(self.teacher(*learn.xb))
         same, total = _agreement(student, teacher, task_of(learn.loss_func).axis)
         self.same, self.total = self.same + same, self.total + total
 
@@ -88,7 +89,7 @@ def _hint_pair(learn: Learner, teacher) -> tuple[str, str] | None:
     "The student's deepest feature map (larger than 1x1) and the teacher's deepest layer of the same spatial size"
     xb = learn.dls.valid.one_batch()[:learn.dls.n_inp] if len(learn.dls.valid) else learn.dls.train.one_batch()[:1]
     with torch.random.fork_rng(devices=[]):
-        pairs = match_layers(learn.model, _teacher_model(teacher), tuple(xb))
+        pairs = match_layers(learn.model, teacher_model(teacher), tuple(xb))
     pairs = pairs[[np.prod(shape[2:]) > 1 for shape in pairs.student_shape]]
     if not len(pairs): return None
     deepest = pairs[pairs.student_layer == pairs.student_layer.iloc[-1]].iloc[-1]
@@ -225,8 +226,8 @@ def _teacher_logits(teacher: nn.Module, learn: Learner) -> Tensor:
     "The teacher's logits for every validation batch, on the CPU"
     device = next(learn.model.parameters()).device
     teacher.to(device)
-    with _evaluating(teacher):
-        return torch.cat([_first(teacher(*to_device(b[:learn.dls.n_inp], device))).float().cpu()
+    with evaluating(teacher):
+        return torch.cat([first_output(teacher(*to_device(b[:learn.dls.n_inp], device))).float().cpu()
                           for b in learn.dls.valid])
 
 
@@ -300,11 +301,11 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     for _ in rungs[1:]: sizes.append(max(1, int(sizes[-1] * keep)))
     rung_seeds = [seeds[:early_seeds]] * (len(rungs) - 1) + [seeds]
     n_trials = sum((size + 1) * len(rung_seed) for size, rung_seed in zip(sizes, rung_seeds))
-    teacher_model, rows, start = _teacher_model(teacher), [], time.perf_counter()
+    frozen_teacher, rows, start = teacher_model(teacher), [], time.perf_counter()
     with _Restored(learn) as restored, learn.no_bar(), learn.no_logging():
         restored.reset()
         if lr is None: lr = float(learn.lr_find(show_plot=False).valley)
-        teacher_logits = _teacher_logits(teacher_model, learn)
+        teacher_logits = _teacher_logits(frozen_teacher, learn)
         bar = progress_bar(range(n_trials), display=show_progress, leave=False)
         bar.update(0)
         names = list(candidates)

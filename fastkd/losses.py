@@ -5,16 +5,31 @@ it computes in float32 whatever the dtype of its inputs (mixed precision include
 `s` and `t` below are the student's and teacher's logits, `T` the temperature, `y` the target.
 The class losses take rows of classes, (items, classes); the callback lays dense outputs such as
 segmentation's (B, C, H, W) out as one row per position first, so each is averaged over items and positions.
-`over` says what a loss turns into probabilities ('classes', 'labels', or None for raw outputs):
-the callback refuses one that cannot fit the learner's task.
+Each is a `DistillationLoss`, the contract the callback relies on, and `LOSSES` catalogues them: the name the
+command line and `kd_method` use, the class and its settings, and the task kinds it serves.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ['standardize_logits', 'SoftTarget', 'DKD', 'DIST', 'BinarySoftTarget', 'LogitMSE']
+__all__ = ['DistillationLoss', 'standardize_logits', 'SoftTarget', 'DKD', 'DIST', 'BinarySoftTarget', 'LogitMSE',
+           'LossEntry', 'LOSSES', 'losses_for', 'loss_examples']
+
+
+class DistillationLoss(nn.Module):
+    """What fastkd calls a distillation loss: `loss(student_logits, teacher_logits, target=None)` returns a scalar (a
+    loss that needs the target takes it without a default), and `over` says what it turns the outputs into:
+    probabilities over `'classes'` (a softmax), over `'labels'` (a sigmoid each), or `None` (raw outputs). The callback
+    reads `over` to refuse a loss that cannot fit the learner's task. Any function `f(s, t)` or `f(s, t, target)` is
+    accepted too; it says nothing about `over`, so it is taken as it is."""
+    over: str | None = None
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
+        raise NotImplementedError(f'{type(self).__name__} must define forward(student_logits, teacher_logits, target)')
 
 
 def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
@@ -33,7 +48,7 @@ def _kl(student_log_probs: Tensor, teacher_probs: Tensor) -> Tensor:
     return F.kl_div(student_log_probs, teacher_probs, reduction='batchmean')
 
 
-class SoftTarget(nn.Module):
+class SoftTarget(DistillationLoss):
     """Hinton et al. 2015, "Distilling the Knowledge in a Neural Network":
     `T**2 * KL(softmax(t/T) || softmax(s/T))`, KL summed over classes and averaged over the batch.
     With `standardize=True` both logits are z-scored per row first (logit standardization)."""
@@ -49,7 +64,7 @@ class SoftTarget(nn.Module):
     def extra_repr(self) -> str: return f'T={self.T}, standardize={self.standardize}'
 
 
-class DKD(nn.Module):
+class DKD(DistillationLoss):
     """Zhao et al., CVPR 2022, "Decoupled Knowledge Distillation":
     `alpha * TCKD + beta * NCKD`, with `p = softmax(z/T)` for logits `z`, and
       `TCKD = T**2 * KL([p_y, 1 - p_y] of t || [p_y, 1 - p_y] of s)` (target vs. all other classes),
@@ -82,7 +97,7 @@ def _pearson(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     return (a * b).sum(dim=-1) / (a.norm(dim=-1) * b.norm(dim=-1) + eps)
 
 
-class DIST(nn.Module):
+class DIST(DistillationLoss):
     """Huang et al., NeurIPS 2022, "Knowledge Distillation from a Stronger Teacher":
     with `p_s = softmax(s/T)` and `p_t = softmax(t/T)` of shape (batch, classes),
       `inter = 1 - mean over items of pearson(p_s[i, :], p_t[i, :])` (class ranking of each item),
@@ -104,7 +119,7 @@ class DIST(nn.Module):
     def extra_repr(self) -> str: return f'beta={self.beta}, gamma={self.gamma}, T={self.T}'
 
 
-class BinarySoftTarget(nn.Module):
+class BinarySoftTarget(DistillationLoss):
     """Soft targets for multi-label outputs, one sigmoid per label (Hinton et al.'s soft targets, per label):
     `T**2 * mean over items and labels of KL(Bernoulli(sigmoid(t/T)) || Bernoulli(sigmoid(s/T)))`, where
     `KL(Bernoulli(p) || Bernoulli(q)) = p log(p/q) + (1-p) log((1-p)/(1-q))`."""
@@ -122,9 +137,55 @@ class BinarySoftTarget(nn.Module):
     def extra_repr(self) -> str: return f'T={self.T}'
 
 
-class LogitMSE(nn.Module):
+class LogitMSE(DistillationLoss):
     """Logit matching (Ba & Caruana, NeurIPS 2014, "Do Deep Nets Really Need to be Deep?"):
     `mean((s - t)**2)` over items and classes (or outputs: any task, regression included)."""
     over = None
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
         return F.mse_loss(student_logits.float(), teacher_logits.float())
+
+
+@dataclass(frozen=True)
+class LossEntry:
+    """A row of `LOSSES`: the loss class and the settings fastkd builds it with, the task kinds it serves (see
+    `fastkd.tasks.KINDS`), whether teacher and student see the same MixUp/CutMix batch (function matching), and a
+    line that says what it is"""
+    loss: type
+    settings: dict = field(default_factory=dict)
+    kinds: tuple[str, ...] = ('categorical',)
+    mixed: bool = False
+    about: str = ''
+
+    def build(self, **settings) -> DistillationLoss:
+        "A new loss with the entry's settings, updated by `settings`"
+        return self.loss(**{**self.settings, **settings})
+
+    @property
+    def example(self) -> str:
+        "How a user writes this loss, e.g. `SoftTarget(T=4)`"
+        return f'{self.loss.__name__}({", ".join(f"{k}={v!r}" for k, v in self.settings.items())})'
+
+
+# The catalogue: for each kind of task, the first entry that serves it is the loss `loss='auto'` picks.
+LOSSES = {
+    'softtarget': LossEntry(SoftTarget, dict(T=4), about='soft targets (Hinton et al.)'),
+    'dkd': LossEntry(DKD, about='decoupled KD (Zhao et al.)'),
+    'dist': LossEntry(DIST, about='DIST: class and item rankings (Huang et al.)'),
+    'fm': LossEntry(SoftTarget, dict(T=4), mixed=True, about='function matching (Beyer et al.): SoftTarget on batches '
+                    'mixed by MixUp or CutMix, the teacher seeing the same mixed images'),
+    'binarysofttarget': LossEntry(BinarySoftTarget, kinds=('binary',), about='soft targets per label (multi-label)'),
+    'logitmse': LossEntry(LogitMSE, kinds=('categorical', 'binary', 'regression'),
+                          about='logit matching (Ba & Caruana), any task'),
+}
+
+
+def losses_for(kind: str) -> dict[str, LossEntry]:
+    "The entries of `LOSSES` that serve task kind `kind`, in catalogue order (the first is the default)"
+    return {name: entry for name, entry in LOSSES.items() if kind in entry.kinds}
+
+
+def loss_examples(kind: str | None = None) -> str:
+    "How to write each loss of the catalogue (for `kind`'s task only, when given), as a list in words"
+    entries = losses_for(kind).values() if kind else LOSSES.values()
+    examples = list(dict.fromkeys(entry.example for entry in entries if not entry.mixed))
+    return examples[0] if len(examples) == 1 else f'{", ".join(examples[:-1])} or {examples[-1]}'

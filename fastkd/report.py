@@ -1,92 +1,38 @@
-"""What distillation bought: `compare_models` (size and CPU speed of teacher and student, and their ratios),
-`compression_summary` (that comparison in one sentence), `per_class_table` and `plot_confusion` (how each class
-fares on a masked test set)."""
+"""The report of a job, and how each class fares: `write_report` (the folder `fastkd` writes: report.md, results.csv,
+plots and the distilled student's weights), `per_class_table` and `plot_confusion` (a masked test set, per class)."""
 from __future__ import annotations
 
-import copy
-import io
-import statistics
-import time
+import json
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from fastai.callback.mixup import CutMix, MixUp
 from fastai.learner import Learner
 from matplotlib.figure import Figure
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-from torch import Tensor, nn
 
-from .tta import _as_array, _class_indices, _mask_indices
+from .basics import as_array, class_indices, mask_indices
+from .callback import KnowledgeDistillation
+from .compression import compression_summary
+from .files import atomic_write
+from .runs import environment
+from .tta import plot_tta
+from .workflow import VERDICT_RULE
 
-__all__ = ['compare_models', 'compression_summary', 'per_class_table', 'plot_confusion']
-
-
-def _model(model, name: str) -> nn.Module:
-    "The `nn.Module` of `model`, which may be a fastai `Learner`"
-    if isinstance(model, Learner): model = model.model
-    if not isinstance(model, nn.Module):
-        raise TypeError(f'{name} must be a torch `nn.Module` or a fastai `Learner`, got {type(model).__name__}.')
-    return model
-
-
-def _state_dict_bytes(model: nn.Module) -> int:
-    "Bytes of `model`'s state dict as `torch.save` writes it to disk"
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.getbuffer().nbytes
-
-
-def _median_seconds(models: dict[str, nn.Module], x: Tensor, n_repeats: int, n_warmup: int) -> dict[str, float]:
-    """Median seconds of `model(x)` for each of `models` over `n_repeats` timed runs after `n_warmup` untimed ones,
-    taking turns, so that a change in the machine's load hits every model alike"""
-    seconds = {name: [] for name in models}
-    with torch.inference_mode():
-        for i in range(n_warmup + n_repeats):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(x)
-                if i >= n_warmup: seconds[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in seconds.items()}
-
-
-def compare_models(teacher: nn.Module | Learner, student: nn.Module | Learner, input_size: tuple[int, ...] = (3, 96, 96),
-                   batch_size: int = 64, n_repeats: int = 10, n_warmup: int = 2) -> pd.DataFrame:
-    """Rows `parameters`, `size_mb` (state dict on disk), `latency_ms` (per image at batch 1) and `throughput_per_s`
-    (images per second at `batch_size`); columns `teacher`, `student` and their ratio `student/teacher`.
-    Timings are medians of `n_repeats` runs after `n_warmup`, under `torch.inference_mode`, on eval-mode CPU copies
-    of the models (yours keep their device and mode) with torch's current thread count (`torch.set_num_threads`)."""
-    models = {name: _model(model, name) for name, model in (('teacher', teacher), ('student', student))}
-    if batch_size < 1 or n_repeats < 1 or n_warmup < 0:
-        raise ValueError(f'Need batch_size >= 1, n_repeats >= 1 and n_warmup >= 0, got {batch_size}, {n_repeats}, {n_warmup}.')
-    models = {name: copy.deepcopy(model).cpu().eval() for name, model in models.items()}
-    generator = torch.Generator().manual_seed(0)
-    one, batch = (torch.randn(n, *input_size, generator=generator) for n in (1, batch_size))
-    latency, batch_seconds = (_median_seconds(models, x, n_repeats, n_warmup) for x in (one, batch))
-    report = pd.DataFrame({name: {'parameters': sum(p.numel() for p in model.parameters()),
-                                  'size_mb': _state_dict_bytes(model) / 2**20,
-                                  'latency_ms': 1000 * latency[name],
-                                  'throughput_per_s': batch_size / batch_seconds[name]} for name, model in models.items()})
-    report['student/teacher'] = report.student / report.teacher
-    return report
-
-
-def compression_summary(report: pd.DataFrame) -> str:
-    "The ratios of `compare_models`'s report in one sentence"
-    ratio = report['student/teacher']
-    return (f"The student has {ratio['parameters']:.1%} of the teacher's parameters ({ratio['size_mb']:.1%} of its size "
-            f"on disk), is {1 / ratio['latency_ms']:.1f}x faster per image at batch 1 and has "
-            f"{ratio['throughput_per_s']:.1f}x its throughput.")
+__all__ = ['write_report', 'per_class_table', 'plot_confusion']
 
 
 def _masked_classes(y_true, y_pred, vocab, mask) -> tuple[np.ndarray, np.ndarray]:
     "True and predicted class indices of the items `mask` selects; `y_pred` may be probabilities (one row per item)"
-    y_true, y_pred = _as_array(y_true), _as_array(y_pred)
+    y_true, y_pred = as_array(y_true), as_array(y_pred)
     if y_pred.ndim == 2: y_pred = y_pred.argmax(axis=1)
     if len(y_true) != len(y_pred):
         raise ValueError(f'y_true has {len(y_true)} items and y_pred {len(y_pred)}: give both for the same test items.')
-    items = _mask_indices(mask, len(y_true))
-    return _class_indices(y_true[items], vocab), _class_indices(y_pred[items], vocab, 'y_pred', predicted=True)
+    items = mask_indices(mask, len(y_true))
+    return class_indices(y_true[items], vocab), class_indices(y_pred[items], vocab, 'y_pred', predicted=True)
 
 
 def _class_name(names, label) -> str:
@@ -133,3 +79,83 @@ def plot_confusion(y_true, y_pred, vocab=None, mask=None, normalize: bool = Fals
                     color='white' if value > matrix.max() / 2 else 'black')
     fig.tight_layout()
     return fig
+
+
+def _loss_figure(training: dict) -> Figure:
+    """Left: each model's own loss per epoch, the base loss (cross-entropy for classification) in training and the
+    plain validation loss, comparable across models; right: the distilled student's distillation terms"""
+    fig = Figure(figsize=(10, 4))
+    base_ax, parts_ax = fig.subplots(1, 2)
+    for name, history in training.items():
+        epochs = history['epochs']
+        base = next(c for c in epochs.columns if c.startswith('train_') and c not in ('train_kd', 'train_hint'))
+        line, = base_ax.plot(epochs[base], 'o-', label=f'{name}: {"train_loss" if base == "train_loss" else base}')
+        base_ax.plot(epochs['valid_loss'], 'x--', color=line.get_color(), label=f'{name}: valid_loss')
+    base_ax.set(xlabel='epoch', ylabel='loss', title="Each model's base loss (training) and validation loss")
+    base_ax.legend(fontsize='small')
+    epochs = training['distilled student']['epochs']
+    for column in ('train_kd', 'train_hint'):
+        if column in epochs: parts_ax.plot(epochs[column], 'o-', label=column)
+    parts_ax.set(xlabel='epoch', title='Distilled student: distillation terms')
+    parts_ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _distillation_title(learn: Learner) -> str:
+    "What the distilled student trained with, read from its callbacks: the loss, the mixing and the weight"
+    kd = next(cb for cb in learn.cbs if isinstance(cb, KnowledgeDistillation))
+    mixes = [type(cb).__name__ for cb in learn.cbs if isinstance(cb, (MixUp, CutMix))]
+    return f'{kd.kd_loss}{"".join(f" on {m} batches" for m in mixes)}, weight {kd.weight}'
+
+
+def _settings_lines(settings: dict, env: dict) -> list[str]:
+    "How the report was made: the command, the versions and the machine, then every setting"
+    made_by = f'`{settings["command"]}`' if 'command' in settings else '`distillation_job(...)`'
+    versions = ', '.join(f'{k} {env[k]}' for k in ('fastkd', 'fastai', 'torch', 'python'))
+    return [f'Made by {made_by} with {versions}, on {env["cpu"]}, {env["threads"]} torch threads, GPU: {env["gpu"]}.',
+            '', '| setting | value |', '|---|---|', *(f'| {k} | {v} |' for k, v in settings.items() if k != 'command')]
+
+
+def write_report(job: dict, dest: str | Path, title: str = 'fastkd distillation report') -> Path:
+    """Write `dest/report.md` (how it was made, scores per model over the seeds, the verdict, every run, compression),
+    `results.csv` (a row per model and seed, with the command, the versions and every setting as columns),
+    `losses.png`, `tta.png` and the distilled student's weights `student.pth` (a state dict: `load_teacher` and
+    `load_state_dict` read it back) with `student.json` beside it (the architecture, image size and classes it was
+    trained for, which `fastkd evaluate` reads); plots and weights are those of the first seed."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    table, learners, settings, env = job['table'], job['learners'], job.get('settings', {}), environment()
+    about = {f'job_{k}' if k in table.columns else k: ' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v
+             for k, v in {**settings, **env}.items()}  # job_seed, job_epochs: the job's, beside each run's own
+    atomic_write(dest/'results.csv', lambda tmp: table.assign(**about).to_csv(tmp))
+    atomic_write(dest/'losses.png', lambda tmp: _loss_figure(job['training']).savefig(tmp, format='png', dpi=100))
+    atomic_write(dest/'tta.png',
+                 lambda tmp: plot_tta(job['tta']['distilled student']).savefig(tmp, format='png', dpi=100))
+    atomic_write(dest/'student.pth', lambda tmp: torch.save(learners['distilled student'].model.state_dict(), tmp))
+    trained_for = {key: settings[name] for key, name in (('arch', 'student'), ('size', 'size'), ('classes', 'classes'))
+                   if settings.get(name) is not None}
+    atomic_write(dest/'student.json', lambda tmp: Path(tmp).write_text(json.dumps(trained_for)))
+    tta_column = table.columns[table.columns.str.startswith('test_f1_tta')][0]
+    teacher_accuracy = table.loc[['teacher'], 'valid_accuracy'].iloc[0]
+    text = '\n'.join([
+        f'# {title}: {_distillation_title(learners["distilled student"])}', '', *_settings_lines(settings, env), '',
+        f'**{job["verdict"]}**', '', f'- {VERDICT_RULE}',
+        f'- test_f1: weighted F1 on the test set without TTA; {tta_column}: with that many augmented passes. Mean and '
+        'sample standard deviation (std) over the seeds; the teacher is trained or loaded once '
+        f'(its validation accuracy: {teacher_accuracy:.4f}).',
+        f'- {compression_summary(job["sizes"])}', '',
+        '## Per model', '', _markdown(job['summary']), '',
+        '## Every run', '', _markdown(table), '',
+        f'Plots and `student.pth` (the distilled student\'s weights) are from seed {job["seeds"][0]}.', '',
+        '![training losses](losses.png)', '', '![TTA sweep of the distilled student](tta.png)', ''])
+    atomic_write(dest/'report.md', lambda tmp: Path(tmp).write_text(text, encoding='utf-8'))
+    return dest/'report.md'
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    "`table` as a Markdown table, numbers to 4 significant digits, missing ones as '-'"
+    cells = [[str(index)] + [('-' if pd.isna(v) else f'{v:.4g}') if isinstance(v, float) else str(v) for v in row]
+             for index, row in zip(table.index, table.itertuples(index=False))]
+    header = [table.index.name or ''] + list(table.columns)
+    return '\n'.join('| ' + ' | '.join(line) + ' |' for line in [header, ['---'] * len(header), *cells])

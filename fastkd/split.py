@@ -13,7 +13,8 @@ def _body_and_head(model: nn.Module) -> tuple[list[nn.Module], nn.Module]:
     if isinstance(model, nn.Sequential) and len(model) == 2: return [model[0]], model[1]  # create_vision_model
     if isinstance(getattr(model, 'fc', None), nn.Module):  # torchvision ResNet, Inception, GoogLeNet...
         return [m for name, m in model.named_children() if name != 'fc'], model.fc
-    if isinstance(getattr(model, 'features', None), nn.Module) and isinstance(getattr(model, 'classifier', None), nn.Module):
+    features, classifier = getattr(model, 'features', None), getattr(model, 'classifier', None)
+    if isinstance(features, nn.Module) and isinstance(classifier, nn.Module):
         return [model.features], model.classifier  # VGG, DenseNet, MobileNet, EfficientNet...
     raise ValueError(f'default_split cannot tell the body from the head of {type(model).__name__}: it knows '
                      '`create_vision_model` models (Sequential(body, head)), models with an `fc` head (torchvision '

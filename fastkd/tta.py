@@ -17,92 +17,34 @@ from fastprogress.fastprogress import master_bar
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .callback import _few
+from .basics import as_array, class_indices, mask_indices
 
 __all__ = ['tta_preds', 'test_time_aug', 'class_mask', 'plot_tta']
-
-
-def _as_array(values) -> np.ndarray:
-    "`values` (a tensor, list, Series, set or single value) as a 1-d numpy array"
-    if isinstance(values, Tensor): values = values.cpu().numpy()
-    if isinstance(values, (set, frozenset)): values = list(values)
-    return np.atleast_1d(np.asarray(values))
-
-
-def _listed(values) -> str:
-    "A few of `values`, as text"
-    return _few([str(v) for v in values])
 
 
 def _check_n_augs(n_augs: int | Sequence[int]) -> list[int]:
     "`n_augs` as a list of distinct counts of augmented passes, or a clear error"
     n_augs = [n_augs] if isinstance(n_augs, (int, np.integer)) else list(n_augs)
     if not n_augs or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in n_augs):
-        raise TypeError(f'n_augs must be a non-empty list of whole numbers of augmented passes, e.g. [0, 5, 10], got {n_augs}')
+        raise TypeError('n_augs must be a non-empty list of whole numbers of augmented passes, e.g. [0, 5, 10], got '
+                        f'{n_augs}')
     negatives = [n for n in n_augs if n < 0]
     if negatives:
-        raise ValueError(f'n_augs counts augmented passes and cannot be negative, got {negatives}: use 0 for plain predictions.')
+        raise ValueError(f'n_augs counts augmented passes and cannot be negative, got {negatives}: use 0 for plain '
+                         'predictions.')
     duplicates = sorted({n for n in n_augs if n_augs.count(n) > 1})
     if duplicates:
-        raise ValueError(f'n_augs lists {duplicates} more than once: give each setting once, e.g. {sorted(set(n_augs))}.')
+        raise ValueError(f'n_augs lists {duplicates} more than once: give each setting once, e.g. '
+                         f'{sorted(set(n_augs))}.')
     return [int(n) for n in n_augs]
 
 
 def _check_dl(dl):
     "Fail early unless `dl` is a fastai DataLoader whose transforms can be switched to their augmenting behaviour"
     if not hasattr(getattr(dl, 'dataset', None), 'set_split_idx'):
-        raise TypeError(f'test_dataloader must be a fastai DataLoader over `Datasets`, such as `learn.dls.test_dl(items)`, '
-                        f'got {type(dl).__name__}: TTA switches its transforms to their training (augmenting) behaviour.')
-
-
-def _numbers_out_of_order(vocab) -> bool:
-    "Whether `vocab` holds numbers (or numbers as text) whose value is not their index, e.g. ['0', '1', '10', ...]"
-    try: return [int(label) for label in vocab] != list(range(len(vocab)))
-    except (TypeError, ValueError): return False
-
-
-def _class_indices(labels, vocab=None, name: str = 'y_true', predicted: bool = False) -> np.ndarray:
-    """`labels` as class indices: integers are indices into `vocab`, anything else is looked up among its labels.
-    Integers are ambiguous when the vocab holds numbers in another order, unless they are `predicted` indices."""
-    labels = _as_array(labels)
-    if np.issubdtype(labels.dtype, np.integer):
-        if vocab is None: return labels.astype(np.int64)
-        outside = sorted(set(labels[(labels < 0) | (labels >= len(vocab))].tolist()))
-        if outside:
-            raise ValueError(f"{name} has class indices the learner's {len(vocab)} classes do not cover: {_listed(outside)}. "
-                             f'Pass indices into learn.dls.vocab (0 to {len(vocab) - 1}) or labels as they appear in it.')
-        if not predicted and _numbers_out_of_order(vocab):
-            raise ValueError(f'{name} holds integers, which are read as indices into the vocab, but the vocab holds numbers '
-                             f'in another order ({_listed(list(vocab))}), so they are ambiguous. Pass the labels as they '
-                             f'appear in the vocab (e.g. `y.astype(str)`), or `np.array(vocab)[indices]`.')
-        return labels.astype(np.int64)
-    if vocab is None:
-        raise ValueError(f'{name} holds labels ({_listed(labels[:5].tolist())}), not class indices: pass the vocab '
-                         '(learn.dls.vocab) to look them up.')
-    label_to_index = {label: i for i, label in enumerate(vocab)}
-    missing = sorted({label for label in labels.tolist() if label not in label_to_index}, key=str)
-    if missing:
-        raise ValueError(f"{name} has labels the learner's vocab does not cover: {_listed(missing)} (vocab: "
-                         f'{_listed(list(vocab))}). Use a learner trained with these classes, or leave those items out with `mask`.')
-    return np.array([label_to_index[label] for label in labels.tolist()], dtype=np.int64)
-
-
-def _mask_indices(mask, n_items: int) -> np.ndarray:
-    "Indices of the items `mask` selects: a boolean array with one entry per item, or a list of indices"
-    if mask is None: return np.arange(n_items)
-    mask = _as_array(mask)
-    if mask.dtype == bool:
-        if mask.shape != (n_items,):
-            raise ValueError(f'A boolean mask needs one entry per test item ({n_items}), got {len(mask)}.')
-        indices = np.flatnonzero(mask)
-    elif np.issubdtype(mask.dtype, np.integer) or mask.size == 0: indices = mask.astype(np.int64)
-    else: raise TypeError(f'mask must be a boolean array or a list of item indices, got values of type {mask.dtype}.')
-    outside = sorted(set(indices[(indices < 0) | (indices >= n_items)].tolist()))
-    if outside: raise ValueError(f'mask has item indices outside 0..{n_items - 1}: {_listed(outside)}.')
-    if not indices.size:
-        raise ValueError('The mask selects no test items, so there is nothing to score: check the classes given to '
-                         '`class_mask` (and `invert`), or pass mask=None to score every item.')
-    return indices
+        raise TypeError('test_dataloader must be a fastai DataLoader over `Datasets`, such as '
+                        f'`learn.dls.test_dl(items)`, got {type(dl).__name__}: TTA switches its transforms to their '
+                        'training (augmenting) behaviour.')
 
 
 def _passes(learner: Learner, dl, n_aug: int) -> tuple[list[Tensor], list[float]]:
@@ -129,7 +71,8 @@ def tta_preds(learner: Learner, dl, n_augs: int | Sequence[int] = (10,),
     `n` augmented passes, measured)."""
     n_augs = _check_n_augs(n_augs)
     _check_dl(dl)
-    if not 0 <= beta <= 1: raise ValueError(f'beta is the weight of the plain pass and must be between 0 and 1, got {beta}.')
+    if not 0 <= beta <= 1:
+        raise ValueError(f'beta is the weight of the plain pass and must be between 0 and 1, got {beta}.')
     probs, seconds = _passes(learner, dl, max(n_augs))
     plain, augmented = probs[-1], probs[:-1]
     mixed = {n: torch.lerp(torch.stack(augmented[:n]).mean(0), plain, beta) if n else plain for n in n_augs}
@@ -140,15 +83,15 @@ def test_time_aug(learner: Learner, test_dataloader, y_true, metric: Callable, n
                   beta: float = 0.1, mask=None, verbose: bool = False) -> pd.DataFrame:
     """Score `metric(y_true, y_pred)` on the test items `mask` selects for each number of augmented passes in `n_augs`
     (0: plain predictions); a DataFrame with columns `n_aug`, `score` and `time` (seconds of that setting on its own),
-    and with `verbose` also one printed line per row. `y_true` holds one label or class index per item of `test_dataloader`, which may be
-    unlabelled. See `tta_preds` for the passes."""
+    and with `verbose` also one printed line per row. `y_true` holds one label or class index per item of
+    `test_dataloader`, which may be unlabelled. See `tta_preds` for the passes."""
     _check_dl(test_dataloader)
     n_items = len(test_dataloader.dataset)
     if len(y_true) != n_items:
         raise ValueError(f'y_true has {len(y_true)} labels for {n_items} test items: give one per item of '
                          'test_dataloader, in its order.')
-    items = _mask_indices(mask, n_items)
-    targets = _class_indices(_as_array(y_true)[items], getattr(learner.dls, 'vocab', None))
+    items = mask_indices(mask, n_items)
+    targets = class_indices(as_array(y_true)[items], getattr(learner.dls, 'vocab', None))
     probs, seconds = tta_preds(learner, test_dataloader, n_augs, beta)
     rows = []
     for n, p in probs.items():
@@ -164,8 +107,8 @@ test_time_aug.__test__ = False  # named like a test: keep pytest from collecting
 def class_mask(y_true, classes, vocab=None, invert: bool = False) -> np.ndarray:
     """Boolean array: which items of `y_true` belong to `classes` (with `invert`, to none of them, e.g. the classes
     never trained on). With `vocab`, labels and class indices may be mixed: both sides are turned into indices."""
-    y_true, classes = _as_array(y_true), _as_array(classes)
-    if vocab is not None: y_true, classes = _class_indices(y_true, vocab), _class_indices(classes, vocab, 'classes')
+    y_true, classes = as_array(y_true), as_array(classes)
+    if vocab is not None: y_true, classes = class_indices(y_true, vocab), class_indices(classes, vocab, 'classes')
     elif np.issubdtype(y_true.dtype, np.number) != np.issubdtype(classes.dtype, np.number):
         raise TypeError(f'y_true holds {y_true.dtype} values and classes holds {classes.dtype}, so none can match: '
                         'pass the vocab (learn.dls.vocab) to compare labels with class indices.')
@@ -175,7 +118,9 @@ def class_mask(y_true, classes, vocab=None, invert: bool = False) -> np.ndarray:
 def plot_tta(results: pd.DataFrame, figsize: tuple[float, float] = (6, 4)) -> Figure:
     "Score and time against the number of augmented passes on twin axes, from `test_time_aug`'s results"
     missing = {'n_aug', 'score', 'time'} - set(results.columns)
-    if missing: raise ValueError(f'plot_tta needs the columns n_aug, score and time of test_time_aug; missing {sorted(missing)}.')
+    if missing:
+        raise ValueError('plot_tta needs the columns n_aug, score and time of test_time_aug; missing '
+                         f'{sorted(missing)}.')
     results = results.sort_values('n_aug')
     fig = Figure(figsize=figsize)  # no pyplot: renders headless, and nothing is left open
     score_ax = fig.subplots()

@@ -4,7 +4,6 @@ distillation paid beyond the seed-to-seed spread."""
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import time
@@ -14,33 +13,31 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-import pandas as pd
 import fastai.callback.schedule  # noqa: F401  (adds lr_find and fit_one_cycle to Learner)
+import pandas as pd
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.mixup import CutMix, MixUp
 from fastai.data.core import DataLoaders
+from fastai.data.transforms import Normalize
 from fastai.learner import Learner
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastai.vision.learner import vision_learner
-from matplotlib.figure import Figure
 from scipy.stats import t as t_distribution
 from sklearn.metrics import f1_score
-from fastai.data.transforms import Normalize
 from torch import Tensor, nn
 
-from .callback import KnowledgeDistillation, _evaluating, _first
-from .files import atomic_write
-from .losses import DIST, DKD, SoftTarget
-from .report import compare_models, compression_summary
-from .runs import RunStore, environment, fingerprint
+from .basics import evaluating, first_output
+from .callback import KnowledgeDistillation
+from .compression import compare_models
+from .losses import LOSSES, SoftTarget, losses_for
+from .runs import RunStore, fingerprint
 from .split import default_split
-from .tta import plot_tta, test_time_aug
+from .tta import test_time_aug
 
 __all__ = ['weighted_f1', 'scratch_learner', 'train_schedule', 'Schedule', 'kd_method', 'Reseed', 'distillation_job',
-           'validation_accuracy', 'check_on_validation', 'seed_summary', 'seed_gain', 'distillation_verdict',
-           'write_report']
+           'validation_accuracy', 'check_on_validation', 'seed_summary', 'seed_gain', 'distillation_verdict']
 
 
 def weighted_f1(y_true, y_pred) -> float:
@@ -50,7 +47,8 @@ def weighted_f1(y_true, y_pred) -> float:
 
 @dataclass
 class Schedule:
-    "How every model of the job trains: `lr_find` over `lr_find_iters` steps (unless `lr`), `freeze_epochs` with the body frozen, then `epochs`"
+    """How every model of the job trains: `lr_find` over `lr_find_iters` steps (unless `lr`), `freeze_epochs` with the
+    body frozen, then `epochs`"""
     freeze_epochs: int = 1
     epochs: int = 4
     lr: float | None = None
@@ -84,20 +82,21 @@ def scratch_learner(dls: DataLoaders, arch: Callable, seed: int = 42, **kwargs) 
     return vision_learner(dls, arch, pretrained=False, splitter=default_split, metrics=accuracy, **kwargs)
 
 
-KD_METHODS = {'softtarget': SoftTarget, 'dkd': DKD, 'dist': DIST, 'fm': SoftTarget}
+KD_METHODS = losses_for('categorical')  # what the job distils a classifier with: names of `LOSSES`
 MIXES = {'mixup': MixUp, 'cutmix': CutMix}
 
 
 def kd_method(method: str = 'softtarget', mix: str = 'mixup', mix_alpha: float | None = None,
               **loss_kwargs) -> tuple[nn.Module, Callable[[], Callback] | None]:
-    """The distillation loss of `method` (a key of `KD_METHODS`, built with `loss_kwargs`, e.g. `T=2`) and, for `fm`
-    (function matching: Beyer et al., CVPR 2022), a factory of the `mix` callback (`MixUp` or `CutMix`, Beta
-    parameter `mix_alpha`, fastai's default when None) that makes teacher and student see the same mixed batch."""
-    if method not in KD_METHODS: raise ValueError(f'Unknown method {method!r}: choose one of {", ".join(KD_METHODS)}.')
+    """The distillation loss of `method` (a name of `LOSSES`, built with its settings updated by `loss_kwargs`, e.g.
+    `T=2`) and, for a method on mixed batches (`fm`, function matching: Beyer et al., CVPR 2022), a factory of the
+    `mix` callback (`MixUp` or `CutMix`, Beta parameter `mix_alpha`, fastai's default when None) that makes teacher
+    and student see the same mixed batch."""
+    if method not in LOSSES: raise ValueError(f'Unknown method {method!r}: choose one of {", ".join(LOSSES)}.')
     if mix not in MIXES: raise ValueError(f'Unknown mix {mix!r}: choose one of {", ".join(MIXES)}.')
     mix_cb = None
-    if method == 'fm': mix_cb = partial(MIXES[mix], mix_alpha) if mix_alpha is not None else MIXES[mix]
-    return KD_METHODS[method](**loss_kwargs), mix_cb
+    if LOSSES[method].mixed: mix_cb = partial(MIXES[mix], mix_alpha) if mix_alpha is not None else MIXES[mix]
+    return LOSSES[method].build(**loss_kwargs), mix_cb
 
 
 class Reseed(Callback):
@@ -236,7 +235,7 @@ def _validation_batch(dls: DataLoaders, n_items: int = 256, seed: int = 0) -> tu
 
 def _accuracy(model: nn.Module, xb: Tensor, yb: Tensor) -> float:
     device = next(model.parameters()).device
-    with torch.no_grad(), _evaluating(model): predicted = _first(model(xb.to(device))).argmax(dim=1).cpu()
+    with torch.no_grad(), evaluating(model): predicted = first_output(model(xb.to(device))).argmax(dim=1).cpu()
     return (predicted == yb.cpu()).float().mean().item()
 
 
@@ -324,83 +323,3 @@ def distillation_verdict(table: pd.DataFrame, score: str = 'test_f1') -> str:
     if gain['shown']: return f'Distillation gained: it {changed}).'
     if gain['ci_high'] < 0: return f'Distillation cost: it {changed}).'
     return f'No gain shown: distillation {changed}, which includes zero; student alone: +- {gain["alone_std"]:.1f}).'
-
-
-def _loss_figure(training: dict) -> Figure:
-    """Left: each model's own loss per epoch, the base loss (cross-entropy for classification) in training and the
-    plain validation loss, comparable across models; right: the distilled student's distillation terms"""
-    fig = Figure(figsize=(10, 4))
-    base_ax, parts_ax = fig.subplots(1, 2)
-    for name, history in training.items():
-        epochs = history['epochs']
-        base = next(c for c in epochs.columns if c.startswith('train_') and c not in ('train_kd', 'train_hint'))
-        line, = base_ax.plot(epochs[base], 'o-', label=f'{name}: {"train_loss" if base == "train_loss" else base}')
-        base_ax.plot(epochs['valid_loss'], 'x--', color=line.get_color(), label=f'{name}: valid_loss')
-    base_ax.set(xlabel='epoch', ylabel='loss', title="Each model's base loss (training) and validation loss")
-    base_ax.legend(fontsize='small')
-    epochs = training['distilled student']['epochs']
-    for column in ('train_kd', 'train_hint'):
-        if column in epochs: parts_ax.plot(epochs[column], 'o-', label=column)
-    parts_ax.set(xlabel='epoch', title='Distilled student: distillation terms')
-    parts_ax.legend()
-    fig.tight_layout()
-    return fig
-
-
-def _distillation_title(learn: Learner) -> str:
-    "What the distilled student trained with, read from its callbacks: the loss, the mixing and the weight"
-    kd = next(cb for cb in learn.cbs if isinstance(cb, KnowledgeDistillation))
-    mixes = [type(cb).__name__ for cb in learn.cbs if isinstance(cb, (MixUp, CutMix))]
-    return f'{kd.kd_loss}{"".join(f" on {m} batches" for m in mixes)}, weight {kd.weight}'
-
-
-def _settings_lines(settings: dict, env: dict) -> list[str]:
-    "How the report was made: the command, the versions and the machine, then every setting"
-    made_by = f'`{settings["command"]}`' if 'command' in settings else '`distillation_job(...)`'
-    versions = ', '.join(f'{k} {env[k]}' for k in ('fastkd', 'fastai', 'torch', 'python'))
-    return [f'Made by {made_by} with {versions}, on {env["cpu"]}, {env["threads"]} torch threads, GPU: {env["gpu"]}.',
-            '', '| setting | value |', '|---|---|', *(f'| {k} | {v} |' for k, v in settings.items() if k != 'command')]
-
-
-def write_report(job: dict, dest: str | Path, title: str = 'fastkd distillation report') -> Path:
-    """Write `dest/report.md` (how it was made, scores per model over the seeds, the verdict, every run, compression),
-    `results.csv` (a row per model and seed, with the command, the versions and every setting as columns),
-    `losses.png`, `tta.png` and the distilled student's weights `student.pth` (a state dict: `load_teacher` and
-    `load_state_dict` read it back) with `student.json` beside it (the architecture, image size and classes it was
-    trained for, which `fastkd evaluate` reads); plots and weights are those of the first seed."""
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    table, learners, settings, env = job['table'], job['learners'], job.get('settings', {}), environment()
-    about = {f'job_{k}' if k in table.columns else k: ' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v
-             for k, v in {**settings, **env}.items()}  # job_seed, job_epochs: the job's, beside each run's own
-    atomic_write(dest/'results.csv', lambda tmp: table.assign(**about).to_csv(tmp))
-    atomic_write(dest/'losses.png', lambda tmp: _loss_figure(job['training']).savefig(tmp, format='png', dpi=100))
-    atomic_write(dest/'tta.png',
-                 lambda tmp: plot_tta(job['tta']['distilled student']).savefig(tmp, format='png', dpi=100))
-    atomic_write(dest/'student.pth', lambda tmp: torch.save(learners['distilled student'].model.state_dict(), tmp))
-    trained_for = {key: settings[name] for key, name in (('arch', 'student'), ('size', 'size'), ('classes', 'classes'))
-                   if settings.get(name) is not None}
-    atomic_write(dest/'student.json', lambda tmp: Path(tmp).write_text(json.dumps(trained_for)))
-    tta_column = table.columns[table.columns.str.startswith('test_f1_tta')][0]
-    teacher_accuracy = table.loc[['teacher'], 'valid_accuracy'].iloc[0]
-    text = '\n'.join([
-        f'# {title}: {_distillation_title(learners["distilled student"])}', '', *_settings_lines(settings, env), '',
-        f'**{job["verdict"]}**', '', f'- {VERDICT_RULE}',
-        f'- test_f1: weighted F1 on the test set without TTA; {tta_column}: with that many augmented passes. Mean and '
-        'sample standard deviation (std) over the seeds; the teacher is trained or loaded once '
-        f'(its validation accuracy: {teacher_accuracy:.4f}).',
-        f'- {compression_summary(job["sizes"])}', '',
-        '## Per model', '', _markdown(job['summary']), '',
-        '## Every run', '', _markdown(table), '',
-        f'Plots and `student.pth` (the distilled student\'s weights) are from seed {job["seeds"][0]}.', '',
-        '![training losses](losses.png)', '', '![TTA sweep of the distilled student](tta.png)', ''])
-    atomic_write(dest/'report.md', lambda tmp: Path(tmp).write_text(text, encoding='utf-8'))
-    return dest/'report.md'
-
-
-def _markdown(table: pd.DataFrame) -> str:
-    "`table` as a Markdown table, numbers to 4 significant digits, missing ones as '-'"
-    cells = [[str(index)] + [('-' if pd.isna(v) else f'{v:.4g}') if isinstance(v, float) else str(v) for v in row]
-             for index, row in zip(table.index, table.itertuples(index=False))]
-    header = [table.index.name or ''] + list(table.columns)
-    return '\n'.join('| ' + ' | '.join(line) + ' |' for line in [header, ['---'] * len(header), *cells])

@@ -9,7 +9,8 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 
 from fastkd.digits import digits_dls
-from fastkd.report import compare_models, compression_summary, per_class_table, plot_confusion
+from fastkd.compression import compare_models, compression_summary
+from fastkd.report import per_class_table, plot_confusion
 from fastkd.tta import class_mask
 
 

@@ -350,6 +350,6 @@ def test_explicit_loss_wins_over_the_automatic_choice(wine_dls):
 
 def test_a_per_label_loss_is_refused_for_a_single_label_learner_naming_the_right_ones():
     with pytest.raises(ValueError, match=r'^BinarySoftTarget treats every output as an independent label.*'
-                                         r'Use SoftTarget\(\), DKD\(\) or DIST\(\)\.$'):
+                                         r'Use SoftTarget\(T=4\), DKD\(\), DIST\(\) or LogitMSE\(\)\.$'):
         Task('categorical').check(BinarySoftTarget(), 10)
     Task('binary', -1).check(BinarySoftTarget(), 4)

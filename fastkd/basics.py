@@ -1,0 +1,114 @@
+"""The small helpers fastkd's modules share, at the bottom of the package (it imports no other fastkd module):
+what a model predicts, a model briefly in eval mode, the loader a user made, a few items of a long list as text, and
+labels, class indices and masks as numpy arrays. Internal: `fastkd.all` does not export them."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from fastai.data.load import DataLoader
+from fastai.learner import Learner
+from torch import Tensor, nn
+
+__all__ = ['first_output', 'evaluating', 'teacher_model', 'user_loader', 'few', 'as_array', 'class_indices',
+           'mask_indices']
+
+
+def first_output(output):
+    "The prediction in a model's or layer's output: the first element of a tuple or list (fastai's text models)"
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextmanager
+def evaluating(model: nn.Module):
+    "`model` in eval mode inside the block, then every submodule back in the mode it had"
+    modes = [module.training for module in model.modules()]
+    model.eval()
+    try: yield model
+    finally:
+        for module, mode in zip(model.modules(), modes): module.training = mode
+
+
+def teacher_model(teacher) -> nn.Module:
+    "The model behind `teacher`, an `nn.Module` or the model of a fastai `Learner`, as the user gave it"
+    if isinstance(teacher, Learner): teacher = teacher.model
+    if isinstance(teacher, (str, Path)):
+        raise TypeError(f'The teacher is a path ({teacher}), not a model: load it first with '
+                        f'load_teacher(path, arch, n_out), e.g. load_teacher("{teacher}", resnet34, 43).')
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f'A teacher must be a torch `nn.Module` or a fastai `Learner`, got {type(teacher).__name__}. '
+                        'Pass the trained model (or the Learner that holds it), or a list of them for an ensemble.')
+    return teacher
+
+
+def user_loader(dl: DataLoader) -> DataLoader:
+    "The loader the user made: under `learn.distrib_ctx()`, fastai's `DistributedDL` wraps it in `.dl`"
+    inner = vars(dl).get('dl')
+    return inner if isinstance(inner, DataLoader) else dl
+
+
+def few(values, n: int = 5) -> str:
+    "At most `n` of `values` as text, and how many more; 'none' when there are none"
+    values = [str(v) for v in values]
+    if not values: return 'none'
+    return ', '.join(values[:n]) + (f' (and {len(values) - n} more)' if len(values) > n else '')
+
+
+def as_array(values) -> np.ndarray:
+    "`values` (a tensor, list, Series, set or single value) as a 1-d numpy array"
+    if isinstance(values, Tensor): values = values.cpu().numpy()
+    if isinstance(values, (set, frozenset)): values = list(values)
+    return np.atleast_1d(np.asarray(values))
+
+
+def _numbers_out_of_order(vocab) -> bool:
+    "Whether `vocab` holds numbers (or numbers as text) whose value is not their index, e.g. ['0', '1', '10', ...]"
+    try: return [int(label) for label in vocab] != list(range(len(vocab)))
+    except (TypeError, ValueError): return False
+
+
+def class_indices(labels, vocab=None, name: str = 'y_true', predicted: bool = False) -> np.ndarray:
+    """`labels` as class indices: integers are indices into `vocab`, anything else is looked up among its labels.
+    Integers are ambiguous when the vocab holds numbers in another order, unless they are `predicted` indices."""
+    labels = as_array(labels)
+    if np.issubdtype(labels.dtype, np.integer):
+        if vocab is None: return labels.astype(np.int64)
+        outside = sorted(set(labels[(labels < 0) | (labels >= len(vocab))].tolist()))
+        if outside:
+            raise ValueError(f"{name} has class indices the learner's {len(vocab)} classes do not cover: "
+                             f'{few(outside)}. Pass indices into learn.dls.vocab (0 to {len(vocab) - 1}) or labels as '
+                             'they appear in it.')
+        if not predicted and _numbers_out_of_order(vocab):
+            raise ValueError(f'{name} holds integers, which are read as indices into the vocab, but the vocab holds '
+                             f'numbers in another order ({few(vocab)}), so they are ambiguous. Pass the labels as they '
+                             'appear in the vocab (e.g. `y.astype(str)`), or `np.array(vocab)[indices]`.')
+        return labels.astype(np.int64)
+    if vocab is None:
+        raise ValueError(f'{name} holds labels ({few(labels[:5].tolist())}), not class indices: pass the vocab '
+                         '(learn.dls.vocab) to look them up.')
+    label_to_index = {label: i for i, label in enumerate(vocab)}
+    missing = sorted({label for label in labels.tolist() if label not in label_to_index}, key=str)
+    if missing:
+        raise ValueError(f"{name} has labels the learner's vocab does not cover: {few(missing)} (vocab: "
+                         f'{few(vocab)}). Use a learner trained with these classes, or leave those items out with '
+                         '`mask`.')
+    return np.array([label_to_index[label] for label in labels.tolist()], dtype=np.int64)
+
+
+def mask_indices(mask, n_items: int) -> np.ndarray:
+    "Indices of the items `mask` selects: a boolean array with one entry per item, or a list of indices"
+    if mask is None: return np.arange(n_items)
+    mask = as_array(mask)
+    if mask.dtype == bool:
+        if mask.shape != (n_items,):
+            raise ValueError(f'A boolean mask needs one entry per test item ({n_items}), got {len(mask)}.')
+        indices = np.flatnonzero(mask)
+    elif np.issubdtype(mask.dtype, np.integer) or mask.size == 0: indices = mask.astype(np.int64)
+    else: raise TypeError(f'mask must be a boolean array or a list of item indices, got values of type {mask.dtype}.')
+    outside = sorted(set(indices[(indices < 0) | (indices >= n_items)].tolist()))
+    if outside: raise ValueError(f'mask has item indices outside 0..{n_items - 1}: {few(outside)}.')
+    if not indices.size:
+        raise ValueError('The mask selects no test items, so there is nothing to score: check the classes given to '
+                         '`class_mask` (and `invert`), or pass mask=None to score every item.')
+    return indices
