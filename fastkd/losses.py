@@ -163,15 +163,16 @@ class LossEntry:
     @property
     def example(self) -> str:
         "How a user writes this loss, e.g. `SoftTarget(T=4)`"
-        return f'{self.loss.__name__}({", ".join(f"{k}={v!r}" for k, v in self.settings.items())})'
+        settings = (f'{k}={v:g}' if isinstance(v, float) else f'{k}={v!r}' for k, v in self.settings.items())
+        return f'{self.loss.__name__}({", ".join(settings)})'
 
 
 # The catalogue: for each kind of task, the first entry that serves it is the loss `loss='auto'` picks.
 LOSSES = {
-    'softtarget': LossEntry(SoftTarget, dict(T=4), about='soft targets (Hinton et al.)'),
+    'softtarget': LossEntry(SoftTarget, dict(T=4.), about='soft targets (Hinton et al.)'),
     'dkd': LossEntry(DKD, about='decoupled KD (Zhao et al.)'),
     'dist': LossEntry(DIST, about='DIST: class and item rankings (Huang et al.)'),
-    'fm': LossEntry(SoftTarget, dict(T=4), mixed=True, about='function matching (Beyer et al.): SoftTarget on batches '
+    'fm': LossEntry(SoftTarget, dict(T=4.), mixed=True, about='function matching (Beyer et al.): SoftTarget on batches '
                     'mixed by MixUp or CutMix, the teacher seeing the same mixed images'),
     'binarysofttarget': LossEntry(BinarySoftTarget, kinds=('binary',), about='soft targets per label (multi-label)'),
     'logitmse': LossEntry(LogitMSE, kinds=('categorical', 'binary', 'regression'),
