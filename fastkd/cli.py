@@ -68,8 +68,8 @@ def _schedule_args(parser: argparse.ArgumentParser, size: int, epochs: int, bs: 
     parser.add_argument('--seed', type=int, default=42, help='random seed of every model (default: %(default)s)')
     parser.add_argument('--seeds', type=int, default=seeds,
                         help='students trained alone and distilled from seeds SEED, SEED+1, ...; the report gives '
-                        'mean and spread and says whether the 95%% confidence interval of the mean gain lies above zero '
-                        '(default: %(default)s)')
+                        'mean and spread and says whether the 95%% confidence interval of the mean gain lies above '
+                        'zero (default: %(default)s)')
     _threads_arg(parser)
     parser.add_argument('--out', type=Path, default=Path('fastkd-report'),
                         help='report folder (default: %(default)s)')

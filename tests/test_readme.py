@@ -1,5 +1,6 @@
-"""README.md against the code: its API table names exactly what `from fastkd.all import *` exports, with parameter
-names (and literal defaults) the functions really have, and its Python snippets are valid Python."""
+"""The documentation against the code: the API tables of docs/api.md name exactly what `from fastkd.all import *`
+exports, with parameter names (and literal defaults) the functions really have, and the Python snippets of README.md
+and docs/*.md are valid Python."""
 import ast
 import importlib
 import inspect
@@ -10,7 +11,9 @@ import pytest
 
 import fastkd.all
 
-README = Path(__file__).resolve().parents[1]/'README.md'
+ROOT = Path(__file__).resolve().parents[1]
+API = ROOT/'docs'/'api.md'
+PAGES = [ROOT/'README.md', *sorted((ROOT/'docs').glob('*.md'))]
 NAME = re.compile(r'[A-Za-z_]\w*')
 
 
@@ -24,9 +27,9 @@ def exported() -> set[str]:
 
 
 def api_entries() -> list[str]:
-    "The backticked entries of the first column of README's API table, e.g. `prepare_gtsrb(path, classes=None)`"
-    section = README.read_text(encoding='utf-8').split('\n## API\n', 1)[1].split('\n## ', 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith('|')][2:]  # after the header and its rule
+    "The backticked entries of the first column of docs/api.md's tables, e.g. `prepare_gtsrb(path, classes=None)`"
+    rows = [line for line in API.read_text(encoding='utf-8').splitlines() if line.startswith('|')]
+    rows = [row for row in rows if row.split('|')[1].strip() not in ('name', '---')]  # not the headers, their rules
     return [entry for row in rows for entry in re.findall(r'`([^`]+)`', row.split('|')[1])]
 
 
@@ -45,8 +48,8 @@ def test_the_api_table_names_exactly_the_exports():
     twice = sorted({name for name in names if names.count(name) > 1})
     assert not twice, f'named twice in the API table: {twice}'
     missing, stale = exported() - set(names), set(names) - exported()
-    assert not missing, f'exported by fastkd.all but not in README\'s API table: {sorted(missing)}'
-    assert not stale, f'in README\'s API table but not exported by fastkd.all: {sorted(stale)}'
+    assert not missing, f'exported by fastkd.all but not in the API table of docs/api.md: {sorted(missing)}'
+    assert not stale, f'in the API table of docs/api.md but not exported by fastkd.all: {sorted(stale)}'
 
 
 @pytest.mark.parametrize('entry', [e for e in api_entries() if '(' in e])
@@ -70,8 +73,16 @@ def test_the_api_table_gives_real_parameters(entry):
             assert params[key].default == value, f'{name}({key}=...) defaults to {params[key].default!r}, not {value!r}'
 
 
-def test_python_snippets_are_valid_python():
-    blocks = re.findall(r'^( *)```python\n(.*?)^\1```', README.read_text(encoding='utf-8'), flags=re.M | re.S)
-    assert blocks, 'README has no Python snippet'
+@pytest.mark.parametrize('page', PAGES, ids=lambda page: page.relative_to(ROOT).as_posix())
+def test_python_snippets_are_valid_python(page):
+    blocks = re.findall(r'^( *)```python\n(.*?)^\1```', page.read_text(encoding='utf-8'), flags=re.M | re.S)
     for indent, code in blocks:
-        ast.parse('\n'.join(line[len(indent):] for line in code.splitlines()))
+        source = '\n'.join(line[len(indent):] for line in code.splitlines())
+        try: ast.parse(source)
+        except SyntaxError as error: pytest.fail(f'{page.name}: a Python snippet does not parse ({error}):\n{source}')
+
+
+@pytest.mark.parametrize('page', ['README.md', 'docs/callback.md', 'docs/losses.md', 'docs/hints.md',
+                                  'docs/scaling.md', 'docs/tasks.md', 'docs/gtsrb.md'])
+def test_the_readme_and_each_subject_page_show_python(page):
+    assert '```python' in (ROOT/page).read_text(encoding='utf-8'), f'{page} has no Python snippet'
