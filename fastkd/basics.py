@@ -1,18 +1,20 @@
 """The small helpers fastkd's modules share, at the bottom of the package (it imports no other fastkd module):
-what a model predicts, a model briefly in eval mode, the loader a user made, a few items of a long list as text, and
-labels, class indices and masks as numpy arrays. Internal: `fastkd.all` does not export them."""
+what a model predicts, a model briefly in eval mode, the loader a user made, a sample batch drawn without moving any
+random generator, a few items of a long list as text, and labels, class indices and masks as numpy arrays. Internal: `fastkd.all` does not export them."""
 from __future__ import annotations
 
+import random
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from torch import Tensor, nn
 
-__all__ = ['first_output', 'evaluating', 'teacher_model', 'user_loader', 'few', 'as_array', 'class_indices',
-           'mask_indices']
+__all__ = ['first_output', 'evaluating', 'teacher_model', 'user_loader', 'random_state_kept', 'sample_batch', 'few',
+           'as_array', 'class_indices', 'mask_indices']
 
 
 def first_output(output):
@@ -46,6 +48,28 @@ def user_loader(dl: DataLoader) -> DataLoader:
     "The loader the user made: under `learn.distrib_ctx()`, fastai's `DistributedDL` wraps it in `.dl`"
     inner = vars(dl).get('dl')
     return inner if isinstance(inner, DataLoader) else dl
+
+
+@contextmanager
+def random_state_kept(device=None):
+    "Draw at will inside the block: torch's generator (and `device`'s, for a GPU), numpy's and Python's are kept"
+    python, numpy = random.getstate(), np.random.get_state()
+    devices = [device] if device is not None and torch.device(device).type == 'cuda' else []
+    try:
+        with torch.random.fork_rng(devices=devices): yield
+    finally: random.setstate(python); np.random.set_state(numpy)
+
+
+def sample_batch(dl: DataLoader, n_items: int, seed: int = 0, device=None) -> tuple:
+    """One batch of `n_items` items of `dl`'s dataset drawn at random with `seed`, through `dl`'s transforms: a
+    sample of every class even where the dataset is sorted by class (as image folders are). No random generator
+    moves, `dl`'s own included, so a fit's batches and augmentations stay the same; `device`: where GPU
+    augmentations draw."""
+    dl = user_loader(dl)
+    with random_state_kept(device):
+        sample = dl.new(shuffle=True, bs=max(1, min(n_items, len(dl.dataset))), drop_last=False)
+        sample.rng = random.Random(seed)
+        return sample.one_batch()
 
 
 def few(values, n: int = 5) -> str:

@@ -28,7 +28,7 @@ from fastcore.basics import patch_to, store_attr
 from fastcore.foundation import L
 from torch import Tensor, nn
 
-from .basics import evaluating, few, first_output, teacher_model, user_loader
+from .basics import evaluating, few, first_output, sample_batch, teacher_model, user_loader
 from .cache import TeacherCache
 from .hints import Hint, HintHooks
 from .losses import loss_examples
@@ -192,10 +192,8 @@ class KnowledgeDistillation(Callback):
         "Before the first step: teacher and student must predict alike, and the teacher should beat chance"
         dl = user_loader(self.dls.valid if len(self.dls.valid) else self.dls.train)  # a DistributedDL has no one_batch
         device = next(self.model.parameters()).device
-        # A loader draws its seed from torch, and fastai's GPU augmentations draw on the GPU even for validation
-        # batches: leave both generators as they were, so the fit's batches do not change
-        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-            batch = to_device(dl.one_batch(), device)
+        # drawn at random: a validation set sorted by class (image folders) would give one or two classes first
+        batch = to_device(sample_batch(dl, dl.bs or 64, device=device), device)
         xb, yb = batch[:dl.n_inp], batch[dl.n_inp:]
         teacher_pred = self.teacher_output(xb)
         with torch.no_grad(), evaluating(self.model): student_pred = first_output(self.model(*xb))

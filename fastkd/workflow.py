@@ -28,7 +28,7 @@ from scipy.stats import t as t_distribution
 from sklearn.metrics import f1_score
 from torch import Tensor, nn
 
-from .basics import evaluating, first_output
+from .basics import evaluating, first_output, sample_batch
 from .callback import KnowledgeDistillation
 from .compression import compare_models
 from .losses import LOSSES, SoftTarget, losses_for
@@ -222,15 +222,10 @@ def _row(name: str, seed: int, learn: Learner, tta: pd.DataFrame, training: dict
 def validation_accuracy(model: nn.Module, dls: DataLoaders, n_items: int = 256, seed: int = 0) -> tuple[float, float]:
     """`model`'s top-1 accuracy on `n_items` validation items drawn with `seed` (no augmentation), and chance on them:
     the share of their most common class. Leaves every random generator and the model's mode as they were."""
-    xb, yb = _validation_batch(dls, n_items, seed)
+    xb, yb = sample_batch(dls.valid, n_items, seed)
     return _accuracy(model, xb, yb), (yb.bincount().max() / len(yb)).item()
 
 
-def _validation_batch(dls: DataLoaders, n_items: int = 256, seed: int = 0) -> tuple[Tensor, Tensor]:
-    "`n_items` validation items drawn with `seed`, every random generator left as it was"
-    dl = dls.valid.new(shuffle=True, bs=min(n_items, len(dls.valid.dataset)), drop_last=False)
-    dl.rng = random.Random(seed)
-    with torch.random.fork_rng(): return dl.one_batch()
 
 
 def _accuracy(model: nn.Module, xb: Tensor, yb: Tensor) -> float:
@@ -264,7 +259,7 @@ def check_on_validation(model: nn.Module, dls: DataLoaders, name: str = 'the tea
             raise ValueError(' '.join(found))
     norm = next((t for t in dls.after_batch.fs if isinstance(t, Normalize)), None)
     if norm is not None:
-        xb, yb = _validation_batch(dls)
+        xb, yb = sample_batch(dls.valid, 256)
         raw_accuracy = _accuracy(model, norm.decode(xb), yb)
         if _clearly_above(raw_accuracy, chance):
             found.append(f'On inputs without the data\'s normalisation it scores {raw_accuracy:.3f}: it was trained on '

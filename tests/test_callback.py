@@ -403,6 +403,29 @@ def test_a_teacher_no_better_than_chance_is_warned_about_once_per_fit(dls, teach
         student(dls, teacher).fit(1, 1e-3, cbs=CancelAfterOneStep())  # a trained teacher: no warning
 
 
+class WithoutClass(torch.nn.Module):
+    "`model` that never predicts class `dropped`: wrong on its images, as right as `model` on every other class"
+    def __init__(self, model, dropped: int):
+        super().__init__()
+        self.model, self.dropped = model, dropped
+
+    def forward(self, x):
+        logits = self.model(x).clone()
+        logits[:, self.dropped] = -1e4
+        return logits
+
+
+def test_the_chance_check_samples_every_class_of_a_validation_set_sorted_by_class(dls, teacher):
+    xb, yb = dls.valid.one_batch()  # an image folder's validation set is sorted by class: this batch holds two
+    assert yb.unique().numel() == 2
+    blind = WithoutClass(teacher.model, dropped=yb.bincount().argmax().item())  # 80% right overall, not on this batch
+    with torch.no_grad(): on_first = (blind.eval()(xb).argmax(dim=1) == yb).float().mean().item()
+    assert on_first < yb.bincount().max().item() / len(yb)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        student(dls, blind).fit(1, 1e-3, cbs=CancelAfterOneStep())
+
+
 class CancelAfterOneStep(Callback):
     "Stop the fit after the first step of epoch `epoch`"
     def __init__(self, epoch: int = 0): self.at_epoch = epoch
