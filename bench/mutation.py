@@ -3,9 +3,10 @@
 Each module of `MODULES` is mutated on its own, in a scratch copy of `fastkd/` and `tests/` (mutmut works in a
 `mutants/` folder beside its `setup.cfg`, and the repository keeps no such file), against a targeted selection of the
 tests that exercise it: mutmut runs only the tests of that selection that call the mutated function, each mutant in a
-process forked from one that has already imported torch and fastai. Survivors are shown with their diffs in
-`<workdir>/<module>/survivors.txt`; the counts go to `bench/results/mutation.md` (the equivalent mutants are
-judged by hand there).
+process forked from one that has already imported torch and fastai. The tests' session fixtures (the digits, a trained
+teacher) are built once in `<workdir>/fixtures` and reloaded by every mutant's run (`FASTKD_TEST_FIXTURES`, read by
+tests/conftest.py). Survivors are shown with their diffs in `<workdir>/<module>/survivors.txt`; the counts go to
+`bench/results/mutation.md` (the equivalent mutants are judged by hand there).
 
     python bench/mutation.py                        # every module of MODULES
     python bench/mutation.py losses tasks           # some of them
@@ -14,6 +15,7 @@ judged by hand there).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -53,9 +55,15 @@ def run_module(module: str, workdir: Path, max_children: int) -> dict:
     tests = '\n'.join(f'    {t}' for t in MODULES[module])
     (dest/'setup.cfg').write_text(SETUP_CFG.format(module=module, tests=tests))
     mutmut = [sys.executable, '-m', 'mutmut']
+    # the session fixtures (the digits folder, a trained teacher) built once, here, and reloaded by every mutant's run
+    env = {**os.environ, 'FASTKD_TEST_FIXTURES': str(workdir/'fixtures')}
+    (workdir/'fixtures').mkdir(exist_ok=True)
     start = time.perf_counter()
     with open(dest/'run.log', 'w') as log:
-        subprocess.run(mutmut + ['run', '--max-children', str(max_children)], cwd=dest, stdout=log, stderr=log)
+        subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '--setup-only',
+                        *MODULES[module]], cwd=dest, stdout=log, stderr=log, env=env)
+        subprocess.run(mutmut + ['run', '--max-children', str(max_children)], cwd=dest, stdout=log, stderr=log,
+                       env=env)
     seconds = time.perf_counter() - start
     listing = subprocess.run(mutmut + ['results', '--all', 'true'], cwd=dest, capture_output=True, text=True).stdout
     status = dict(re.findall(r'^\s*(\S+__mutmut_\d+): (.+?)\s*$', listing, flags=re.M))

@@ -1,4 +1,6 @@
 "Shared fixtures: seeded runs, the digits image folder and a teacher trained on it, and the real GTSRB data in ../shared when present."
+import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -14,6 +16,9 @@ from fastkd.digits import digits_dls, write_digits
 from fastkd.split import default_split
 
 GTSRB_DATA = Path(__file__).resolve().parents[1].parent/'shared'/'data'/'gtsrb'
+# A folder kept from session to session (bench/mutation.py sets it): the digits and their teacher are built once there
+# instead of once per session, and reloaded with the loaders' generators where training left them
+KEPT = Path(os.environ['FASTKD_TEST_FIXTURES']) if os.environ.get('FASTKD_TEST_FIXTURES') else None
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +31,7 @@ def seeded():
 @pytest.fixture(scope='session')
 def digits_path(tmp_path_factory) -> Path:
     "scikit-learn's digits as a 32 px image folder: train/valid/test, one sub-folder per digit"
-    return write_digits(tmp_path_factory.mktemp('digits'), size=32)
+    return write_digits(KEPT/'digits' if KEPT else tmp_path_factory.mktemp('digits'), size=32)
 
 
 @pytest.fixture(scope='session')
@@ -39,7 +44,17 @@ def teacher(dls):
     "A tiny CNN trained on the digits to about 90% validation accuracy (shared: tests may change its mode, never its weights)"
     set_seed(0, reproducible=True)
     learn = Learner(dls, tiny_cnn(32), metrics=accuracy)
+    if KEPT and (KEPT/'teacher.json').exists():
+        learn.model.load_state_dict(torch.load(KEPT/'teacher.pth', weights_only=True))
+        for dl, (version, state, gauss) in zip(dls.loaders, json.loads((KEPT/'teacher.json').read_text())):
+            dl.rng.setstate((version, tuple(state), gauss))
+        return learn
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, 3e-2)
+    if KEPT:  # the weights, then the marker with the loaders' generators: a half-written pair is never read
+        torch.save(learn.model.state_dict(), KEPT/'teacher.pth.tmp')
+        os.replace(KEPT/'teacher.pth.tmp', KEPT/'teacher.pth')
+        (KEPT/'teacher.json.tmp').write_text(json.dumps([dl.rng.getstate() for dl in dls.loaders]))
+        os.replace(KEPT/'teacher.json.tmp', KEPT/'teacher.json')
     return learn
 
 
