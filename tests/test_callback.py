@@ -11,7 +11,7 @@ import matplotlib
 import pytest
 import torch
 import torch.nn.functional as F
-from fastai.callback.core import CancelFitException
+from fastai.callback.core import CancelFitException, CancelTrainException
 from fastai.callback.mixup import CutMix, MixUp
 from fastai.callback.schedule import SchedLin
 from fastai.callback.training import GradientAccumulation
@@ -356,10 +356,32 @@ def test_loss_settings_given_to_the_callback_say_where_they_belong(teacher):
         KnowledgeDistillation(teacher, SoftTarget, T=4)
 
 
-@pytest.mark.parametrize('loss', [torch.nn.KLDivLoss(), torch.nn.MSELoss, lambda logits: logits.sum(), 'SoftTarget'])
-def test_loss_that_cannot_be_called_as_a_distillation_loss_shows_the_convention(teacher, loss):
-    with pytest.raises(TypeError, match=r'loss\(student_logits, teacher_logits\).*SoftTarget\(T=4\)'):
+_CONVENTION = (': fastkd calls a distillation loss as loss(student_logits, teacher_logits) or loss(student_logits, '
+               'teacher_logits, target). Use SoftTarget(T=4), DKD(), DIST(), BinarySoftTarget() or LogitMSE(), ')
+
+
+@pytest.mark.parametrize('loss, message', [
+    (torch.nn.KLDivLoss(), 'KLDivLoss is a torch loss of a prediction against a target, not a distillation loss'),
+    (torch.nn.MSELoss, 'MSELoss is a torch loss of a prediction against a target, not a distillation loss'),
+    (lambda logits: logits.sum(), '<function <lambda> at 0x[0-9a-f]+> cannot be a distillation loss'),
+    ('SoftTarget', "'SoftTarget' cannot be a distillation loss")])
+def test_loss_that_cannot_be_called_as_a_distillation_loss_shows_the_convention(teacher, loss, message):
+    ending = ("or a function such as lambda s, t: F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), "
+              "reduction='batchmean').") if 'torch loss' in message else 'or a function of that form.'
+    with pytest.raises(TypeError, match=f'^{message}{re.escape(_CONVENTION + ending)}$'):  # the whole message
         KnowledgeDistillation(teacher, loss)
+
+
+def test_the_repr_names_the_loss_its_weight_and_the_hints(teacher, dls):
+    kd = KnowledgeDistillation(teacher)
+    assert repr(kd) == 'KnowledgeDistillation(loss=auto (picked when the fit starts), weight=0.5)'
+    Learner(dls, tiny_cnn(8), cbs=kd)  # the learner's loss decides
+    assert repr(kd) == 'KnowledgeDistillation(loss=SoftTarget(T=4.0, standardize=False), weight=0.5)'
+    assert (repr(KnowledgeDistillation(teacher, SoftTarget(T=2), weight=0.3))
+            == 'KnowledgeDistillation(loss=SoftTarget(T=2, standardize=False), weight=0.3)')
+    assert (repr(KnowledgeDistillation(teacher, None, hints=[Hint('0', '0', FitNet())])) ==  # no term: no weight
+            "KnowledgeDistillation(loss=None, hints=[Hint(student_layer='0', teacher_layer='0', loss=FitNet(), "
+            "weight=1.0)])")
 
 
 def test_weight_out_of_range_fails_at_construction(teacher):
@@ -424,6 +446,18 @@ def test_the_chance_check_samples_every_class_of_a_validation_set_sorted_by_clas
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         student(dls, blind).fit(1, 1e-3, cbs=CancelAfterOneStep())
+
+
+class CancelTrainAfterOneStep(Callback):
+    def after_step(self): raise CancelTrainException()
+
+
+def test_a_cancelled_training_epoch_logs_no_loss_parts(dls, teacher):
+    learn = student(dls, teacher)
+    learn.fit(1, 1e-3, cbs=CancelTrainAfterOneStep())
+    # fastai's recorder logs no training loss for an epoch whose training was cancelled: nor do its parts, so the
+    # epoch's values are the validation loss and metric only
+    assert list(learn.recorder.values[-1]) == pytest.approx(list(learn.validate()))
 
 
 class CancelAfterOneStep(Callback):
