@@ -32,7 +32,7 @@ MODULES = {
     'tasks': ['tests/test_tasks.py', 'tests/test_losses.py'],
     'hints': ['tests/test_hints.py'],
     'cache': ['tests/test_cache.py'],
-    'callback': ['tests/test_callback.py'],
+    'callback': ['tests/test_callback.py', 'tests/test_load_teacher.py'],
 }
 
 SETUP_CFG = """[mutmut]
