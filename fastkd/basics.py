@@ -1,6 +1,7 @@
 """The small helpers fastkd's modules share, at the bottom of the package (it imports no other fastkd module):
 what a model predicts, a model briefly in eval mode, the loader a user made, a sample batch drawn without moving any
-random generator, a few items of a long list as text, and labels, class indices and masks as numpy arrays. Internal: `fastkd.all` does not export them."""
+random generator, a few items of a long list as text, and labels, class indices and masks as numpy arrays.
+Internal: `fastkd.all` does not export them."""
 from __future__ import annotations
 
 import random
