@@ -205,7 +205,7 @@ class KDFindResult:
         return fig
 
     def record(self) -> dict:
-        "What `from_record` rebuilds this result from without training again, as JSON-able values: trials, verdict, cost"
+        "What `from_record` rebuilds this result from without training, as JSON-able values: trials, verdict, cost"
         return dict(trials=self.trials.to_dict('list'), best=self.best, metric=self.metric, seconds=self.seconds,
                     runs=self.runs, lr=self.lr, message=self.message)
 
