@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import torch
 from fastai.callback.mixup import CutMix, MixUp
-from fastai.learner import Learner
 from matplotlib.figure import Figure
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
