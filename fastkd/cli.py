@@ -13,12 +13,16 @@ import torch
 import torchvision.models
 from fastai.vision.models.xresnet import xresnet18, xresnet34
 
+from .kd_find import kd_find_for_job
 from .report import write_report
 from .workflow import (KD_METHODS, MIXES, Schedule, check_on_validation, distillation_job, kd_method, scratch_learner,
                        weighted_f1)
 
 __all__ = ['main', 'ARCHS']
 
+AUTO = 'auto'  # --method auto: kd_find chooses
+BY_HAND = ('temperature', 'standardize', 'mix', 'mix_alpha', 'weight')  # what --method auto leaves to kd_find
+DEFAULT_WEIGHT = 0.5
 DEFAULT_SIZE = 96  # the reference notebook's, for the official full-size images
 SIDECAR = '.json'  # beside weights fastkd writes (student.pth, student.json): what they were trained for
 USER_ERRORS = (OSError, ValueError)  # missing or clashing files, downloads, unreadable images, bad values
@@ -49,10 +53,13 @@ def _schedule_args(parser: argparse.ArgumentParser, size: int, epochs: int, bs: 
                         help='steps of lr_find when --lr is 0 (default: %(default)s)')
     parser.add_argument('--teacher', choices=ARCHS, default=teacher, help='teacher architecture (default: %(default)s)')
     parser.add_argument('--student', choices=ARCHS, default=student, help='student architecture (default: %(default)s)')
-    parser.add_argument('--method', choices=KD_METHODS, default=method,
+    parser.add_argument('--method', choices=[*KD_METHODS, AUTO], default=method,
                         help='distillation loss: ' + '; '.join(f'{name}: {entry.about}' for name, entry in
                                                                KD_METHODS.items())
-                        + '; the student alone always trains without mixing (default: %(default)s)')
+                        + f'; {AUTO}: kd_find tries each way of distilling on the validation split first (short '
+                        'trainings, the best at the planned schedule on two seeds), then the seeds train with its '
+                        'pick, or alone when none paid; the student alone always trains without mixing '
+                        '(default: %(default)s)')
     parser.add_argument('--temperature', type=float, default=None,
                         help="temperature T of the loss (default: the loss's own: 4 for softtarget, dkd and fm, "
                         '1 for dist)')
@@ -61,8 +68,8 @@ def _schedule_args(parser: argparse.ArgumentParser, size: int, epochs: int, bs: 
     parser.add_argument('--mix', choices=MIXES, default=None, help='augmentation of --method fm (default: mixup)')
     parser.add_argument('--mix-alpha', type=float, default=None,
                         help="Beta parameter of --mix (default: fastai's, 0.4 for mixup and 1 for cutmix)")
-    parser.add_argument('--weight', type=float, default=0.5,
-                        help='weight of the distillation loss, between 0 and 1 (default: %(default)s)')
+    parser.add_argument('--weight', type=float, default=None,
+                        help=f'weight of the distillation loss, between 0 and 1 (default: {DEFAULT_WEIGHT})')
     parser.add_argument('--n-augs', type=int, nargs='+', default=[4, 8],
                         help='numbers of augmented TTA passes to score, besides plain predictions (default: 4 8)')
     parser.add_argument('--seed', type=int, default=42, help='random seed of every model (default: %(default)s)')
@@ -139,7 +146,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace):
     "Refuse values argparse lets through, naming the fix"
-    if hasattr(args, 'weight') and not 0 <= args.weight <= 1: parser.error('--weight must be between 0 and 1')
+    if getattr(args, 'method', None) == AUTO:
+        given = [f'--{name.replace("_", "-")}' for name in BY_HAND if getattr(args, name) not in (None, False)]
+        if given:
+            parser.error(f'{", ".join(given)} set the method by hand, which --method auto leaves to kd_find (each of '
+                         'its candidates has its own loss, temperature, weight and mixing): drop them, or name a '
+                         '--method')
+    elif hasattr(args, 'weight') and args.weight is None: args.weight = DEFAULT_WEIGHT
+    if getattr(args, 'weight', None) is not None and not 0 <= args.weight <= 1:
+        parser.error('--weight must be between 0 and 1')
     for name in ('size', 'bs', 'epochs', 'teacher_epochs', 'lr_find_iters', 'threads', 'seeds'):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be at least 1')
@@ -195,17 +210,23 @@ def _settings(args) -> dict:
 
 
 def _job(args, dls, test_dl, y_true, teacher=None, mask=None, title: str = ''):
-    "Run the distillation job with the command-line settings, keeping each run in --out as it ends; write its report"
-    loss_kwargs = {**({'T': args.temperature} if args.temperature else {}),
-                   **({'standardize': True} if args.standardize else {})}
-    kd_loss, mix = kd_method(args.method, args.mix or 'mixup', args.mix_alpha, **loss_kwargs)
+    """Run the distillation job with the command-line settings, keeping each run in --out as it ends; write its report.
+    With --method auto, kd_find chooses the distillation on the validation split once the teacher is ready."""
+    if args.method == AUTO:
+        method = dict(choose=partial(kd_find_for_job, dls, ARCHS[args.student], schedule=_schedule(args)))
+    else:
+        loss_kwargs = {**({'T': args.temperature} if args.temperature else {}),
+                       **({'standardize': True} if args.standardize else {})}
+        kd_loss, mix = kd_method(args.method, args.mix or 'mixup', args.mix_alpha, **loss_kwargs)
+        method = dict(kd_loss=kd_loss, kd_weight=args.weight, mix=mix)
     try:
         job = distillation_job(dls, test_dl, y_true, ARCHS[args.teacher], ARCHS[args.student], _schedule(args),
-                               teacher=teacher, kd_loss=kd_loss, kd_weight=args.weight, n_augs=args.n_augs, mask=mask,
-                               seeds=range(args.seed, args.seed + args.seeds), mix=mix,
-                               teacher_epochs=args.teacher_epochs, runs=args.out/'runs', settings=_settings(args))
+                               teacher=teacher, n_augs=args.n_augs, mask=mask,
+                               seeds=range(args.seed, args.seed + args.seeds), teacher_epochs=args.teacher_epochs,
+                               runs=args.out/'runs', settings=_settings(args), **method)
     except FileExistsError as error: sys.exit(f'fastkd: {error}')
     if job['reused']: print(f'Reused the runs kept in {args.out/"runs"}: {", ".join(job["reused"])}.')
+    if job['kd_find']: print(f'kd_find: {job["kd_find"]["message"]}')
     report = write_report(job, args.out, title)
     print(job['table'].to_string(float_format='{:.4g}'.format))
     print(job['verdict'])

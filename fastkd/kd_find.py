@@ -74,12 +74,12 @@ def kd_candidates(learn: Learner, teacher) -> dict[str, dict]:
     which teacher and student share) and, where `match_layers` finds a pair, DIST with a FitNet hint from the student's
     deepest feature map to the teacher's deepest one of the same spatial size. Other tasks: the callback's own loss."""
     if task_of(learn.loss_func).kind != 'categorical': return {'auto': dict(loss='auto')}
-    candidates = {'softtarget T4': dict(loss=SoftTarget(T=4), weight=0.5),
-                  'softtarget T2': dict(loss=SoftTarget(T=2), weight=0.5),
-                  'softtarget-std T2': dict(loss=SoftTarget(T=2, standardize=True), weight=0.5),
+    candidates = {'softtarget T4': dict(loss=SoftTarget(T=4.), weight=0.5),
+                  'softtarget T2': dict(loss=SoftTarget(T=2.), weight=0.5),
+                  'softtarget-std T2': dict(loss=SoftTarget(T=2., standardize=True), weight=0.5),
                   'dist': dict(loss=DIST(), weight=0.5),
                   'dkd': dict(loss=DKD(), weight=0.5),
-                  'fm (mixup)': dict(loss=SoftTarget(T=4), weight=0.5, cbs=[MixUp])}
+                  'fm (mixup)': dict(loss=SoftTarget(T=4.), weight=0.5, cbs=[MixUp])}
     pair = _hint_pair(learn, teacher)
     if pair: candidates['dist + hint'] = dict(loss=DIST(), weight=0.5, hints=[Hint(*pair, FitNet())])
     return candidates
@@ -204,6 +204,22 @@ class KDFindResult:
         fig.tight_layout()
         return fig
 
+    def record(self) -> dict:
+        "What `from_record` rebuilds this result from without training, as JSON-able values: trials, verdict, cost"
+        return dict(trials=self.trials.to_dict('list'), best=self.best, metric=self.metric, seconds=self.seconds,
+                    runs=self.runs, lr=self.lr, message=self.message)
+
+    @classmethod
+    def from_record(cls, record: dict, candidates: dict, teacher) -> KDFindResult:
+        "The result `record()` kept, with the `candidates` (the same names) and `teacher` that `callback()` builds from"
+        trials = pd.DataFrame(record['trials'])
+        unknown = sorted(set(trials.name) - {'alone', *candidates})
+        if unknown:
+            raise ValueError(f'The kept kd_find result tried {", ".join(unknown)}, which the candidates lack: pass the '
+                             'candidates it was measured with, or measure again.')
+        return cls(trials, _table(trials), record['best'], candidates, teacher, record['metric'], record['seconds'],
+                   record['runs'], record['lr'], record['message'])
+
     def __repr__(self) -> str: return f'{self.message}\n{self.table.to_string(float_format="{:.4g}".format)}'
 
     def _repr_markdown_(self) -> str:
@@ -304,7 +320,8 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     frozen_teacher, rows, start = teacher_model(teacher), [], time.perf_counter()
     with _Restored(learn) as restored, learn.no_bar(), learn.no_logging():
         restored.reset()
-        if lr is None: lr = float(learn.lr_find(show_plot=False).valley)
+        if lr is None:  # from the first seed's batches, so that the same call finds the same lr whatever ran before
+            with learn.added_cbs(Reseed(seeds[0])): lr = float(learn.lr_find(show_plot=False).valley)
         teacher_logits = _teacher_logits(frozen_teacher, learn)
         bar = progress_bar(range(n_trials), display=show_progress, leave=False)
         bar.update(0)
@@ -345,21 +362,28 @@ def kd_find(self: Learner, teacher, candidates: dict[str, dict] | None = None, e
 
 
 def kd_find_for_job(dls, student_arch: Callable, teacher, schedule: Schedule, metric: Callable = accuracy,
-                    candidates: dict[str, dict] | None = None, seeds: Sequence[int] = (0, 1), **kwargs) -> dict:
+                    candidates: dict[str, dict] | None = None, seeds: Sequence[int] = (0, 1),
+                    record: dict | None = None, **kwargs) -> dict:
     """`kd_find` for the main job (`--method auto`): a student built as the job builds it (`scratch_learner` from
     `schedule.seed`), trained as the job trains it (`frozen_first(schedule.freeze_epochs)`, then rungs up to
-    `schedule.epochs`) at `schedule.lr` (lr_find's valley when None). Returns the result (`table`, `plot()`,
-    `seconds`, `runs`), the chosen candidate `name` (`best`, else `top` with `paid=False`), its `loss`, `weight`,
-    `hints`, `mix` (a factory of its one extra callback, e.g. MixUp, else None) and `callbacks`: a function that makes a
-    fresh list of all its callbacks (distillation with hints, and extras) for each student.
+    `schedule.epochs`) at `schedule.lr` (lr_find's valley when None). With `record` (what an earlier call returned as
+    `record`), nothing trains: the result is rebuilt from it. Returns the result (`table`, `plot()`, `seconds`,
+    `runs`), the chosen candidate `name` (`best`, else `top` with `paid=False`), its `loss`, `weight`, `hints`, `mix`
+    (a factory of its one extra callback, e.g. MixUp, else None), `callbacks`: a function that makes a fresh list of
+    all its callbacks (distillation with hints, and extras) for each student, and `record` (JSON-able, for `RunStore`).
     Other keyword arguments (`rungs`, `keep`, `show_progress`) go to `kd_find`."""
     learn = scratch_learner(dls, student_arch, schedule.seed)
-    res = kd_find(learn, teacher, candidates, epochs=schedule.epochs, lr=schedule.lr, seeds=seeds, metric=metric,
-                  fit=frozen_first(schedule.freeze_epochs), **kwargs)
+    if record is None:
+        res = kd_find(learn, teacher, candidates, epochs=schedule.epochs, lr=schedule.lr, seeds=seeds, metric=metric,
+                      fit=frozen_first(schedule.freeze_epochs), **kwargs)
+    else:
+        candidates = kd_candidates(learn, teacher) if candidates is None else dict(candidates)
+        res = KDFindResult.from_record(record, candidates, teacher)
     name = res.best or res.top
     chosen = res.candidates[name]
     extra = chosen.get('cbs', [])
     return dict(result=res, name=name, paid=res.best is not None, loss=chosen.get('loss', 'auto'),
                 weight=chosen.get('weight', 0.5), hints=chosen.get('hints', ()),
                 mix=(lambda: _fresh(extra[0])) if len(extra) == 1 else None, callbacks=lambda: res.callback(name),
-                table=res.table, figure=res.plot(), seconds=res.seconds, runs=res.runs, message=res.message)
+                table=res.table, figure=res.plot(), seconds=res.seconds, runs=res.runs, message=res.message,
+                record=res.record())

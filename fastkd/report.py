@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import torch
 from fastai.callback.mixup import CutMix, MixUp
-from fastai.learner import Learner
 from matplotlib.figure import Figure
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
@@ -93,20 +92,42 @@ def _loss_figure(training: dict) -> Figure:
         base_ax.plot(epochs['valid_loss'], 'x--', color=line.get_color(), label=f'{name}: valid_loss')
     base_ax.set(xlabel='epoch', ylabel='loss', title="Each model's base loss (training) and validation loss")
     base_ax.legend(fontsize='small')
-    epochs = training['distilled student']['epochs']
+    epochs = training['distilled student']['epochs'] if 'distilled student' in training else pd.DataFrame()
     for column in ('train_kd', 'train_hint'):
         if column in epochs: parts_ax.plot(epochs[column], 'o-', label=column)
-    parts_ax.set(xlabel='epoch', title='Distilled student: distillation terms')
-    parts_ax.legend()
+    parts_ax.set(xlabel='epoch', title='Distilled student: distillation terms' if len(epochs) else
+                 'No distilled student')
+    if len(epochs): parts_ax.legend()
     fig.tight_layout()
     return fig
 
 
-def _distillation_title(learn: Learner) -> str:
-    "What the distilled student trained with, read from its callbacks: the loss, the mixing and the weight"
+def _distillation_title(learners: dict, chosen: dict | None) -> str:
+    """What the distilled student trained with, read from its callbacks: the loss, the hints, the mixing and the
+    weight, and which candidate of kd_find it was; or that the students trained alone"""
+    if 'distilled student' not in learners: return 'the student alone (kd_find: no method paid)'
+    learn = learners['distilled student']
     kd = next(cb for cb in learn.cbs if isinstance(cb, KnowledgeDistillation))
     mixes = [type(cb).__name__ for cb in learn.cbs if isinstance(cb, (MixUp, CutMix))]
-    return f'{kd.kd_loss}{"".join(f" on {m} batches" for m in mixes)}, weight {kd.weight}'
+    hints = ''.join(f' + {type(h.loss).__name__} hint {h.student_layer} -> {h.teacher_layer}'
+                    for h in (kd.hints.hints if kd.hints else ()))
+    picked = f' (kd_find\'s pick: {chosen["name"]})' if chosen else ''
+    return f'{kd.kd_loss}{hints}{"".join(f" on {m} batches" for m in mixes)}, weight {kd.weight}{picked}'
+
+
+def _kd_find_lines(chosen: dict) -> list[str]:
+    "kd_find's section of the report: what it chose and why, its cost, its table and plot (kd_find.png)"
+    res = chosen['result']
+    trained = (f'The students were distilled with **{chosen["name"]}**.' if chosen['paid'] else
+               f'The students trained alone: no candidate paid (the best, {chosen["name"]}, did not beat the '
+               'student alone beyond the seed-to-seed spread; distilling with it anyway would spend the teacher\'s '
+               'forwards on a method the validation split gave no reason to trust).')
+    return ['## kd_find: how to distil, measured on the validation split', '', f'**{chosen["message"]}**', '',
+            trained, '', f'Cost: {len(res.trials)} trials, {res.seconds:.0f} s, {res.runs:.1f} runs of the student '
+            f'alone at the planned schedule (in seconds); learning rate {res.lr:.3g}. Gain: the candidate\'s '
+            f'validation {res.metric} minus the student alone\'s, same rung and seeds; agreement: the share of '
+            'validation items where student and teacher predict the same class.', '', _markdown(res.table), '',
+            '![kd_find: gain over the student alone per candidate](kd_find.png)', '']
 
 
 def _settings_lines(settings: dict, env: dict) -> list[str]:
@@ -122,7 +143,9 @@ def write_report(job: dict, dest: str | Path, title: str = 'fastkd distillation 
     `results.csv` (a row per model and seed, with the command, the versions and every setting as columns),
     `losses.png`, `tta.png` and the distilled student's weights `student.pth` (a state dict: `load_teacher` and
     `load_state_dict` read it back) with `student.json` beside it (the architecture, image size and classes it was
-    trained for, which `fastkd evaluate` reads); plots and weights are those of the first seed."""
+    trained for, which `fastkd evaluate` reads); plots and weights are those of the first seed. A job that ran
+    kd_find (`--method auto`) adds its section and `kd_find.png`; where no method paid, the student alone takes the
+    distilled student's place in `tta.png` and `student.pth`."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     table, learners, settings, env = job['table'], job['learners'], job.get('settings', {}), environment()
@@ -130,25 +153,27 @@ def write_report(job: dict, dest: str | Path, title: str = 'fastkd distillation 
              for k, v in {**settings, **env}.items()}  # job_seed, job_epochs: the job's, beside each run's own
     atomic_write(dest/'results.csv', lambda tmp: table.assign(**about).to_csv(tmp))
     atomic_write(dest/'losses.png', lambda tmp: _loss_figure(job['training']).savefig(tmp, format='png', dpi=100))
-    atomic_write(dest/'tta.png',
-                 lambda tmp: plot_tta(job['tta']['distilled student']).savefig(tmp, format='png', dpi=100))
-    atomic_write(dest/'student.pth', lambda tmp: torch.save(learners['distilled student'].model.state_dict(), tmp))
+    main, chosen = 'distilled student' if 'distilled student' in learners else 'student', job.get('kd_find')
+    atomic_write(dest/'tta.png', lambda tmp: plot_tta(job['tta'][main]).savefig(tmp, format='png', dpi=100))
+    atomic_write(dest/'student.pth', lambda tmp: torch.save(learners[main].model.state_dict(), tmp))
+    if chosen: atomic_write(dest/'kd_find.png', lambda tmp: chosen['figure'].savefig(tmp, format='png', dpi=100))
     trained_for = {key: settings[name] for key, name in (('arch', 'student'), ('size', 'size'), ('classes', 'classes'))
                    if settings.get(name) is not None}
     atomic_write(dest/'student.json', lambda tmp: Path(tmp).write_text(json.dumps(trained_for)))
     tta_column = table.columns[table.columns.str.startswith('test_f1_tta')][0]
     teacher_accuracy = table.loc[['teacher'], 'valid_accuracy'].iloc[0]
     text = '\n'.join([
-        f'# {title}: {_distillation_title(learners["distilled student"])}', '', *_settings_lines(settings, env), '',
+        f'# {title}: {_distillation_title(learners, chosen)}', '', *_settings_lines(settings, env), '',
         f'**{job["verdict"]}**', '', f'- {VERDICT_RULE}',
         f'- test_f1: weighted F1 on the test set without TTA; {tta_column}: with that many augmented passes. Mean and '
         'sample standard deviation (std) over the seeds; the teacher is trained or loaded once '
         f'(its validation accuracy: {teacher_accuracy:.4f}).',
         f'- {compression_summary(job["sizes"])}', '',
+        *(_kd_find_lines(chosen) if chosen else []),
         '## Per model', '', _markdown(job['summary']), '',
         '## Every run', '', _markdown(table), '',
-        f'Plots and `student.pth` (the distilled student\'s weights) are from seed {job["seeds"][0]}.', '',
-        '![training losses](losses.png)', '', '![TTA sweep of the distilled student](tta.png)', ''])
+        f'Plots and `student.pth` (the {main}\'s weights) are from seed {job["seeds"][0]}.', '',
+        '![training losses](losses.png)', '', f'![TTA sweep of the {main}](tta.png)', ''])
     atomic_write(dest/'report.md', lambda tmp: Path(tmp).write_text(text, encoding='utf-8'))
     return dest/'report.md'
 

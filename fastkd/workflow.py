@@ -163,7 +163,8 @@ def distillation_job(dls: DataLoaders, test_dl, y_true, teacher_arch: Callable, 
                      kd_weight: float = 0.5, n_augs: list[int] = [4, 8], mask=None,
                      metric: Callable = weighted_f1, seeds: Sequence[int] | None = None,
                      mix: Callable[[], Callback] | None = None, teacher_epochs: int | None = None,
-                     runs: str | Path | None = None, settings: dict | None = None) -> dict:
+                     runs: str | Path | None = None, settings: dict | None = None,
+                     choose: Callable[..., dict] | None = None) -> dict:
     """Train (or take) a teacher once (`schedule`, with `teacher_epochs` after unfreezing when given), then for each
     of `seeds` (default: `schedule.seed` alone) the student alone and with `KnowledgeDistillation` (plus the
     augmentation callback `mix()` makes, for function matching), both from that seed with the same schedule, and score
@@ -171,10 +172,17 @@ def distillation_job(dls: DataLoaders, test_dl, y_true, teacher_arch: Callable, 
     With `runs` (a folder), each model is kept there as soon as it is trained and scored (`RunStore`), and a job run
     again with the same settings takes the runs that ended instead of training them again; `settings` adds what the
     caller knows (the command, the data folder) to the settings the job records and compares.
+    With `choose` (`--method auto`), the distillation is not `kd_loss`, `kd_weight` and `mix` but what
+    `choose(teacher_learner, record=None)` returns once the teacher is ready, e.g. `partial(kd_find_for_job, dls,
+    student_arch, schedule=schedule)`: a dict with `paid` (False: no method paid, the students train alone and there
+    is no distilled student), `callbacks()` (a fresh list for each distilled student), `message` and `record`
+    (JSON-able: kept in `runs` as run 'kd_find', and passed back as `record` when the job resumes, so that it chooses
+    the same without training again).
     Returns the learners, training histories and TTA results of the first seed by model name, the teacher/student
-    size report, `table` (a row per model and seed), `summary` (mean and spread per model), `verdict`, `settings`
-    and `reused` (the runs taken from `runs`)."""
+    size report, `table` (a row per model and seed), `summary` (mean and spread per model), `verdict`, `settings`,
+    `reused` (the runs taken from `runs`) and `kd_find` (what `choose` returned, or None)."""
     seeds, n_augs = list(seeds or [schedule.seed]), sorted({0, *n_augs})
+    if choose: kd_loss, kd_weight, mix = 'chosen by kd_find', None, None
     settings = {**(settings or {}), **_job_settings(dls, test_dl, y_true, teacher_arch, student_arch, schedule, teacher,
                                                      kd_loss, kd_weight, n_augs, mask, metric, mix, teacher_epochs)}
     store = RunStore(runs, {k: v for k, v in settings.items() if k not in _UNCOMPARED}) if runs else None
@@ -185,26 +193,41 @@ def distillation_job(dls: DataLoaders, test_dl, y_true, teacher_arch: Callable, 
     train_teacher = partial(train_schedule, learners['teacher'], teacher_schedule) if teacher is None else lambda: None
     runs_done = {('teacher', schedule.seed): _run('teacher', schedule.seed, learners['teacher'], train_teacher, score,
                                                    store, keep_weights=teacher is None)}
+    chosen = _chosen(choose, learners['teacher'], store, schedule.seed) if choose else None
     for seed in seeds:
-        students = {'student': scratch_learner(dls, student_arch, seed)}
-        train_alone = partial(train_schedule, students['student'], replace(schedule, seed=seed))
-        alone = runs_done[('student', seed)] = _run('student', seed, students['student'], train_alone, score, store)
-        cbs = [KnowledgeDistillation(learners['teacher'], kd_loss, weight=kd_weight), *([mix()] if mix else [])]
-        distilled = students['distilled student'] = scratch_learner(dls, student_arch, seed, cbs=cbs)
+        student = scratch_learner(dls, student_arch, seed)
+        train_alone = partial(train_schedule, student, replace(schedule, seed=seed))
+        alone = runs_done[('student', seed)] = _run('student', seed, student, train_alone, score, store)
+        if seed == seeds[0]: learners['student'] = student  # the first seed's models: those the report plots and saves
+        if chosen and not chosen['paid']: continue  # the students alone are what kd_find advises
+        cbs = (chosen['callbacks']() if chosen else
+               [KnowledgeDistillation(learners['teacher'], kd_loss, weight=kd_weight), *([mix()] if mix else [])])
+        distilled = scratch_learner(dls, student_arch, seed, cbs=cbs)
         train_distilled = partial(train_schedule, distilled, replace(schedule, seed=seed, lr=alone['training']['lr']))
         runs_done[('distilled student', seed)] = _run('distilled student', seed, distilled, train_distilled, score,
                                                       store)
-        if seed == seeds[0]: learners.update(students)  # the first seed's models: those the report plots and saves
+        if seed == seeds[0]: learners['distilled student'] = distilled
     first = {name: runs_done[(name, schedule.seed if name == 'teacher' else seeds[0])] for name in learners}
     sizes = compare_models(learners['teacher'], learners['student'], input_size=tuple(dls.one_batch()[0].shape[1:]))
     table = pd.DataFrame([run['row'] for run in runs_done.values()]).set_index('model')
     side = ['teacher' if name == 'teacher' else 'student' for name in table.index]
     table.insert(1, 'parameters', sizes.loc['parameters', side].astype(int).values)
     table.insert(2, 'latency_ms', sizes.loc['latency_ms', side].values)
+    verdict = (distillation_verdict(table) if 'distilled student' in learners else
+               f'kd_find: {chosen["message"]} So the students trained alone.')
+    reused = [f'{name} seed {seed}' for (name, seed), run in runs_done.items() if run['reused']]
     return dict(learners=learners, training={name: run['training'] for name, run in first.items() if run['training']},
                 tta={name: run['tta'] for name, run in first.items()}, sizes=sizes, seeds=seeds, table=table,
-                summary=seed_summary(table), verdict=distillation_verdict(table), settings=settings,
-                reused=[f'{name} seed {seed}' for (name, seed), run in runs_done.items() if run['reused']])
+                summary=seed_summary(table), verdict=verdict, settings=settings, kd_find=chosen,
+                reused=[*(['kd_find'] if chosen and chosen['reused'] else []), *reused])
+
+
+def _chosen(choose: Callable[..., dict], teacher: Learner, store: RunStore | None, seed: int) -> dict:
+    "What `choose` picks for `teacher`, or what it picked before: the record `store` keeps as run 'kd_find' of `seed`"
+    kept = store.load('kd_find', seed) if store else None
+    chosen = choose(teacher, record=kept and kept['record'])
+    if store and kept is None: store.save('kd_find', seed, {'record': chosen['record']})
+    return {**chosen, 'reused': kept is not None}
 
 
 _UNCOMPARED = ('command', 'out', 'threads', 'seeds', 'teacher_weights')  # recorded, but not what makes a run

@@ -1,4 +1,5 @@
 "The `fastkd` command: every --help, bad arguments, and the demo (two seeds) and GTSRB jobs at a tiny size."
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ def test_console_script_is_installed_and_lists_commands():
 
 @pytest.mark.parametrize('command,options', [
     ('demo', ['--size', '--epochs', '--teacher-epochs', '--freeze-epochs', '--teacher', '--student', '--temperature', '--weight', '--out',
-              '--seeds', '--method', '--mix']),
+              '--seeds', '--method', '--mix', 'auto: kd_find']),
     ('gtsrb', ['--data', '--download', '--classes', '--size', '--epochs', '--teacher-weights', '--seeds', '--method',
                '--standardize', '--mix-alpha']),
     ('prepare', ['--data', '--download', '--classes', '--validation-fraction', '--link']),
@@ -49,6 +50,10 @@ def test_every_help_is_complete(capsys, command, options):
     (['demo', '--temperature', '0'], '--temperature must be above 0'),
     (['demo', '--mix', 'cutmix'], '--mix and --mix-alpha set the augmentation of function matching: add --method fm'),
     (['demo', '--method', 'dist', '--standardize'], '--standardize works with --method softtarget, dkd or fm'),
+    (['demo', '--method', 'auto', '--standardize'], '--standardize set the method by hand, which --method auto leaves '
+                                                    'to kd_find'),
+    (['gtsrb', '--data', 'DATA', '--method', 'auto', '--temperature', '2', '--weight', '0.8', '--mix', 'cutmix'],
+     '--temperature, --mix, --weight set the method by hand, which --method auto leaves to kd_find'),
     (['gtsrb'], 'the following arguments are required: --data'),
     (['prepare', '--data', 'DATA', '--classes', '43'], '--classes are GTSRB ClassIds, from 0 to 42'),
     (['evaluate', '--data', 'DATA', '--weights', 'nothing.pth'], '--weights nothing.pth: no such file')])
@@ -89,6 +94,42 @@ def test_demo_over_two_seeds_with_function_matching_writes_a_report(few_digits, 
     for png in ('losses.png', 'tta.png'): assert (out/png).read_bytes()[:4] == b'\x89PNG'
     weights = torch.load(out/'student.pth', weights_only=True)
     assert weights.keys() and all(isinstance(v, torch.Tensor) for v in weights.values())
+
+
+def test_demo_with_method_auto_distils_with_kd_finds_pick_and_resumes_without_finding_again(few_digits, tmp_path,
+                                                                                            capsys):
+    """kd_find runs on the validation split once the teacher is trained (6 epochs: 0.91 validation accuracy), picks
+    SoftTarget T4 (+14 points over the student alone, beyond the spread of 2 seeds) and the seeds train with it; run
+    again, the job takes kd_find's kept result instead of measuring again"""
+    out = tmp_path/'report'
+    command = ['demo', '--data', str(few_digits), '--out', str(out), *TINY, '--student', 'xresnet18-sixteenth',
+               '--bs', '30', '--freeze-epochs', '0', '--epochs', '3', '--teacher-epochs', '6', '--seeds', '2',
+               '--threads', '1', '--method', 'auto']
+    assert main(command) == 0
+    assert 'kd_find: Distil with softtarget T4 changed validation accuracy by ' in capsys.readouterr().out
+    report = (out/'report.md').read_text()
+    assert report.startswith('# fastkd demo: distillation on scikit-learn digits: SoftTarget(T=4.0, standardize=False)'
+                             ", weight 0.5 (kd_find's pick: softtarget T4)")  # read from the students' callbacks
+    kd_find_section = report.split('## kd_find')[1].split('## Per model')[0]
+    assert 'The students were distilled with **softtarget T4**.' in kd_find_section
+    assert '| candidate | score | epochs | seeds | gain | gain_std | agreement | seconds | rung |' in kd_find_section
+    assert all(f'| {name} |' in kd_find_section for name in ('alone', 'softtarget T4', 'dkd', 'fm (mixup)'))
+    assert 'Cost: 12 trials, ' in kd_find_section and '![kd_find' in kd_find_section
+    assert "| kd_loss | 'chosen by kd_find' |" in report and '| method | auto |' in report
+    assert (out/'kd_find.png').read_bytes()[:4] == b'\x89PNG'
+    for seed in (42, 43):
+        distilled = json.loads((out/'runs'/f'distilled-student-seed{seed}.json').read_text())['training']['epochs']
+        alone = json.loads((out/'runs'/f'student-seed{seed}.json').read_text())['training']['epochs']
+        assert min(distilled['train_kd']) > 0 and 'train_kd' not in alone
+
+    kept = json.loads((out/'runs'/'kd_find-seed42.json').read_text())
+    message = kept['record']['message']
+    kept['record']['message'] += ' (as kept)'  # marks what the report of the resumed job is made from
+    (out/'runs'/'kd_find-seed42.json').write_text(json.dumps(kept))
+    assert main(command) == 0
+    assert f'Reused the runs kept in {out/"runs"}: kd_find, teacher seed 42, student seed 42, ' in capsys.readouterr().out
+    resumed = (out/'report.md').read_text().split('## kd_find')[1].split('## Per model')[0]
+    assert resumed == kd_find_section.replace(message, f'{message} (as kept)')
 
 
 def test_demo_refuses_digits_written_with_another_split(digits_path, tmp_path):

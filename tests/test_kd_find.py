@@ -1,5 +1,7 @@
 """kd_find on the digits: it ranks a harmful candidate below the student alone, picks nothing when nothing pays, and
 leaves the learner as it was; TeacherAgreement as a metric"""
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -160,3 +162,28 @@ def test_the_next_rung_takes_the_best_of_this_rung_only():
                           columns=['name', 'rung', 'score'])
     assert _survivors(trials, 0, 3) == ['a', 'b', 'c']
     assert _survivors(trials, 1, 1) == ['b']  # not 'd', whose only gain (rung 0) was above every gain of rung 1
+
+
+def test_a_kept_result_is_rebuilt_as_it_was_without_training(ranked, teacher):
+    "What the main job keeps in its run store (JSON) gives back the same table, verdict, cost and callbacks"
+    record = json.loads(json.dumps(ranked.record()))
+    rebuilt = KDFindResult.from_record(record, ranked.candidates, teacher)
+    pd.testing.assert_frame_equal(rebuilt.table, ranked.table)
+    assert (rebuilt.best, rebuilt.message, rebuilt.seconds, rebuilt.runs, rebuilt.lr) == \
+        (ranked.best, ranked.message, ranked.seconds, ranked.runs, ranked.lr)
+    assert isinstance(rebuilt.callback('soft T4')[0].kd_loss, SoftTarget)
+    with pytest.raises(ValueError, match='tried away, which the candidates lack'):
+        KDFindResult.from_record(record, {'soft T4': ranked.candidates['soft T4']}, teacher)
+
+
+def test_the_learning_rate_it_finds_does_not_depend_on_what_ran_before(few_dls, teacher, warm_student):
+    "lr_find draws the first seed's batches: a job that resumes and finds again finds the same"
+    candidates = {'soft T4': dict(loss=SoftTarget(T=4), weight=0.5)}
+    first = kd_find(student_learner(few_dls, warm_student), teacher, candidates, epochs=1, seeds=(0,),
+                    show_progress=False)
+    for _ in range(3): few_dls.train.one_batch()  # moves the loader's shuffling and the global random state on
+    torch.rand(5)
+    again = kd_find(student_learner(few_dls, warm_student), teacher, candidates, epochs=1, seeds=(0,),
+                    show_progress=False)
+    assert again.lr == first.lr
+    pd.testing.assert_frame_equal(again.trials.drop(columns='seconds'), first.trials.drop(columns='seconds'))

@@ -10,8 +10,11 @@ from fastai.callback.mixup import CutMix, MixUp
 from fastai.vision.models.xresnet import xresnet18
 
 from fastkd.digits import digits_dls
+from fastkd.kd_find import kd_find_for_job
 from fastkd.losses import DIST, SoftTarget
+from fastkd.report import write_report
 from fastkd.workflow import Schedule, distillation_job, distillation_verdict, kd_method, scratch_learner, seed_summary
+from test_kd_find import away_from_teacher
 
 TINY_ARCH = partial(xresnet18, widen=0.25)
 
@@ -145,3 +148,30 @@ def test_the_distilled_student_is_distilled(few_digits):
     assert len(TeacherCalls.made) == 1 and TeacherCalls.made[0].calls >= len(dls.train)  # every step, and the check
     distilled, alone = (job['training'][name]['epochs'] for name in ('distilled student', 'student'))
     assert (distilled.train_kd > 0).all() and 'train_kd' not in alone
+
+
+def test_when_kd_find_finds_nothing_that_pays_the_students_train_alone(few_digits, tmp_path):
+    """`choose` (what --method auto passes): a candidate that pushes the student away from the teacher (0.91 validation
+    accuracy after 6 epochs) never pays, so no student is distilled and the report says why; kd_find's result is kept"""
+    dls = digits_dls(few_digits, size=16, bs=30, num_workers=0)
+    files = sorted((few_digits/'test').glob('*/*.png'))
+    schedule = Schedule(freeze_epochs=0, epochs=2, lr=1e-2)
+    choose = partial(kd_find_for_job, dls, TINY_ARCH, schedule=schedule, show_progress=False,
+                     candidates={'away': dict(loss=away_from_teacher, weight=0.9)})
+    job = distillation_job(dls, dls.test_dl(files), [int(f.parent.name) for f in files], TINY_ARCH, TINY_ARCH,
+                           schedule, teacher_epochs=6, n_augs=[1], seeds=[5, 6], choose=choose, runs=tmp_path/'runs')
+    assert job['kd_find']['name'] == 'away' and not job['kd_find']['paid']
+    assert job['kd_find']['table'].loc['away', 'gain'] < 0
+    assert list(zip(job['table'].index, job['table'].seed)) == [('teacher', 42), ('student', 5), ('student', 6)]
+    assert list(job['learners']) == ['teacher', 'student'] and 'train_kd' not in job['training']['student']['epochs']
+    assert job['verdict'].startswith('kd_find: No candidate beat the student alone beyond the seed-to-seed spread')
+    assert job['verdict'].endswith('So the students trained alone.')
+    assert job['settings']['kd_loss'] == "'chosen by kd_find'" and job['settings']['mix'] is None
+    assert (tmp_path/'runs'/'kd_find-seed42.json').exists()
+    report = write_report(job, tmp_path/'report').read_text()
+    assert report.startswith('# fastkd distillation report: the student alone (kd_find: no method paid)')
+    assert 'The students trained alone: no candidate paid (the best, away, did not beat' in report
+    assert '| away | ' in report and (tmp_path/'report'/'kd_find.png').exists()
+    assert 'TTA sweep of the student' in report
+    saved = torch.load(tmp_path/'report'/'student.pth', weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in job['learners']['student'].model.state_dict().items())
