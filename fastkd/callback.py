@@ -250,6 +250,10 @@ class KnowledgeDistillation(Callback):
         self.n_batches += 1  # debiased moving average of the parts, as Recorder smooths train_loss
         self.smooth_parts = self.beta * self.smooth_parts + (1 - self.beta) * torch.stack(parts).detach().float()
 
+    def after_backward(self):
+        "Under DDP, average the hint adapters' gradients across processes (DDP averages only the student's)"
+        if self.hints: self.hints.average_gradients()
+
     def after_train(self):
         "Log the smoothed loss parts next to `train_loss`"
         if hasattr(self.learn, 'recorder') and not self.recorder.cancel_train and self.n_batches:

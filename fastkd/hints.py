@@ -24,7 +24,9 @@ How `HintHooks` works with fastai:
 - `lr_find` trains at growing learning rates, then reloads the model and optimizer as they were; `attach(restore=True)`
   does the same for the adapters: `detach` puts them back as they were at `attach` (those created meanwhile are dropped
   and created again at the next fit's first batch).
-- Under DDP each process trains its own adapters: their gradients are not averaged across processes.
+- Under DDP (`learn.distrib_ctx()`) the adapters stay the same in every process, as DDP keeps the student: when they
+  join an optimizer each process takes process 0's (`torch.distributed.broadcast`), and the callback's `after_backward`
+  averages their gradients across processes (`average_gradients`) before the step.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from typing import Sequence
 
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
@@ -77,6 +80,11 @@ def _adapter(student: Tensor, teacher: Tensor) -> nn.Module:
 def _pool(x: Tensor, size: Sequence[int]) -> Tensor:
     "Adaptive average pooling of the map `x` to the spatial `size` (`x` itself when it has that size)"
     return x if tuple(x.shape[2:]) == tuple(size) else _POOLS[len(size)](x, tuple(size))
+
+
+def _world_size() -> int:
+    "How many processes train together: the size of the initialised `torch.distributed` group, else 1"
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _common_size(s: Tensor, t: Tensor) -> list[int]:
@@ -231,7 +239,19 @@ class HintHooks(nn.Module):
             if id(p) in joined: continue
             opt.param_lists[-1].append(p)
             opt.state.setdefault(p, {})  # a fastai Optimizer's state is a plain dict after `load_state_dict`
+        if _world_size() > 1:  # every process starts from process 0's adapters (all join at the same step)
+            with torch.no_grad():
+                for p in params: dist.broadcast(p, src=0)
         self.opt, self.n_joined = opt, len(params)
+
+    def average_gradients(self):
+        "Under DDP, the mean of the adapters' gradients across processes in each process, as DDP does for the student's"
+        n_processes = _world_size()
+        if n_processes == 1: return
+        for p in self.parameters():
+            if p.grad is None: p.grad = torch.zeros_like(p)  # every process reduces the same tensors, in one order
+            dist.all_reduce(p.grad)
+            p.grad /= n_processes
 
     def _leave(self):
         "Take the adapters and their state out of the optimizer they joined"

@@ -1,6 +1,6 @@
 """Distillation under `learn.distrib_ctx()`, one process of a CPU run: `torchrun --standalone --nproc_per_node 2
 tests/distributed_kd.py DIGITS OUT` trains a few steps and writes OUT/rank<R>.json (each step's loss, what was wrapped,
-how many items the teacher ran on in a cached run).
+how many items the teacher ran on in a cached run; each step's loss and the adapters after a hinted run).
 Also imported by test_distributed.py, whose single-process reference run uses the same learner on the global batch."""
 import json
 import math
@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from conftest import tiny_cnn
 from fastkd.callback import KnowledgeDistillation
+from fastkd.hints import FitNet, Hint
 from fastkd.digits import digits_dls
 
 STEPS, BS = 4, 16  # steps recorded, batch size of one process
@@ -57,11 +58,28 @@ def teacher() -> nn.Module:
     return tiny_cnn(16).eval()
 
 
-def learner(digits: Path, bs: int, cache: bool = False) -> Learner:
+def hint(adapter: bool) -> Hint:
+    """A FitNet hint from the student's pooled features (16) to the teacher's (32); with `adapter`, its adapter made
+    now from a fixed seed (the same in every process and run), else at the first training step from the process's
+    own random state"""
+    fitnet = FitNet()
+    if adapter:
+        set_seed(2, reproducible=True)
+        fitnet.adapter = nn.Linear(16, 32)
+    return Hint('5', '0.4', fitnet)
+
+
+def learner(digits: Path, bs: int, cache: bool = False, hints: list[Hint] | None = None) -> Learner:
     "Digits in file order (no shuffling, no augmentation), and the KD callback with a fixed teacher"
     dls = digits_dls(digits, size=32, bs=bs, augment=False, num_workers=0)
     dls.train = dls.train.new(shuffle=False)
-    return Learner(dls, student(), cbs=[KnowledgeDistillation(teacher(), cache=cache)] + ([] if cache else [RecordSteps()]))
+    kd = KnowledgeDistillation(teacher(), cache=cache, hints=hints)
+    return Learner(dls, student(), cbs=[kd] + ([] if cache else [RecordSteps()]))
+
+
+def adapters(learn: Learner) -> list[float]:
+    "Every adapter parameter of `learn`'s hints, flattened"
+    return torch.cat([p.detach().flatten() for p in learn.knowledge_distillation.hints.parameters()]).tolist()
 
 
 def distributed_fit(learn: Learner, epochs: int):
@@ -88,13 +106,22 @@ def global_batches(n_items: int, world_size: int) -> list[int]:
             for i in range(r * per_rank + step * BS, r * per_rank + (step + 1) * BS)]
 
 
+def hinted(digits: Path, adapter: bool) -> dict:
+    "Each step's loss and the adapters after `STEPS` steps of a hinted run; unmade adapters drawn from a seed per process"
+    learn = learner(digits, BS, hints=[hint(adapter)])
+    torch.manual_seed(100 + rank_distrib())  # a lazily made adapter differs from process to process
+    distributed_fit(learn, 1)
+    return dict(losses=learn.record_steps.losses, adapters=adapters(learn))
+
+
 def main(digits: Path, out: Path):
     torch.set_num_threads(1)
     learn = learner(digits, BS)
     distributed_fit(learn, 1)
     record = learn.record_steps
-    (out/f'rank{rank_distrib()}.json').write_text(json.dumps(dict(losses=record.losses, wrapped=sorted(record.wrapped),
-                                                                   world_size=num_distrib(), cached_items=cached_items(digits))))
+    (out/f'rank{rank_distrib()}.json').write_text(json.dumps(dict(
+        losses=record.losses, wrapped=sorted(record.wrapped), world_size=num_distrib(),
+        cached_items=cached_items(digits), hinted=hinted(digits, adapter=True), lazy=hinted(digits, adapter=False))))
 
 
 if __name__ == '__main__': main(Path(sys.argv[1]), Path(sys.argv[2]))

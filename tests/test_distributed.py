@@ -1,4 +1,4 @@
-"Distillation under fastai's distributed training: two CPU processes (gloo) against one process on the same global batches."
+"Distillation under fastai's distributed training: two CPU processes (gloo) against one process on the same global batches, hints included."
 import json
 import os
 import subprocess
@@ -9,7 +9,7 @@ import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 import pytest
 
 import distributed_kd
-from distributed_kd import BS, STEPS, global_batches, learner
+from distributed_kd import BS, STEPS, adapters, global_batches, hint, learner
 
 pytest.importorskip('accelerate', reason="fastai's distrib_ctx needs accelerate (a dev requirement)")
 
@@ -30,9 +30,25 @@ def test_two_processes_match_one_on_the_same_global_batches(digits_path, tmp_pat
     assert ranks[0]['losses'] != ranks[1]['losses']  # each process distils its own shard
     assert all(rank['cached_items'] == 8 * BS + BS for rank in ranks)  # its 8 batches once, and 1 check batch
 
-    single = learner(digits_path, 2 * BS)
-    order = global_batches(len(single.dls.train.dataset), world_size=2)
-    single.dls.train = single.dls.train.new(get_idxs=lambda: order)
-    with single.no_bar(), single.no_logging(): single.fit(1, 1e-2)
-    mean_of_processes = [(a + b) / 2 for a, b in zip(ranks[0]['losses'], ranks[1]['losses'])]
-    assert mean_of_processes == pytest.approx(single.record_steps.losses, rel=1e-5)  # steps after the first: same updates
+    def single_process(**kwargs):
+        "The learner of one process on the global batches of the two, trained as many steps"
+        single = learner(digits_path, 2 * BS, **kwargs)
+        order = global_batches(len(single.dls.train.dataset), world_size=2)
+        single.dls.train = single.dls.train.new(get_idxs=lambda: order)
+        with single.no_bar(), single.no_logging(): single.fit(1, 1e-2)
+        return single
+
+    def mean_of_processes(losses: list[list[float]]) -> list[float]: return [(a + b) / 2 for a, b in zip(*losses)]
+
+    single = single_process()  # steps after the first: the same updates
+    assert mean_of_processes([r['losses'] for r in ranks]) == pytest.approx(single.record_steps.losses, rel=1e-5)
+
+    # hints: the adapters stay the same in both processes, and train as one process's do on the global batches
+    assert ranks[0]['hinted']['losses'] != ranks[1]['hinted']['losses']
+    assert ranks[0]['hinted']['adapters'] == ranks[1]['hinted']['adapters']
+    single = single_process(hints=[hint(adapter=True)])
+    assert mean_of_processes([r['hinted']['losses'] for r in ranks]) == pytest.approx(single.record_steps.losses,
+                                                                                rel=1e-5)
+    assert ranks[0]['hinted']['adapters'] == pytest.approx(adapters(single), rel=1e-4, abs=1e-6)
+    # adapters made at the first step from each process's own random state: process 0's are taken by both
+    assert ranks[0]['lazy']['adapters'] == ranks[1]['lazy']['adapters']
