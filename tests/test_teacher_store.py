@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchvision.models import resnet34
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
 
@@ -197,3 +198,22 @@ def test_bad_paths_and_settings_are_refused_clearly(dls, teacher_file, tmp_path)
         distil(dls, teacher, tmp_path/'store')
     (folder/'outputs.npy').write_bytes((folder/'outputs.npy').read_bytes()[:200])
     with pytest.raises(ValueError, match='damaged.*delete that folder'): TeacherStore(folder)
+
+
+def test_the_fill_cache_command_fills_a_store_that_training_code_reuses(gtsrb32, gtsrb_data, tmp_path, capsys):
+    "`fastkd fill-cache` on one GTSRB class with the shared ResNet-34; the same store found again from Python"
+    data, weights = data_folder(gtsrb32, tmp_path/'data'), gtsrb_data/'teachers'/'resnet34-gtsrb32.pth'
+    assert main(['fill-cache', '--data', str(data), '--teacher-weights', str(weights), '--classes', '0', '--size', '32',
+                 '--cache', str(tmp_path/'cache'), '--dtype', 'float16']) == 0
+    assert "cache=TeacherCache(path=" in capsys.readouterr().out
+    dls = gtsrb_dls(data, size=32, bs=64, classes=[0], augment=False, num_workers=0)
+    teacher, calls = load_teacher(weights, resnet34, 43), []
+    teacher.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    folder = fill_teacher_cache(teacher, dls, tmp_path/'cache', dtype=torch.float16)
+    assert calls == [] and folder == only_store(tmp_path/'cache')  # all there, in the store the command filled
+    store = TeacherStore(folder)
+    assert np.asarray(store.filled).all() and store.n_items == len(dls.train.dataset)
+    xb, _ = dls.train.new(shuffle=False, drop_last=False).one_batch()
+    with torch.no_grad(): live = teacher(xb)
+    torch.testing.assert_close(torch.from_numpy(np.array(store.arrays['outputs'][:len(xb)])).float(), live,
+                               rtol=1e-3, atol=2e-2)
