@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torchvision.models import resnet34
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
+from fastai.vision.all import DisplayedTransform, ImageDataLoaders, Resize, TensorImage
+from fastcore.basics import store_attr
+from torchvision.models import resnet34
 
 import store_worker
 from conftest import data_folder, tiny_cnn
@@ -107,23 +109,61 @@ def test_another_learner_and_another_process_reuse_the_store(digits_path, dls, t
     assert manifest['identity']['data']['first_item'] == [str(dls.train.dataset.items[0])]
 
 
-def test_another_teacher_or_other_data_get_a_store_of_their_own(digits_path, few_digits, dls, teacher_file, tmp_path):
+def linked_digits(digits_path: Path, dest: Path, first: int, n: int = 20) -> Path:
+    "A digits folder of links to images `first` to `first + n` of each class and split of `digits_path`"
+    for split in ('train', 'valid'):
+        for folder in sorted((digits_path/split).iterdir()):
+            (dest/split/folder.name).mkdir(parents=True)
+            for image in sorted(folder.iterdir())[first:first + n]: (dest/split/folder.name/image.name).symlink_to(image)
+    return dest
+
+
+def test_another_teacher_or_other_data_get_a_store_of_their_own(digits_path, dls, teacher_file, tmp_path):
     teacher = teacher_from(teacher_file)
-    distil(dls, teacher, tmp_path, epochs=1)
+    distil(dls, teacher, tmp_path/'stores')
     other = teacher_from(teacher_file)
     with torch.no_grad(): other[1].weight.mul_(2)  # the same architecture, other weights
-    record, batches = distil(dls, other, tmp_path)
-    assert record.items > len(dls.train.dataset) - dls.bs and max_diff(batches, other) < 1e-5  # ran again: nothing of the first taken
-    few = digits_dls(few_digits, size=32, bs=64, augment=False, num_workers=0)  # other items
-    record, batches = distil(few, teacher, tmp_path)
-    assert record.items > len(few.train.dataset) - few.bs and max_diff(batches, teacher) < 1e-5
+    record, batches = distil(dls, other, tmp_path/'stores')
+    assert record.items > len(dls.train.dataset) - dls.bs and max_diff(batches, other) < 1e-5  # nothing of the first
+    first, later = [digits_dls(linked_digits(digits_path, tmp_path/name, start), size=32, bs=64, augment=False,
+                               num_workers=0) for name, start in (('first', 0), ('later', 20))]
+    assert len(first.train.dataset) == len(later.train.dataset)  # as many items, other ones
+    for few in first, later:
+        record, batches = distil(few, teacher, tmp_path/'stores')
+        assert record.items > len(few.train.dataset) - few.bs and max_diff(batches, teacher) < 1e-5
     smaller = digits_dls(digits_path, size=24, bs=64, augment=False, num_workers=0)  # same items, another Resize
-    record, batches = distil(smaller, teacher, tmp_path)
+    record, batches = distil(smaller, teacher, tmp_path/'stores')
     assert record.items > len(smaller.train.dataset) - smaller.bs and max_diff(batches, teacher) < 1e-5
-    folders = [p for p in tmp_path.iterdir() if p.is_dir()]
-    assert len(folders) == 4
+    folders = [p for p in (tmp_path/'stores').iterdir() if p.is_dir()]
+    assert len(folders) == 5
     identities = [json.loads((f/'manifest.json').read_text())['identity'] for f in folders]
-    assert len({i['teachers'][0] for i in identities}) == 2 and len({i['data']['items_sha256'] for i in identities}) == 2
+    assert len({i['teachers'][0] for i in identities}) == 2 and len({i['data']['items_sha256'] for i in identities}) == 3
+
+
+class Scaled(DisplayedTransform):
+    "An item transform whose repr shows the function it holds, and with it the function's address"
+    order = 10
+    def __init__(self, scale): store_attr()
+    def encodes(self, x: TensorImage): return self.scale(x)
+
+
+def halving():
+    "A new function object each call: another address, as in another process"
+    def half(x): return x / 2
+    return half
+
+
+def test_transforms_that_hold_functions_match_across_processes(digits_path, teacher_file, tmp_path):
+    "A function's repr holds its address, another in every process: the store is found again all the same"
+    teacher, functions = teacher_from(teacher_file), [halving(), halving()]  # both alive: two addresses
+    assert repr(Scaled(functions[0])) != repr(Scaled(functions[1]))
+    records = []
+    for f in functions:
+        dls = ImageDataLoaders.from_folder(digits_path, train='train', valid='valid', item_tfms=[Resize(32), Scaled(f)],
+                                           bs=64, num_workers=0)
+        records.append(distil(dls, teacher, tmp_path)[0])
+    assert records[0].items > len(dls.train.dataset) - dls.bs and records[1].items < dls.bs
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1
 
 
 def test_a_process_killed_while_filling_leaves_valid_outputs_and_the_next_run_completes(digits_path, dls, teacher_file,
