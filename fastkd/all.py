@@ -2,6 +2,7 @@
 from .callback import *
 from .hints import *
 from .cache import *
+from .store import *
 from .losses import *
 from .tasks import *
 from .split import *

@@ -89,9 +89,11 @@ class KnowledgeDistillation(Callback):
     `learn.knowledge_distillation.hints`: `torch.save(learn.knowledge_distillation.hints.state_dict(), path)` keeps
     them.
     `cache=True` (or a `TeacherCache`) runs the teacher once per training item and reuses its outputs in later
-    epochs: for training inputs without random augmentation. `teacher_channels_last` lays the teachers' 4-d weights out
-    channels-last during each fit, and puts them back when it ends: `None` (the default) does so on CPUs, where it makes
-    convolutions faster (ResNet teachers' forwards took 0.5-0.8x as long); `True` also on GPUs, `False` never.
+    epochs: for training inputs without random augmentation; `cache='folder'` (`TeacherCache(path='folder')`) keeps
+    them on disk, for later fits, processes, students and seeds with the same teacher and data.
+    `teacher_channels_last` lays the teachers' 4-d weights out channels-last during each fit, and puts them back when
+    it ends: `None` (the default) does so on CPUs, where it makes convolutions faster (ResNet teachers' forwards took
+    0.5-0.8x as long); `True` also on GPUs, `False` never.
     The teacher runs in training steps only (plus, with a logit loss, one check on a validation batch as each fit
     starts), in eval mode and without gradients, and is left as it was given; validation, `get_preds`, `tta` and
     `valid_loss` are the learner's own. `learn.export()` leaves this callback out."""
@@ -99,7 +101,7 @@ class KnowledgeDistillation(Callback):
     order, run_valid, beta = Recorder.order + 1, False, 0.98
 
     def __init__(self, teacher, loss='auto', weight: float | Callable = 0.5, hints: Sequence[Hint] = (),
-                 cache: bool | TeacherCache = False, teacher_channels_last: bool | None = None,
+                 cache: bool | str | Path | TeacherCache = False, teacher_channels_last: bool | None = None,
                  from_learner: bool | None = None, **loss_settings):
         "`from_learner` is accepted for older code and not needed: a `Learner` teacher is detected"
         if loss_settings:
@@ -124,7 +126,8 @@ class KnowledgeDistillation(Callback):
             raise ValueError("A teacher cache stores outputs, and hints need the teacher's features at every step: "
                              'use cache=True or hints, not both.')
         self.hints = HintHooks(hints) if hints else None
-        self.cache = TeacherCache() if cache is True else cache or None
+        self.cache = (TeacherCache() if cache is True else TeacherCache(path=cache) if isinstance(cache, (str, Path))
+                      else cache or None)
         store_attr('weight,teacher_channels_last')
 
     def __repr__(self) -> str:

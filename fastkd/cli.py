@@ -1,5 +1,5 @@
 """The `fastkd` command: `demo` (the whole job on the embedded digits), `gtsrb` (the same on GTSRB),
-`prepare` and `evaluate` (single steps). Bad arguments exit with code 2 and say what to fix."""
+`prepare`, `evaluate` and `fill-cache` (single steps). Bad arguments exit with code 2 and say what to fix."""
 from __future__ import annotations
 
 import argparse
@@ -141,6 +141,27 @@ def _parser() -> argparse.ArgumentParser:
                           help='numbers of augmented passes (default: 0 5 10)')
     evaluate.add_argument('--out', type=Path, default=Path('fastkd-eval'), help='output folder (default: %(default)s)')
     _threads_arg(evaluate)
+    fill = commands.add_parser('fill-cache', help="the teacher's outputs for the GTSRB training images, stored once",
+                               description="Run a trained teacher once over the training images of --data (no "
+                               'augmentation) and store its outputs in --cache, where KnowledgeDistillation(teacher, '
+                               'cache=CACHE) on gtsrb_dls(DATA, size=SIZE, augment=False) reuses them.')
+    _data_args(fill)
+    fill.add_argument('--teacher-weights', type=Path, required=True, help='state dict of the trained teacher')
+    fill.add_argument('--teacher', choices=ARCHS, default='resnet34', help='its architecture (default: %(default)s)')
+    fill.add_argument('--size', type=int, default=None,
+                      help=f"image size in pixels (default: the one in the weights' {SIDECAR} file, else "
+                      f'{DEFAULT_SIZE})')
+    fill.add_argument('--bs', type=int, default=256, help='batch size (default: %(default)s)')
+    fill.add_argument('--cache', type=Path, required=True,
+                      help='folder of teacher stores (created if missing; one sub-folder per teacher and data)')
+    fill.add_argument('--dtype', choices=('float32', 'float16'), default='float32',
+                      help='storage of the outputs (default: %(default)s)')
+    fill.add_argument('--top-k', type=int, default=None,
+                      help='store only the K largest logits and the rest of the probability mass (default: all)')
+    fill.add_argument('--validation-fraction', type=float, default=0.2,
+                      help='share of tracks held out when --data is not prepared yet (default: 0.2)')
+    fill.set_defaults(download=False)
+    _threads_arg(fill)
     return parser
 
 
@@ -155,7 +176,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace):
     elif hasattr(args, 'weight') and args.weight is None: args.weight = DEFAULT_WEIGHT
     if getattr(args, 'weight', None) is not None and not 0 <= args.weight <= 1:
         parser.error('--weight must be between 0 and 1')
-    for name in ('size', 'bs', 'epochs', 'teacher_epochs', 'lr_find_iters', 'threads', 'seeds'):
+    for name in ('size', 'bs', 'epochs', 'teacher_epochs', 'lr_find_iters', 'threads', 'seeds', 'top_k'):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be at least 1')
     if getattr(args, 'freeze_epochs', 0) < 0: parser.error('--freeze-epochs must be 0 or more')
@@ -191,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = shlex.join(['fastkd', *argv])
     _check(parser, args)
     if getattr(args, 'threads', None): torch.set_num_threads(args.threads)
-    try: return {'demo': _demo, 'gtsrb': _gtsrb, 'prepare': _prepare, 'evaluate': _evaluate}[args.command](args) or 0
+    commands = {'demo': _demo, 'gtsrb': _gtsrb, 'prepare': _prepare, 'evaluate': _evaluate, 'fill-cache': _fill_cache}
+    try: return commands[args.command](args) or 0
     except USER_ERRORS as error:  # missing or bad files, bad values: their message names the fix
         if args.debug: raise
         print(f'fastkd: {str(error) or type(error).__name__}'.replace('\n', ' '), file=sys.stderr)
@@ -326,5 +348,20 @@ def _evaluate(args):
     print(results.to_string(index=False, float_format='{:.4f}'.format))
     print(f'Results written to {args.out}')
 
+
+
+def _fill_cache(args):
+    from .cache import fill_teacher_cache
+    from .callback import load_teacher
+    from .gtsrb import gtsrb_dls
+    _prepared(args)
+    args.size = args.size or _trained_for(args.teacher_weights).get('size') or DEFAULT_SIZE
+    dls = gtsrb_dls(args.data, size=args.size, bs=args.bs, classes=args.classes, augment=False)
+    teacher = load_teacher(args.teacher_weights, ARCHS[args.teacher], 43)
+    folder = fill_teacher_cache(teacher, dls, args.cache, dtype=getattr(torch, args.dtype), top_k=args.top_k)
+    classes = f', classes={args.classes}' if args.classes else ''
+    print(f'Teacher outputs for the {len(dls.train.dataset)} training images stored in {folder}. Reuse them with '
+          f'KnowledgeDistillation(teacher, cache=TeacherCache(path={str(args.cache)!r}, dtype=torch.{args.dtype}, '
+          f'top_k={args.top_k})) on gtsrb_dls({str(args.data)!r}, size={args.size}, augment=False{classes}).')
 
 if __name__ == '__main__': sys.exit(main())

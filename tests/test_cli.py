@@ -18,7 +18,7 @@ TINY = ['--size', '16', '--bs', '64', '--freeze-epochs', '1', '--epochs', '1', '
 
 def test_console_script_is_installed_and_lists_commands():
     result = subprocess.run([FASTKD, '--help'], capture_output=True, text=True, check=True)
-    assert all(command in result.stdout for command in ('demo', 'gtsrb', 'prepare', 'evaluate'))
+    assert all(command in result.stdout for command in ('demo', 'gtsrb', 'prepare', 'evaluate', 'fill-cache'))
 
 
 @pytest.mark.parametrize('command,options', [
@@ -27,7 +27,8 @@ def test_console_script_is_installed_and_lists_commands():
     ('gtsrb', ['--data', '--download', '--classes', '--size', '--epochs', '--teacher-weights', '--seeds', '--method',
                '--standardize', '--mix-alpha']),
     ('prepare', ['--data', '--download', '--classes', '--validation-fraction', '--link']),
-    ('evaluate', ['--data', '--weights', '--arch', '--n-augs', '--classes'])])
+    ('evaluate', ['--data', '--weights', '--arch', '--n-augs', '--classes']),
+    ('fill-cache', ['--data', '--teacher-weights', '--teacher', '--size', '--cache', '--dtype', '--top-k', '--classes'])])
 def test_every_help_is_complete(capsys, command, options):
     with pytest.raises(SystemExit) as exit_info: main([command, '--help'])
     assert exit_info.value.code == 0
@@ -56,7 +57,11 @@ def test_every_help_is_complete(capsys, command, options):
      '--temperature, --mix, --weight set the method by hand, which --method auto leaves to kd_find'),
     (['gtsrb'], 'the following arguments are required: --data'),
     (['prepare', '--data', 'DATA', '--classes', '43'], '--classes are GTSRB ClassIds, from 0 to 42'),
-    (['evaluate', '--data', 'DATA', '--weights', 'nothing.pth'], '--weights nothing.pth: no such file')])
+    (['evaluate', '--data', 'DATA', '--weights', 'nothing.pth'], '--weights nothing.pth: no such file'),
+    (['fill-cache', '--data', 'DATA', '--teacher-weights', 'nothing.pth', '--cache', 'C'],
+     '--teacher-weights nothing.pth: no such file'),
+    (['fill-cache', '--data', 'DATA', '--teacher-weights', 'DATA', '--cache', 'C', '--top-k', '0'],
+     '--top-k must be at least 1')])
 def test_bad_arguments_exit_with_code_2_and_say_what_to_fix(capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path/'DATA').mkdir()
