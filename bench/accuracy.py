@@ -68,7 +68,7 @@ from torch import nn
 from torchvision.models import resnet34
 
 from fastkd.callback import KnowledgeDistillation, load_teacher
-from fastkd.files import atomic_write
+from fastkd.files import atomic_write, locked
 from fastkd.gtsrb import gtsrb_dls, gtsrb_test_dl, prepare_gtsrb
 from fastkd.hints import FitNet, Hint
 from fastkd.memory import InMemoryDL, in_memory
@@ -202,15 +202,6 @@ def train_student(dls, teacher: nn.Module, row: Row, setting: dict, seed: int, e
     with learn.no_bar(), learn.no_logging():
         seconds = train_schedule(learn, Schedule(freeze_epochs=0, epochs=epochs, lr=lr, seed=seed))['seconds']
     return learn, seconds
-
-
-@contextmanager
-def locked(out: Path):
-    "Hold OUT/.lock: one process at a time reads, merges and writes the table's records"
-    with open(out/'.lock', 'w') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try: yield
-        finally: fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class Progress:

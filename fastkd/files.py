@@ -1,12 +1,14 @@
-"""`atomic_write`: every file fastkd writes appears whole or not at all."""
+"""`atomic_write`: every file fastkd writes appears whole or not at all; `locked`: one process at a time in a folder."""
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-__all__ = ['atomic_write']
+__all__ = ['atomic_write', 'locked']
 
 
 def _umask() -> int:
@@ -28,3 +30,12 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     finally:
         if os.path.exists(tmp): os.remove(tmp)
     return path
+
+
+@contextmanager
+def locked(folder: str | Path):
+    "An exclusive lock on `folder` (a `.lock` file in it) for the block: other processes asking for it wait"
+    with open(Path(folder)/'.lock', 'a') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(lock, fcntl.LOCK_UN)

@@ -14,28 +14,17 @@ item are idempotent (the same teacher on the same input), and each process sees 
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_write
+from .files import atomic_write, locked
 
 __all__ = ['TeacherStore']
 
 MANIFEST, FLAGS = 'manifest.json', 'filled'
-
-
-@contextmanager
-def _locked(root: Path):
-    "An exclusive lock on `root` (a `.lock` file in it) for the block; other processes wait"
-    with open(root/'.lock', 'a') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try: yield
-        finally: fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _mapped(file: Path) -> np.memmap:
@@ -91,7 +80,7 @@ class TeacherStore:
         """The store in `folder` with room for `n_items` rows of each array of `layout` (name -> (shape, numpy dtype
         name)), all unfilled; if another process created it first, that one"""
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(folder.parent):
+        with locked(folder.parent):
             if (store := cls.find(folder, identity)) is not None: return store
             n_bytes = n_items * (sum(np.dtype(d).itemsize * int(np.prod(s)) for s, d in layout.values()) + 1)
             free = shutil.disk_usage(folder.parent).free
