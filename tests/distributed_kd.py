@@ -1,6 +1,7 @@
 """Distillation under `learn.distrib_ctx()`, one process of a CPU run: `torchrun --standalone --nproc_per_node 2
 tests/distributed_kd.py DIGITS OUT` trains a few steps and writes OUT/rank<R>.json (each step's loss, what was wrapped,
-how many items the teacher ran on in a cached run; each step's loss and the adapters after a hinted run).
+how many items the teacher ran on in a cached run in memory and in one with the store OUT/store shared by the processes;
+each step's loss and the adapters after a hinted run).
 Also imported by test_distributed.py, whose single-process reference run uses the same learner on the global batch."""
 import json
 import math
@@ -18,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from conftest import tiny_cnn
+from fastkd.cache import TeacherCache
 from fastkd.callback import KnowledgeDistillation
 from fastkd.hints import FitNet, Hint
 from fastkd.digits import digits_dls
@@ -69,7 +71,7 @@ def hint(adapter: bool) -> Hint:
     return Hint('5', '0.4', fitnet)
 
 
-def learner(digits: Path, bs: int, cache: bool = False, hints: list[Hint] | None = None) -> Learner:
+def learner(digits: Path, bs: int, cache: bool | TeacherCache = False, hints: list[Hint] | None = None) -> Learner:
     "Digits in file order (no shuffling, no augmentation), and the KD callback with a fixed teacher"
     dls = digits_dls(digits, size=32, bs=bs, augment=False, num_workers=0)
     dls.train = dls.train.new(shuffle=False)
@@ -88,15 +90,27 @@ def distributed_fit(learn: Learner, epochs: int):
     with learn.distrib_ctx(sync_bn=False, cpu=True), learn.no_bar(), learn.no_logging(): learn.fit(epochs, 1e-2)
 
 
-def cached_items(digits: Path) -> int:
-    "Items the teacher ran on in this process over 2 epochs of 8 steps with cache=True (1 validation batch included)"
-    learn = learner(digits, BS, cache=True)
-    items = list(range(8 * BS * num_distrib()))
-    learn.dls.train = learn.dls.train.new(get_idxs=lambda: items)
+def teacher_items(learn: Learner, epochs: int, shuffled: bool) -> int:
+    """Items the teacher ran on in this process over `epochs` of 8 steps on the first `8 * BS * world size` training
+    items (1 validation batch of the chance check included), in file order or shuffled (process 0's order is dealt)"""
+    n_items, shuffle = 8 * BS * num_distrib(), torch.Generator().manual_seed(3)
+    order = lambda: torch.randperm(n_items, generator=shuffle).tolist() if shuffled else list(range(n_items))
+    learn.dls.train = learn.dls.train.new(get_idxs=order)
     seen = []
     learn.knowledge_distillation.teachers[0].register_forward_hook(lambda m, inputs, output: seen.append(len(inputs[0])))
-    distributed_fit(learn, 2)
+    distributed_fit(learn, epochs)
     return sum(seen)
+
+
+def cached_items(digits: Path) -> int:
+    "Items the teacher ran on in this process over 2 epochs in file order with cache=True (in memory)"
+    return teacher_items(learner(digits, BS, cache=True), 2, shuffled=False)
+
+
+def stored_items(digits: Path, store: Path) -> int:
+    """Items the teacher ran on in this process over 3 shuffled epochs with the disk store `store`, which the other
+    processes fill too: an item dealt to another process in an earlier epoch is read, not run again"""
+    return teacher_items(learner(digits, BS, cache=TeacherCache(path=store)), 3, shuffled=True)
 
 
 def global_batches(n_items: int, world_size: int) -> list[int]:
@@ -121,7 +135,7 @@ def main(digits: Path, out: Path):
     record = learn.record_steps
     (out/f'rank{rank_distrib()}.json').write_text(json.dumps(dict(
         losses=record.losses, wrapped=sorted(record.wrapped), world_size=num_distrib(),
-        cached_items=cached_items(digits), hinted=hinted(digits, adapter=True), lazy=hinted(digits, adapter=False))))
+        cached_items=cached_items(digits), stored_items=stored_items(digits, out/'store'), hinted=hinted(digits, adapter=True), lazy=hinted(digits, adapter=False))))
 
 
 if __name__ == '__main__': main(Path(sys.argv[1]), Path(sys.argv[2]))

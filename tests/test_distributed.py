@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
+import numpy as np
 import pytest
 
 import distributed_kd
@@ -29,6 +30,11 @@ def test_two_processes_match_one_on_the_same_global_batches(digits_path, tmp_pat
         assert rank['wrapped'] == ['student DistributedDataParallel', 'teacher Sequential']  # the teacher is not wrapped
     assert ranks[0]['losses'] != ranks[1]['losses']  # each process distils its own shard
     assert all(rank['cached_items'] == 8 * BS + BS for rank in ranks)  # its 8 batches once, and 1 check batch
+    # a shared store over 3 shuffled epochs: the teacher runs on each item once across the processes (each process
+    # with its own outputs would run on 7/4 of them: half of epoch 2's items and 3/4 of epoch 3's are new to it)
+    assert sum(rank['stored_items'] - BS for rank in ranks) == 2 * 8 * BS
+    [filled] = (tmp_path/'store').glob('*/filled.npy')
+    assert np.load(filled).sum() == 2 * 8 * BS
 
     def single_process(**kwargs):
         "The learner of one process on the global batches of the two, trained as many steps"
