@@ -142,7 +142,7 @@ def report(runs: pd.DataFrame, trials: pd.DataFrame, find_seconds: float, teache
     picked, message = _verdict(trials, found, 'accuracy')
     why = ('it beat the student alone beyond the spread' if picked else
            'nothing beat the student alone beyond the spread: the top-ranked candidate')
-    epoch_runs = (1 + trials.epochs).sum() / (1 + args.epochs)
+    epoch_runs = (trials.epochs + (trials.epochs >= args.epochs)).sum() / (1 + args.epochs)  # frozen: last rung
     kept = [f'| {row} | {methods.mean_gain[row]:+.1f} | {int(found.epochs[name])} | {100 * found.gain[name]:+.1f} |'
             for name, row in ROW_OF.items() if name in found.index and row in methods.index]
     lines = [
@@ -159,7 +159,7 @@ def report(runs: pd.DataFrame, trials: pd.DataFrame, find_seconds: float, teache
         'against '
         f'{methods.mean_gain[best]:+.1f} for the best row (`{best}`): {share:.0%} of it (target: at least 80%).', '',
         f'Cost of kd_find: {len(trials)} trials, {epoch_runs:.1f} student runs of this schedule counted in epochs '
-        f'(frozen epoch included, each trial\'s teacher forwards not), {find_seconds:.0f} s, i.e. '
+        f'(the frozen epoch of the last rung included, each trial\'s teacher forwards not), {find_seconds:.0f} s, i.e. '
         f'{find_seconds / alone_seconds:.1f} runs of the student alone in seconds ({alone_seconds:.0f} s each in the '
         'rows above). Target: at most 8.', '',
         f'kd_find\'s verdict: {message}', '',
@@ -170,7 +170,7 @@ def report(runs: pd.DataFrame, trials: pd.DataFrame, find_seconds: float, teache
         '## kd_find\'s table (validation split, accuracy; gain in accuracy units)', '',
         _markdown(found), '',
         '## Every trial of kd_find', '',
-        '| candidate | rung | epochs (+1 frozen) | seed | valid accuracy | agreement | seconds |',
+        '| candidate | rung | epochs (+1 frozen at the last rung) | seed | valid accuracy | agreement | seconds |',
         '|---|---|---|---|---|---|---|',
         *[f'| {t.name} | {t.rung} | {t.epochs} | {t.seed} | {t.score:.4f} | {t.agreement:.4f} | {t.seconds:.0f} |'
           for t in trials.itertuples()], '',

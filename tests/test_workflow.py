@@ -10,7 +10,7 @@ from fastai.callback.mixup import CutMix, MixUp
 from fastai.vision.models.xresnet import xresnet18
 
 from fastkd.digits import digits_dls
-from fastkd.kd_find import kd_find_for_job
+from fastkd.kd_find import frozen_at, kd_find_for_job
 from fastkd.losses import DIST, SoftTarget
 from fastkd.report import write_report
 from fastkd.workflow import Schedule, distillation_job, distillation_verdict, kd_method, scratch_learner, seed_summary
@@ -175,3 +175,19 @@ def test_when_kd_find_finds_nothing_that_pays_the_students_train_alone(few_digit
     assert 'TTA sweep of the student' in report
     saved = torch.load(tmp_path/'report'/'student.pth', weights_only=True)
     assert all(torch.equal(saved[k], v) for k, v in job['learners']['student'].model.state_dict().items())
+
+
+class FitLog(Callback):
+    "Each fit's epochs, and whether every weight of the student trained in it (not with its body frozen)"
+    def __init__(self): self.fits = []
+    def before_fit(self): self.fits.append((self.n_epoch, all(p.requires_grad for p in self.model.parameters())))
+
+
+def test_kd_find_for_the_job_freezes_the_body_first_at_the_planned_schedule_only(few_digits):
+    "Early rungs only rank the candidates: they train unfrozen from the start; the last rung trains as the job does"
+    learn = scratch_learner(digits_dls(few_digits, size=16, bs=30, num_workers=0), TINY_ARCH, 0)
+    log, fit = FitLog(), frozen_at(epochs=2, freeze_epochs=1)
+    with learn.no_bar(), learn.no_logging():
+        fit(learn, 1, 1e-2, [log])
+        fit(learn, 2, 1e-2, [log])
+    assert log.fits == [(1, True), (1, False), (2, True)]
