@@ -71,8 +71,18 @@ def test_fitnet_is_the_mse_of_a_1x1_conv_of_the_student_to_the_teacher():
 
 
 def test_fitnet_refuses_maps_of_different_sizes():
-    with pytest.raises(ValueError, match=r'same spatial size.*\(4, 8, 6, 6\).*\(4, 8, 3, 3\).*CosineHint or AttentionTransfer'):
+    with pytest.raises(ValueError, match=r'same spatial size.*\(4, 8, 6, 6\).*\(4, 8, 3, 3\).*CosineHint or '
+                                         r'AttentionTransfer, which pool the larger map\.$'):
         FitNet()(torch.randn(4, 8, 6, 6), torch.randn(4, 8, 3, 3))
+
+
+@pytest.mark.parametrize('loss', [FitNet, CosineHint])
+def test_a_loss_refusing_features_of_other_ranks_names_itself(loss):
+    "The message starts with the loss's own name, as written in the code"
+    with pytest.raises(ValueError, match=rf'^{loss.__name__} compares features of the same rank: \(batch, channels\) '
+                                         r'or \(batch, channels, height, width\); got student \(4, 8, 6, 6\) and '
+                                         r'teacher \(4, 8\)\. Choose other layers'):
+        loss()(torch.randn(4, 8, 6, 6), torch.randn(4, 8))
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -86,6 +96,12 @@ def test_cosine_hint_pools_the_larger_map_and_needs_no_adapter_for_equal_sizes()
     torch.testing.assert_close(hint(s, t), cosine_distance(block_mean(s, 2), t))
     torch.testing.assert_close(hint(t, s), cosine_distance(t, block_mean(s, 2)))
     assert hint.adapter is None and not list(hint.parameters())
+
+
+def test_cosine_hint_pools_a_half_precision_map_in_float32():
+    "The loss of a float16 map is that of its float32 copy, to the bit: pooling in float16 would round the means"
+    s, t = torch.randn(4, 16, 4, 4), torch.randn(4, 16, 8, 8).half()
+    assert torch.equal(CosineHint()(s, t), CosineHint()(s, t.float()))
 
 
 def test_cosine_hint_adapts_channels_where_flattened_sizes_differ():
@@ -130,6 +146,7 @@ def test_hint_checks_its_arguments():
     with pytest.raises(TypeError, match=r'FitNet\(\), CosineHint\(\) or AttentionTransfer\(\), got str'):
         Hint('0.1', '0.1', 'mse')
     with pytest.raises(ValueError, match='>= 0, got -1'): Hint('0.1', '0.1', FitNet(), weight=-1)
+    assert [Hint('0.1', '0.1', FitNet(), weight=w).weight for w in (0, 0.5)] == [0, 0.5]  # 0 switches a hint off
 
 
 # --- HintHooks on real models
@@ -499,3 +516,24 @@ def test_match_layers_pairs_resnet_stages(images):
     assert shapes[('0.6', '0.6')] == ((4, 256, 2, 2), (4, 256, 2, 2))
     assert shapes[('0.7', '0.7')] == ((4, 512, 1, 1), (4, 512, 1, 1))
     assert ('0.5', '0.6') not in shapes and all(s[2:] == t[2:] for s, t in shapes.values())
+
+
+def conv1d_net(width: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv1d(3, width, 3, padding=1), nn.ReLU(), nn.Conv1d(width, width, 3, stride=2, padding=1))
+
+
+def test_match_layers_takes_a_tuple_of_inputs_one_dimensional_maps_and_models_without_weights():
+    set_seed(0, reproducible=True)
+    x = torch.randn(2, 3, 16)
+    pairs = match_layers(conv1d_net(4), conv1d_net(8), (x,))  # a tuple is the model's inputs, as a fastai batch
+    assert list(zip(pairs.student_layer, pairs.teacher_layer, pairs.teacher_shape)) == [
+        ('0', '0', (2, 8, 16)), ('0', '1', (2, 8, 16)), ('1', '0', (2, 8, 16)), ('1', '1', (2, 8, 16)),
+        ('2', '2', (2, 8, 8))]
+    pooled = match_layers(nn.Sequential(nn.MaxPool1d(2)), conv1d_net(8), x)  # a student without parameters
+    assert list(zip(pooled.student_layer, pooled.teacher_layer)) == [('0', '2')]
+
+
+def test_match_layers_without_a_pair_gives_an_empty_table_with_its_columns():
+    set_seed(0, reproducible=True)
+    pairs = match_layers(conv1d_net(4), nn.Sequential(nn.Flatten(), nn.Linear(48, 10)), torch.randn(2, 3, 16))
+    assert pairs.empty and list(pairs.columns) == ['student_layer', 'student_shape', 'teacher_layer', 'teacher_shape']
