@@ -72,7 +72,8 @@ def _refuse_unreplayable(randoms: list[str], views: int):
             f'TeacherCache(views={views}) replays the random item transforms of each view, but these draw random '
             f'numbers once per batch, which cannot be replayed: {", ".join(randoms)}. Augment with item transforms '
             'instead (item_tfms, e.g. RandomResizedCrop, FlipItem, RandomCrop) and no random batch_tfms (e.g. '
-            'aug_transforms, or augment=False) nor MixUp/CutMix, or keep cache=False to run the teacher on every batch.')
+            'aug_transforms, or augment=False) nor MixUp/CutMix, or keep cache=False to run the teacher on every '
+            'batch.')
 
 
 class _ViewReplay:
