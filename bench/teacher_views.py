@@ -9,7 +9,8 @@ Teacher: the shared ResNet-34 (resnet34-gtsrb32.pth). Student: the accuracy benc
 (`accuracy.student_model`, width 24), `fit_one_cycle(--epochs, 3e-3)`, DIST (T=1) at weight 0.5.
 Runs, side by side in one process for each seed (their order turned round from one seed to the next): (a) the
 teacher run live at every training step (`cache=False`), (b) `cache=TeacherCache(views=4)` in memory, (c) the student
-alone. Each is timed from building its learner to the end of its fit (wall seconds), and scored on the shared test
+alone. Each is timed from building its learner to the end of its fit (wall and CPU seconds of the process: the CPU
+seconds are steadier when other work shares the machine), and scored on the shared test
 part (`gtsrb_test_dl`) of the same classes. Writes bench/results/teacher_views.md.
 Run: `python bench/teacher_views.py [--seeds 1] [--epochs 8] [--views 4]`.
 """
@@ -55,17 +56,17 @@ def one_run(run: str, seed: int, args, teacher: torch.nn.Module) -> dict:
     dls = augmented(args.classes)
     calls = []
     hook = teacher.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     cbs = [] if run == 'alone' else [KnowledgeDistillation(teacher, DIST(), weight=0.5,
                                                            cache=TeacherCache(views=args.views) if run == 'views'
                                                            else False)]
     learn = Learner(dls, student_model(), metrics=accuracy, cbs=cbs)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(args.epochs, LR)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     hook.remove()
     test_dl, labels = gtsrb_test_dl(learn, prepared_gtsrb(), classes=args.classes)
     with learn.no_bar(): preds, _ = learn.get_preds(dl=test_dl)
-    return dict(accuracy=float((preds.argmax(-1) == labels).float().mean()), seconds=seconds,
+    return dict(accuracy=float((preds.argmax(-1) == labels).float().mean()), seconds=seconds, cpu=cpu_seconds,
                 teacher_items=sum(calls), n_items=len(dls.train.dataset), n_test=len(labels))
 
 
@@ -76,8 +77,8 @@ def main(args):
         order = RUNS if seed % 2 == 0 else RUNS[::-1]
         row = {run: one_run(run, seed, args, teacher) for run in order}
         rows.append(row)
-        print(f'seed {seed}:', {run: (round(r['accuracy'], 3), round(r['seconds'], 1)) for run, r in row.items()},
-              flush=True)
+        print(f'seed {seed}:', {run: (round(r['accuracy'], 3), round(r['seconds'], 1), round(r['cpu'], 1))
+                                 for run, r in row.items()}, flush=True)
     write_results(RESULTS, report(args, rows, time.perf_counter() - begin))
 
 
@@ -94,21 +95,24 @@ def report(args, rows: list[dict], seconds: float) -> str:
              f'`accuracy.student_model` (width 24); DIST (T=1), weight 0.5; `fit_one_cycle({args.epochs}, {LR:g})`; '
              f'{args.seeds} seed(s), the three runs of a seed side by side in one process',
              f'- whole benchmark {seconds / 60:.1f} minutes', '',
-             '| seed | run | test accuracy | wall s (learner to end of fit) | items the teacher ran on |',
-             '|---|---|---|---|---|']
+             '| seed | run | test accuracy | wall s (learner to end of fit) | CPU s | items the teacher ran on |',
+             '|---|---|---|---|---|---|']
     names = {'live teacher': '(a) live teacher, every step', 'views': f'(b) TeacherCache(views={args.views})',
              'alone': '(c) student alone'}
     for seed, row in enumerate(rows):
         for run in RUNS:
             r = row[run]
-            lines.append(f'| {seed} | {names[run]} | {r["accuracy"]:.3f} | {r["seconds"]:.1f} | '
+            lines.append(f'| {seed} | {names[run]} | {r["accuracy"]:.3f} | {r["seconds"]:.1f} | {r["cpu"]:.1f} | '
                          f'{r["teacher_items"]:,} |')
     live, views, alone = (mean(run, 'seconds') for run in RUNS)
+    cpu_live, cpu_views, cpu_alone = (mean(run, 'cpu') for run in RUNS)
     lines += ['', f'Means over the seeds: test accuracy (a) {mean("live teacher", "accuracy"):.3f}, (b) '
               f'{mean("views", "accuracy"):.3f}, (c) {mean("alone", "accuracy"):.3f}; accuracy (b) - (a) '
               f'{mean("views", "accuracy") - mean("live teacher", "accuracy"):+.3f}, (b) - (c) '
               f'{mean("views", "accuracy") - mean("alone", "accuracy"):+.3f}.', '',
-              f'Wall time: (b)/(a) **{views / live:.2f}x**, (b)/(c) {views / alone:.2f}x, (a)/(c) {live / alone:.2f}x. '
+              f'Wall time: (b)/(a) **{views / live:.2f}x**, (b)/(c) {views / alone:.2f}x, (a)/(c) {live / alone:.2f}x; '
+              f'CPU time (steadier on a shared machine): (b)/(a) **{cpu_views / cpu_live:.2f}x**, (b)/(c) '
+              f'{cpu_views / cpu_alone:.2f}x, (a)/(c) {cpu_live / cpu_alone:.2f}x. '
               f'The teacher ran on {mean("views", "teacher_items") / n_items:.2f}x the training set with views '
               f'(at most {args.views}x, plus one check batch), {mean("live teacher", "teacher_items") / n_items:.2f}x '
               'live.']

@@ -198,8 +198,9 @@ class TeacherCache:
 
     Augmentation at the cost of K teacher passes: `views=K` gives each training item K fixed augmented views. The
     random item transforms (`item_tfms` such as `RandomResizedCrop`, `FlipItem`, `RandomCrop`) of view v of item i
-    are replayed from a seed of (`view_seed`, i, v); each training epoch picks one view per item (drawn from
-    `view_seed` and the epoch), and the output of each (item, view) is stored, K rows per item (K times the bytes
+    are replayed from a seed of (`view_seed`, i, v); each training epoch picks one view per item (from `view_seed`
+    and the epoch: each K epochs, every view of an item once, in an order drawn per item), and the output of each
+    (item, view) is stored, K rows per item (K times the bytes
     above; on disk, K and `view_seed` are part of the store's identity). The input fingerprint is checked as without
     views: a view that does not replay is stopped. Random batch transforms (`aug_transforms`) and MixUp/CutMix draw
     once per batch, cannot be replayed and are refused; so are persistent workers, which would keep an old epoch's
@@ -255,8 +256,13 @@ class TeacherCache:
         self._attach(dl, teachers)
 
     def epoch_views(self, epoch: int, n_items: int) -> Tensor:
-        "The view of each of `n_items` items in training epoch `epoch`: drawn from `view_seed` and `epoch` alone"
-        return torch.from_numpy(np.random.default_rng([self.view_seed, epoch]).integers(self.views, size=n_items))
+        """The view of each of `n_items` items in training epoch `epoch`, from `view_seed` and `epoch` alone: every K
+        epochs, each item goes through its K views in an order of its own. So the first K epochs run the teacher on
+        whole batches of new views, and each view is used as often as the others."""
+        cycle, at = divmod(epoch, self.views)
+        orders = np.random.default_rng([self.view_seed, cycle]).permuted(np.tile(np.arange(self.views), (n_items, 1)),
+                                                                         axis=1)
+        return torch.from_numpy(orders[:, at].copy())
 
     def start_epoch(self, learn: Learner):
         "Before a training epoch, with views: pick each item's view and have the training loader make it"
