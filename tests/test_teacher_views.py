@@ -86,7 +86,10 @@ def test_views_run_the_teacher_once_per_item_and_view_and_augment_every_epoch(fe
     assert stored > n_items * 1.5  # the views of later epochs were stored too, not only the first epoch's
     assert len(record.steps) == 4 * len(dls.train)
     assert_handed_live_outputs(record.steps, teacher.model)
-    # each epoch draws its own views, the same for every learner, from the seed and the epoch alone
+    # each epoch draws its own views, the same for every learner, from the seed and the epoch alone: every item goes
+    # through its K views once in each K epochs
+    first_cycle = torch.stack([cache.epoch_views(epoch, n_items) for epoch in range(views)], 1)
+    assert (first_cycle.sort(1).values == torch.arange(views)).all()
     epoch_views = [torch.cat([s['views'] for s in record.steps if s['epoch'] == e]) for e in range(4)]
     assert all(len(v.unique()) == views for v in epoch_views)
     for epoch in range(4):
