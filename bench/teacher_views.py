@@ -9,8 +9,9 @@ Teacher: the shared ResNet-34 (resnet34-gtsrb32.pth). Student: the accuracy benc
 (`accuracy.student_model`, width 24), `fit_one_cycle(--epochs, 3e-3)`, DIST (T=1) at weight 0.5.
 Runs, side by side in one process for each seed (their order turned round from one seed to the next): (a) the
 teacher run live at every training step (`cache=False`), (b) `cache=TeacherCache(views=4)` in memory, (c) the student
-alone. Each is timed from building its learner to the end of its fit (wall and CPU seconds of the process: the CPU
-seconds are steadier when other work shares the machine), and scored on the shared test
+alone. Each is timed from building its learner to the end of its fit (wall and CPU seconds of the process; on a
+machine other work loads, both move with that load, CPU seconds too: idle OpenMP threads spin), and scored on the
+shared test
 part (`gtsrb_test_dl`) of the same classes. Writes bench/results/teacher_views.md.
 Run: `python bench/teacher_views.py [--seeds 1] [--epochs 8] [--views 4]`.
 """
@@ -111,7 +112,7 @@ def report(args, rows: list[dict], seconds: float) -> str:
               f'{mean("views", "accuracy") - mean("live teacher", "accuracy"):+.3f}, (b) - (c) '
               f'{mean("views", "accuracy") - mean("alone", "accuracy"):+.3f}.', '',
               f'Wall time: (b)/(a) **{views / live:.2f}x**, (b)/(c) {views / alone:.2f}x, (a)/(c) {live / alone:.2f}x; '
-              f'CPU time (steadier on a shared machine): (b)/(a) **{cpu_views / cpu_live:.2f}x**, (b)/(c) '
+              f'CPU time: (b)/(a) **{cpu_views / cpu_live:.2f}x**, (b)/(c) '
               f'{cpu_views / cpu_alone:.2f}x, (a)/(c) {cpu_live / cpu_alone:.2f}x. '
               f'The teacher ran on {mean("views", "teacher_items") / n_items:.2f}x the training set with views '
               f'(at most {args.views}x, plus one check batch), {mean("live teacher", "teacher_items") / n_items:.2f}x '
