@@ -7,16 +7,20 @@ store on disk (`fastkd.store`) that later fits, processes, students and seeds re
 `fill_teacher_cache` can also fill ahead of training.
 Outputs are keyed by the item's index in the dataset, read from the order fastai's `DataLoader` drew for the
 epoch, and each is stored with a fingerprint of its input that is checked when the output is reused.
+With `views=K`, each item has K fixed augmented views: its random item transforms are replayed from a seed per item
+and view, each training epoch picks one view per item, and the outputs are keyed by (item, view).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import random
 import re
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from fastai.callback.mixup import MixHandler
 from fastai.data.core import DataLoaders
@@ -29,12 +33,13 @@ from fastcore.foundation import L
 from fastprogress.fastprogress import progress_bar
 from torch import Tensor, nn
 
-from .basics import evaluating, first_output, teacher_model, user_loader
+from .basics import evaluating, first_output, random_state_kept, teacher_model, user_loader
 from .store import TeacherStore
 
 __all__ = ['TeacherCache', 'random_augmentations', 'fill_teacher_cache']
 
 _PIPELINES = ('after_item', 'before_batch', 'after_batch')
+_BATCH_PIPELINES = _PIPELINES[1:]  # what views cannot replay: they draw once per batch, not per item
 
 
 def _transforms(dl: DataLoader) -> list[tuple[str, object]]:
@@ -42,18 +47,59 @@ def _transforms(dl: DataLoader) -> list[tuple[str, object]]:
     return [(name, tfm) for name in _PIPELINES for tfm in getattr(getattr(user_loader(dl), name, None), 'fs', [])]
 
 
-def _random_transforms(dl: DataLoader) -> list[str]:
-    "The names of `dl`'s fastai `RandTransform`s that draw (probability above 0), `Resize` aside"
+def _random_transforms(dl: DataLoader, pipelines: tuple[str, ...] = _PIPELINES) -> list[str]:
+    "The names of `dl`'s fastai `RandTransform`s in `pipelines` that draw (probability above 0), `Resize` aside"
     return [f'{type(tfm).__name__} (dls.train.{name})' for name, tfm in _transforms(dl)
-            if isinstance(tfm, RandTransform) and not isinstance(tfm, Resize) and tfm.p > 0]
+            if name in pipelines and isinstance(tfm, RandTransform) and not isinstance(tfm, Resize) and tfm.p > 0]
+
+
+def _mixing_callbacks(learn: Learner) -> list[str]:
+    "The names of `learn`'s `MixHandler` callbacks (MixUp, CutMix): they mix each batch's items at random"
+    return [f'{type(cb).__name__} (callback)' for cb in learn.cbs if isinstance(cb, MixHandler)]
 
 
 def random_augmentations(learn: Learner) -> list[str]:
     """What gives an item a different input from one training epoch to the next: fastai `RandTransform`s of the
     training loader (with a probability above 0), and `MixHandler` callbacks (MixUp, CutMix).
     `Resize` is left out: it only crops or pads at a random place when an image is not of its aspect ratio."""
-    return _random_transforms(learn.dls.train) + [f'{type(cb).__name__} (callback)' for cb in learn.cbs
-                                                  if isinstance(cb, MixHandler)]
+    return _random_transforms(learn.dls.train) + _mixing_callbacks(learn)
+
+
+def _refuse_unreplayable(randoms: list[str], views: int):
+    "An error naming `randoms`, the random transforms and callbacks that `views` cannot replay, and the fixes"
+    if randoms:
+        raise ValueError(
+            f'TeacherCache(views={views}) replays the random item transforms of each view, but these draw random '
+            f'numbers once per batch, which cannot be replayed: {", ".join(randoms)}. Augment with item transforms '
+            'instead (item_tfms, e.g. RandomResizedCrop, FlipItem, RandomCrop) and no random batch_tfms (e.g. '
+            'aug_transforms, or augment=False) nor MixUp/CutMix, or keep cache=False to run the teacher on every '
+            'batch.')
+
+
+class _ViewReplay:
+    """Stands in for the `do_item` of the training loader `dl`: item `s` is made in view `views[s]`, with Python's,
+    numpy's and torch's CPU random generators seeded from (`seed`, `s`, view) and put back after, so its random item
+    transforms draw what they drew the first time that view was made. Worker processes get a copy of the loader, and
+    with it of `views`, when each epoch's iterator starts them."""
+    def __init__(self, dl: DataLoader, seed: int, n_items: int):
+        store_attr('dl,seed')
+        self.views = torch.zeros(n_items, dtype=torch.long)
+
+    def __call__(self, s):
+        view = int(self.views[s])
+        with random_state_kept():
+            random.seed(f'{self.seed} {s} {view}')  # a str seed: the same in every process (sha512, no hash salt)
+            np.random.seed(random.getrandbits(32))
+            torch.default_generator.manual_seed(random.getrandbits(63))  # the CPU's only: GPU streams keep drawing
+            return type(self.dl).do_item(self.dl, s)
+
+    def install(self):
+        "Make `dl`'s items through this replay"
+        self.dl.do_item = self
+
+    def remove(self):
+        "Give `dl` back its own `do_item`"
+        if vars(self.dl).get('do_item') is self: del self.dl.do_item
 
 
 def _fingerprints(xb: tuple) -> Tensor:
@@ -148,16 +194,33 @@ class TeacherCache:
       bytes instead of 4,000). The other classes get equal logits holding that mass, so the softmax at T=1 is exact
       on the top k and spreads the rest evenly: SoftTarget, DKD and DIST take these logits as they are. Losses that
       read the tail move (top 5 of 43 GTSRB classes: SoftTarget(T=1) by 8e-4, SoftTarget(T=4) by 0.37, DIST by 0.17;
-      bench/results/teacher_once.md): top-k suits T=1, float16 the others. One row of class logits per item only."""
+      bench/results/teacher_once.md): top-k suits T=1, float16 the others. One row of class logits per item only.
+
+    Augmentation at the cost of K teacher passes: `views=K` gives each training item K fixed augmented views. The
+    random item transforms (`item_tfms` such as `RandomResizedCrop`, `FlipItem`, `RandomCrop`) of view v of item i
+    are replayed from a seed of (`view_seed`, i, v); each training epoch picks one view per item (from `view_seed`
+    and the epoch: each K epochs, every view of an item once, in an order drawn per item), and the output of each
+    (item, view) is stored, K rows per item (K times the bytes
+    above; on disk, K and `view_seed` are part of the store's identity). The input fingerprint is checked as without
+    views: a view that does not replay is stopped. Random batch transforms (`aug_transforms`) and MixUp/CutMix draw
+    once per batch, cannot be replayed and are refused; so are persistent workers, which would keep an old epoch's
+    views. Validation has no views."""
 
     def __init__(self, allow_random: bool = False, dtype: torch.dtype = torch.float32, max_gib: float = 8.,
-                 path: str | Path | None = None, top_k: int | None = None):
+                 path: str | Path | None = None, top_k: int | None = None, views: int | None = None,
+                 view_seed: int = 0):
         if path is not None: path = TeacherStore.root(path)
         if dtype not in _STORED_DTYPES:
             raise ValueError(f'TeacherCache stores torch.float32 or torch.float16, not {dtype}.')
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f'top_k is the number of largest logits kept per item, at least 1: got {top_k!r}.')
+        if views is not None and (not isinstance(views, int) or isinstance(views, bool) or views < 1):
+            raise ValueError(f'views is the number of augmented views kept per item, at least 1: got {views!r}.')
+        if views is not None and allow_random:
+            raise ValueError("allow_random=True reuses each item's first output for all its views and views=K stores "
+                             'the output of each of K views: pass one of them.')
         store_attr()
+        self.replay = None
         self.reset()
 
     def reset(self):
@@ -166,12 +229,17 @@ class TeacherCache:
 
     def __getstate__(self):
         "Pickles (`learn.export`) keep the settings and no stored output"
-        return {**self.__dict__, **dict.fromkeys(('outputs', 'indices', 'stored', 'inputs', 'source', 'store'))}
+        return {**self.__dict__, **dict.fromkeys(('outputs', 'indices', 'stored', 'inputs', 'source', 'store',
+                                                  'replay'))}
 
     def prepare(self, learn: Learner, teachers: list[nn.Module]):
-        "Before a fit's first step: refuse random augmentation; forget the outputs stored for other data or teachers"
+        """Before a fit's first step: refuse random augmentation (with views, what cannot be replayed); forget the
+        outputs stored for other data or teachers"""
         randoms = random_augmentations(learn)
-        if randoms and not self.allow_random:
+        if self.views is not None:
+            _refuse_unreplayable(_random_transforms(learn.dls.train, _BATCH_PIPELINES) + _mixing_callbacks(learn),
+                                 self.views)
+        elif randoms and not self.allow_random:
             raise ValueError(
                 f'The teacher cache needs each training item to have the same input in every epoch, but these draw '
                 f'random numbers: {", ".join(randoms)}. A cached output would be paired with views the teacher never '
@@ -182,7 +250,34 @@ class TeacherCache:
         if not dl.indexed or dl.bs is None:
             raise ValueError('The teacher cache keys outputs by dataset index: it needs a training DataLoader over an '
                              'indexed dataset, with a batch size. Use cache=False for iterable or pre-batched data.')
+        if self.views is not None and dl.fake_l.num_workers > 0 and dl.fake_l.persistent_workers:
+            raise ValueError(f'TeacherCache(views={self.views}) picks new views at each epoch, which persistent '
+                             'workers would not see: pass persistent_workers=False to the DataLoaders.')
         self._attach(dl, teachers)
+
+    def epoch_views(self, epoch: int, n_items: int) -> Tensor:
+        """The view of each of `n_items` items in training epoch `epoch`, from `view_seed` and `epoch` alone: every K
+        epochs, each item goes through its K views in an order of its own. So the first K epochs run the teacher on
+        whole batches of new views, and each view is used as often as the others."""
+        cycle, at = divmod(epoch, self.views)
+        orders = np.random.default_rng([self.view_seed, cycle]).permuted(np.tile(np.arange(self.views), (n_items, 1)),
+                                                                         axis=1)
+        return torch.from_numpy(orders[:, at].copy())
+
+    def start_epoch(self, learn: Learner):
+        "Before a training epoch, with views: pick each item's view and have the training loader make it"
+        if self.views is None: return
+        dl = user_loader(learn.dls.train)
+        if self.replay is None or self.replay.dl is not dl:
+            self.release()
+            self.replay = _ViewReplay(dl, self.view_seed, len(dl.dataset))
+        self.replay.views = self.epoch_views(learn.epoch, len(dl.dataset))
+        self.replay.install()
+
+    def release(self):
+        "After a fit: the training loader makes its items as it did before `start_epoch` (random draws included)"
+        if self.replay is not None: self.replay.remove()
+        self.replay = None
 
     def _attach(self, dl: DataLoader, teachers: list[nn.Module]):
         "Use the outputs stored for `dl`'s data and these teachers: those kept so far, a store on disk, or none yet"
@@ -193,8 +288,9 @@ class TeacherCache:
                 self.reset()
             self.source = data, teachers
             return
-        identity = dict(teachers=[_weights_digest(t) for t in teachers], data=_data_identity(dl),
-                        storage=dict(dtype=str(self.dtype), top_k=self.top_k))
+        storage = dict(dtype=str(self.dtype), top_k=self.top_k)
+        if self.views is not None: storage.update(views=self.views, view_seed=self.view_seed)  # None: as before views
+        identity = dict(teachers=[_weights_digest(t) for t in teachers], data=_data_identity(dl), storage=storage)
         if identity == self.source: return
         self.reset()
         self.source = identity
@@ -243,13 +339,17 @@ class TeacherCache:
         return _batch_items(learn.dl, learn.iter, n)
 
     def __call__(self, learn: Learner, xb: tuple, forward: Callable[[tuple], Tensor]) -> Tensor:
-        "The teacher's output for the training batch `xb`: stored outputs, and `forward` on the items not stored yet"
+        """The teacher's output for the training batch `xb`: stored outputs, and `forward` on the items not stored yet.
+        With views, an output is stored per (item, view), under `item * views + view`."""
         if self.source is None: raise RuntimeError('TeacherCache.prepare must run before the cache is used.')
-        return self.lookup(self.batch_items(learn, find_bs(xb)), xb, forward, len(learn.dl.dataset))
+        items, n_items = self.batch_items(learn, find_bs(xb)), len(learn.dl.dataset)
+        if self.views is None: return self.lookup(items, xb, forward, n_items)
+        if self.replay is None: raise RuntimeError('TeacherCache.start_epoch must run before each training epoch.')
+        return self.lookup(items * self.views + self.replay.views[items], xb, forward, n_items * self.views)
 
     def lookup(self, items: Tensor, xb: tuple, forward: Callable[[tuple], Tensor], n_items: int) -> Tensor:
-        """The outputs of dataset `items` (of `n_items`), whose inputs are `xb`, in float32: those stored, and `forward`
-        on the others, stored first"""
+        """The outputs of the `items` (rows of `n_items`: dataset indices, with views `item * views + view`) whose
+        inputs are `xb`, in float32: those stored, and `forward` on the others, stored first"""
         fingerprints = _fingerprints(xb)
         stored = self.stored[items] if self.stored is not None else torch.zeros(len(items), dtype=torch.bool)
         if stored.any() and not self.allow_random: self._check_inputs(items[stored], fingerprints[stored])
@@ -289,36 +389,53 @@ class TeacherCache:
     def _check_inputs(self, items: Tensor, fingerprints: Tensor):
         "An error if the inputs of stored `items` differ from those their outputs were computed from"
         changed = ~torch.isclose(fingerprints, self.inputs[items], rtol=1e-4, atol=1e-4)
-        if changed.any():
-            where = f' in the store {self.folder}' if self.store is not None else ''
+        if not changed.any(): return
+        where = f' in the store {self.folder}' if self.store is not None else ''
+        if self.views is not None:
+            views = [f'{key // self.views} (view {key % self.views})' for key in items[changed][:5].tolist()]
             raise RuntimeError(
-                f'The inputs of training items {items[changed][:5].tolist()} changed since the teacher output was '
-                f'cached for them{where}: a transform draws random numbers (e.g. Resize cropping images of another '
-                'aspect ratio at random; use ResizeMethod.Squish), or the data or its transforms were changed in '
-                'place. Remove the randomness, or call `cache.reset()` after changing data (on disk, delete the '
-                "store's folder), or pass cache=TeacherCache(allow_random=True) to reuse the first output of each "
-                'item.')
+                f'The inputs of training items {", ".join(views)} are not those their teacher outputs were cached '
+                f'for{where}: a view did not replay. A transform draws random numbers outside the item transforms '
+                '(or from a generator of its own), or the data or its transforms were changed in place. Draw from '
+                "Python's random module in item transforms, or call `cache.reset()` after changing data (on disk, "
+                "delete the store's folder), or keep cache=False.")
+        raise RuntimeError(
+            f'The inputs of training items {items[changed][:5].tolist()} changed since the teacher output was '
+            f'cached for them{where}: a transform draws random numbers (e.g. Resize cropping images of another '
+            'aspect ratio at random; use ResizeMethod.Squish), or the data or its transforms were changed in '
+            'place. Remove the randomness, or call `cache.reset()` after changing data (on disk, delete the '
+            "store's folder), or pass cache=TeacherCache(allow_random=True) to reuse the first output of each "
+            'item.')
 
 
 def fill_teacher_cache(teacher, dls: DataLoaders | DataLoader, path: str | Path, dtype: torch.dtype = torch.float32,
-                       top_k: int | None = None, allow_random: bool = False) -> Path:
+                       top_k: int | None = None, allow_random: bool = False, views: int | None = None,
+                       view_seed: int = 0) -> Path:
     """Fill the store in `path` with `teacher`'s outputs (eval mode, no gradient) for every item of the training
-    loader of `dls` (or the loader `dls`), in one pass with a progress bar; items already stored are skipped. A later
-    `KnowledgeDistillation(teacher, cache=path)` (or `TeacherCache(path=path, ...)` with the same `dtype` and
-    `top_k`) on the same data reuses them. Returns the store's folder."""
+    loader of `dls` (or the loader `dls`), in one pass with a progress bar (with `views=K`: K passes, one per view);
+    items already stored are skipped. A later `KnowledgeDistillation(teacher, cache=path)` (or `TeacherCache(path=path,
+    ...)` with the same `dtype`, `top_k`, `views` and `view_seed`) on the same data reuses them. Returns the store's
+    folder."""
     model = teacher_model(teacher)
     dl = user_loader(dls.train if isinstance(dls, DataLoaders) else dls)
-    cache = TeacherCache(allow_random, dtype, path=path, top_k=top_k)
-    if (randoms := _random_transforms(dl)) and not allow_random:
+    cache = TeacherCache(allow_random, dtype, path=path, top_k=top_k, views=views, view_seed=view_seed)
+    if views is not None: _refuse_unreplayable(_random_transforms(dl, _BATCH_PIPELINES), views)
+    elif (randoms := _random_transforms(dl)) and not allow_random:
         raise ValueError(f'These transforms draw random numbers: {", ".join(randoms)}, so the outputs would be those '
-                         'of one random view: fill the store from a loader without them (augment=False), or pass '
-                         'allow_random=True.')
+                         'of one random view: fill the store from a loader without them (augment=False), pass '
+                         'views=K to store K replayable views of each item, or pass allow_random=True.')
     cache._attach(dl, [model])
-    plain = dl.new(shuffle=False, drop_last=False)
+    plain, n_views = dl.new(shuffle=False, drop_last=False), views or 1
+    replay = _ViewReplay(plain, view_seed, len(dl.dataset))
     def forward(xb: tuple) -> Tensor:
         with torch.no_grad(), evaluating(model): return first_output(model(*xb)).float()
-    for i, batch in enumerate(progress_bar(plain, leave=False)):
-        xb = batch[:plain.n_inp]
-        model.to(xb[0].device)
-        cache.lookup(_batch_items(plain, i, find_bs(xb)), xb, forward, len(dl.dataset))
+    for view in range(n_views):
+        if views is not None:
+            replay.views.fill_(view)
+            replay.install()
+        for i, batch in enumerate(progress_bar(plain, leave=False)):
+            xb = batch[:plain.n_inp]
+            model.to(xb[0].device)
+            items = _batch_items(plain, i, find_bs(xb))
+            cache.lookup(items * n_views + view, xb, forward, len(dl.dataset) * n_views)
     return cache.folder

@@ -3,7 +3,8 @@
 Importing this module wraps two methods of fastai's `Learner` (fastcore `patch_to`; fastai's own stay reachable as
 `Learner.fit.__wrapped__` and `Learner.export.__wrapped__`, and importing it again does not wrap them twice):
 `export` leaves `KnowledgeDistillation` out of the exported file, which then loads without fastkd, and `fit` removes
-the callback's hint hooks however the fit ends (fastai skips `after_fit` when a fit raises)."""
+the callback's hint hooks and a cache's view replay however the fit ends (fastai skips `after_fit` when a fit
+raises)."""
 from __future__ import annotations
 
 import inspect
@@ -170,7 +171,7 @@ class KnowledgeDistillation(Callback):
     def before_train(self):
         """Move the teachers to the student's device and dtype; before the fit's first step, check them on a validation
         batch; hook the hinted layers (here, not in `before_fit`, which `get_preds` and `validate` also call); prepare
-        the cache and lay the teachers out channels-last (by default on CPUs)"""
+        the cache and lay the teachers out channels-last (by default on CPUs); pick the epoch's views"""
         param = next(self.model.parameters())
         for teacher in self.teachers: teacher.to(device=param.device, dtype=param.dtype)
         if not self.checked:
@@ -179,6 +180,7 @@ class KnowledgeDistillation(Callback):
             if self.teacher_channels_last or (self.teacher_channels_last is None and param.device.type == 'cpu'):
                 self.channels_last = [t for m in self.teachers for t in _to_channels_last(m)]
             self.checked = True
+        if self.cache: self.cache.start_epoch(self.learn)  # with views: this epoch's view of each item
         if self.hints and not self.hints.attached:  # lr_find puts back what it explored with: so do the hints
             self.hints.attach(self.model, self.teachers[0], restore=any(isinstance(cb, LRFinder) for cb in self.cbs))
 
@@ -264,8 +266,9 @@ class KnowledgeDistillation(Callback):
 
     def after_fit(self):
         """Remove the hint hooks and take the adapters out of the optimizer (before `lr_find` reloads it); give the
-        teachers back their memory layout"""
+        teachers back their memory layout and the training loader its own items (after views)"""
         if self.hints: self.hints.detach()
+        if self.cache: self.cache.release()
         for t in self.channels_last: t.data = t.data.contiguous()
         self.channels_last = []
 
@@ -297,12 +300,15 @@ def export(self: Learner, *args, **kwargs):
 @patch_to(Learner)
 @wraps(_fastai_fit)
 def fit(self: Learner, *args, **kwargs):
-    "fastai's `Learner.fit`, after which no hint hook remains even when it raises (which skips `after_fit`)"
+    """fastai's `Learner.fit`, after which no hint hook remains and no training loader replays a cache's views, even
+    when it raises (which skips `after_fit`)"""
     fit_cbs = inspect.signature(_fastai_fit).bind(self, *args, **kwargs).arguments.get('cbs')
-    distillers = [cb for cb in L(self.cbs) + L(fit_cbs) if isinstance(cb, KnowledgeDistillation) and cb.hints]
+    distillers = [cb for cb in L(self.cbs) + L(fit_cbs) if isinstance(cb, KnowledgeDistillation)]
     try: return _fastai_fit(self, *args, **kwargs)
     finally:
-        for cb in distillers: cb.hints.detach()
+        for cb in distillers:
+            if cb.hints: cb.hints.detach()
+            if cb.cache: cb.cache.release()
 
 
 Learner.export.fastkd_patch = Learner.fit.fastkd_patch = True  # `_fastai_original` finds fastai's beneath them

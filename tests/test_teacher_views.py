@@ -1,0 +1,167 @@
+"""`TeacherCache(views=K)` on real Learners over the digits image folders: K replayed augmented views per item, one
+per epoch, the teacher run once per (item, view); in memory and on disk; refusals of what cannot be replayed."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.mixup import MixUp
+from fastai.learner import Learner
+from fastai.torch_core import set_seed
+from fastai.vision.all import FlipItem, ImageDataLoaders, RandomResizedCrop, aug_transforms
+
+from conftest import tiny_cnn
+from fastkd.cache import TeacherCache, fill_teacher_cache
+from fastkd.callback import KnowledgeDistillation
+from fastkd.losses import SoftTarget
+from fastkd.store import TeacherStore
+
+
+def augmented_dls(path, bs: int = 32, num_workers: int = 0, **kwargs):
+    "The digits with random item transforms only: a crop of 60-100% of each image, flipped half the time"
+    return ImageDataLoaders.from_folder(path, train='train', valid='valid', bs=bs, num_workers=num_workers,
+                                       item_tfms=[RandomResizedCrop(32, min_scale=0.6), FlipItem(0.5)], **kwargs)
+
+
+class Steps(Callback):
+    """Each training step's epoch, dataset items, views, inputs and the teacher outputs the loss was handed, and how
+    many items the teacher ran on in training steps (not the check before the first one)"""
+    order = KnowledgeDistillation.order + 1
+    def __init__(self, teacher: torch.nn.Module):
+        self.steps, self.teacher_items, self.in_step = [], 0, False
+        teacher.register_forward_hook(self.count)
+    def count(self, module, inputs, output):
+        if self.in_step: self.teacher_items += len(inputs[0])
+    def before_batch(self): self.in_step = self.training
+    def after_loss(self):
+        if not self.training: return
+        cache = self.learn.knowledge_distillation.cache
+        items = cache.batch_items(self.learn, len(self.xb[0]))
+        self.steps.append(dict(epoch=self.epoch, items=items, views=cache.replay.views[items].clone(),
+                               inputs=self.xb[0].detach().clone(), handed=self.loss_func_kd.handed))
+        self.in_step = False
+
+
+class HandedLoss(SoftTarget):
+    "SoftTarget that keeps the teacher outputs it was handed last"
+    def forward(self, student_logits, teacher_logits, target=None):
+        self.handed = teacher_logits.detach().clone()
+        return super().forward(student_logits, teacher_logits, target)
+
+
+def distil(dls, teacher: torch.nn.Module, cache: TeacherCache, epochs: int = 4, seed: int = 0, cbs=()):
+    "A student of `seed` distilled from `teacher` with `cache` for `epochs`: its learner and the record of its steps"
+    set_seed(seed, reproducible=True)
+    loss, steps = HandedLoss(), Steps(teacher)
+    learn = Learner(dls, tiny_cnn(8), cbs=[KnowledgeDistillation(teacher, loss, cache=cache), steps, *cbs])
+    steps.loss_func_kd = loss
+    with learn.no_bar(), learn.no_logging(): learn.fit(epochs, 1e-3)
+    return learn, steps
+
+
+def by_item_and_view(steps) -> dict:
+    "(item, view) -> the inputs it had at each step that held it, in order"
+    seen = {}
+    for step in steps:
+        for item, view, x in zip(step['items'].tolist(), step['views'].tolist(), step['inputs']):
+            seen.setdefault((item, view), []).append(x)
+    return seen
+
+
+@torch.no_grad()
+def assert_handed_live_outputs(steps, teacher: torch.nn.Module):
+    "The outputs handed to the loss are a live forward of the teacher on the inputs of their step"
+    for step in steps: torch.testing.assert_close(step['handed'], teacher.eval()(step['inputs']), rtol=1e-5, atol=1e-5)
+
+
+def test_views_run_the_teacher_once_per_item_and_view_and_augment_every_epoch(few_digits, teacher):
+    dls, views = augmented_dls(few_digits), 3
+    cache = TeacherCache(views=views)
+    learn, record = distil(dls, teacher.model, cache, epochs=4)
+    n_items = len(dls.train.dataset)
+    stored = int(cache.stored.sum())
+    assert cache.stored.shape == (n_items * views,) and record.teacher_items == stored <= n_items * views
+    assert stored > n_items * 1.5  # the views of later epochs were stored too, not only the first epoch's
+    assert len(record.steps) == 4 * len(dls.train)
+    assert_handed_live_outputs(record.steps, teacher.model)
+    # each epoch draws its own views, the same for every learner, from the seed and the epoch alone: every item goes
+    # through its K views once in each K epochs
+    first_cycle = torch.stack([cache.epoch_views(epoch, n_items) for epoch in range(views)], 1)
+    assert (first_cycle.sort(1).values == torch.arange(views)).all()
+    epoch_views = [torch.cat([s['views'] for s in record.steps if s['epoch'] == e]) for e in range(4)]
+    assert all(len(v.unique()) == views for v in epoch_views)
+    for epoch in range(4):
+        items = torch.cat([s['items'] for s in record.steps if s['epoch'] == epoch])
+        assert torch.equal(epoch_views[epoch], cache.epoch_views(epoch, n_items)[items])
+    # augmentation happens: items change inputs between epochs; a view seen again has its first input again
+    seen = by_item_and_view(record.steps)
+    per_item = {}
+    for (item, view), inputs in seen.items(): per_item.setdefault(item, []).append(inputs[0])
+    assert sum(not all(torch.equal(xs[0], x) for x in xs[1:]) for xs in per_item.values() if len(xs) > 1) > n_items / 2
+    repeated = [inputs for inputs in seen.values() if len(inputs) > 1]
+    assert len(repeated) > n_items / 2 and all(torch.equal(xs[0], x) for xs in repeated for x in xs[1:])
+    # the loader is given back after the fit, and a replayed item moves no random generator
+    assert 'do_item' not in vars(dls.train)
+    cache.start_epoch(learn)
+    states = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    first, again = dls.train.do_item(3), dls.train.do_item(3)
+    assert torch.equal(first[0], again[0])
+    assert random.getstate() == states[0] and np.array_equal(np.random.get_state()[1], states[1])
+    assert torch.equal(torch.get_rng_state(), states[2])
+    cache.release()
+    assert 'do_item' not in vars(dls.train)
+
+
+def test_worker_processes_make_the_views_of_each_epoch(few_digits, teacher):
+    "Workers are copies of the loader started by each epoch's iterator: their items are the epoch's views"
+    dls = augmented_dls(few_digits, num_workers=2)
+    cache = TeacherCache(views=2)
+    learn, record = distil(dls, teacher.model, cache, epochs=2)
+    assert_handed_live_outputs(record.steps, teacher.model)
+    dl = dls.train  # its items made again here, in the main process (its pipelines set for training by the fit)
+    for epoch in range(2):
+        learn.epoch = epoch
+        cache.start_epoch(learn)
+        for step in [s for s in record.steps if s['epoch'] == epoch][:4]:
+            made = dl.after_batch(dl.do_batch([dl.do_item(int(item)) for item in step['items']]))[0]
+            assert torch.equal(made, step['inputs'])
+    cache.release()
+    with pytest.raises(ValueError, match='persistent_workers=False'):
+        distil(augmented_dls(few_digits, num_workers=2, persistent_workers=True), teacher.model,
+               TeacherCache(views=2), epochs=1)
+
+
+def test_a_store_with_views_is_reused_by_another_learner(few_digits, teacher, tmp_path):
+    first, _ = distil(augmented_dls(few_digits), teacher.model, TeacherCache(path=tmp_path, views=2), epochs=3)
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    n_items = len(first.dls.train.dataset)
+    store = TeacherStore(folder)
+    assert store.n_items == 2 * n_items and store.manifest['identity']['storage']['views'] == 2
+    filled_in_training = int(np.asarray(store.filled).sum())
+    calls = []
+    hook = teacher.model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    assert fill_teacher_cache(teacher.model, augmented_dls(few_digits), tmp_path, views=2) == folder
+    hook.remove()
+    assert sum(calls) == 2 * n_items - filled_in_training and np.asarray(store.filled).all()  # only what was missing
+    dls = augmented_dls(few_digits)  # another loader over the same items and transforms, another student
+    _, record = distil(dls, teacher.model, TeacherCache(path=tmp_path, views=2), epochs=3, seed=1)
+    assert record.teacher_items == 0  # every (item, view) from the store, its replayed input checked
+    assert_handed_live_outputs(record.steps, teacher.model)
+    _, record = distil(dls, teacher.model, TeacherCache(path=tmp_path, views=3), epochs=1)
+    assert record.teacher_items > 0 and len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2  # other K: own store
+    assert {json.loads((p/'manifest.json').read_text())['n_items'] for p in tmp_path.iterdir() if p.is_dir()} == {
+        2 * n_items, 3 * n_items}
+
+
+def test_what_cannot_be_replayed_is_refused_by_name(few_digits, teacher, tmp_path):
+    batch_augmented = augmented_dls(few_digits, batch_tfms=aug_transforms(do_flip=False, size=32))
+    with pytest.raises(ValueError, match=r'views=2.*Warp \(dls\.train\.after_batch\).*item_tfms'):
+        distil(batch_augmented, teacher.model, TeacherCache(views=2), epochs=1)
+    with pytest.raises(ValueError, match=r'views=2.*MixUp \(callback\).*item_tfms'):
+        distil(augmented_dls(few_digits), teacher.model, TeacherCache(views=2), epochs=1, cbs=[MixUp()])
+    with pytest.raises(ValueError, match=r'views=2.*Warp \(dls\.train\.after_batch\)'):
+        fill_teacher_cache(teacher.model, batch_augmented, tmp_path, views=2)
+    with pytest.raises(ValueError, match='at least 1'): TeacherCache(views=0)
+    with pytest.raises(ValueError, match='pass one of them'): TeacherCache(views=2, allow_random=True)
