@@ -119,7 +119,7 @@ def test_attention_transfer_compares_normalised_attention_maps(p):
     attention_s = unit_rows(block_mean(s.abs().pow(p).sum(dim=1, keepdim=True), 2))
     attention_t = unit_rows(t.abs().pow(p).sum(dim=1, keepdim=True))
     torch.testing.assert_close(loss, ((attention_s - attention_t)**2).mean())
-    assert not list(AttentionTransfer().parameters())
+    assert not list(AttentionTransfer().parameters()) and AttentionTransfer().p == 2  # the paper's default
 
 
 def test_attention_transfer_refuses_flat_features():
