@@ -189,7 +189,34 @@ def test_features_are_used_once_and_only_from_forwards_with_gradient(images):
     with torch.no_grad(): student_model(images), teacher(images)  # a validation forward of the student_model keeps nothing
     assert not hooks.student_features
     with pytest.raises(RuntimeError, match=r"student layer '0.1'"): hooks.loss()
+    student_model(images)  # a training forward of the student alone: the teacher's feature is the one missing
+    with pytest.raises(RuntimeError, match=r"^No output of the teacher layer '0.2' was captured for Hint\(student_layer="
+                                           r"'0.1', teacher_layer='0.2'.*did the teacher run this layer"):
+        hooks.loss()
     hooks.detach()
+
+
+def test_an_error_of_a_hint_loss_names_the_hint(images):
+    "A feature loss that refuses its inputs during training: the error says which hint it was"
+    student_model, teacher = hinted_pair()
+    hooks = HintHooks([Hint('0.1', '0.2', FitNet())])  # maps of two spatial sizes: FitNet refuses them
+    hooks.attach(student_model, teacher)
+    student_model(images)
+    with torch.no_grad(): teacher(images)
+    with pytest.raises(ValueError, match=r"^Hint\(student_layer='0.1', teacher_layer='0.2', loss=FitNet\(\).*\): FitNet "
+                                         'compares features of the same spatial size'):
+        hooks.loss()
+    hooks.detach()
+
+
+def test_feature_losses_take_the_ranks_they_promise():
+    "FitNet: flat features and maps of 1 to 3 spatial axes; AttentionTransfer: maps of 1 to 3 spatial axes; no more"
+    for spatial in [(), (6,), (6, 6), (4, 4, 4)]:
+        s, t = torch.randn(2, 3, *spatial), torch.randn(2, 5, *spatial)
+        assert FitNet()(s, t).ndim == 0
+        if spatial: assert AttentionTransfer()(s, t).ndim == 0
+    for loss in (FitNet(), AttentionTransfer()):
+        with pytest.raises(ValueError, match='compares'): loss(torch.randn(2, 3, 2, 2, 2, 2), torch.randn(2, 5, 2, 2, 2, 2))
 
 
 def test_attach_and_detach_leave_no_hook_behind():
@@ -213,6 +240,12 @@ def test_a_bad_layer_name_is_refused_with_the_closest_names_and_no_hook():
     closest = difflib.get_close_matches('layer5', names, n=3, cutoff=0)
     assert "The student model has no layer 'layer5'; the closest names are" in str(error.value)
     assert str(closest) in str(error.value) and 'layer4' in closest and len(closest) == 3
+    assert str(error.value).endswith('Hint layers are paths of `model.named_modules()`; `match_layers(student, '
+                                     'teacher, x)` lists pairs that fit.')
+    with pytest.raises(ValueError) as error:  # a name like none of them still gets three suggestions
+        HintHooks([Hint('zzz', 'layer4', FitNet())]).attach(student_model, teacher)
+    far = difflib.get_close_matches('zzz', names, n=3, cutoff=0)
+    assert len(far) == 3 and str(far) in str(error.value)
     assert forward_hooks(student_model, teacher) == 0
     with pytest.raises(ValueError, match=r"The teacher model has no layer '0.7'"):
         HintHooks([Hint('layer4', '0.7', FitNet())]).attach(student_model, teacher)
