@@ -34,7 +34,7 @@ MODULES = {
     'hints': ['tests/test_hints.py', 'tests/test_distributed.py'],
     'cache': ['tests/test_cache.py', 'tests/test_teacher_store.py', 'tests/test_distributed.py'],
     'callback': ['tests/test_callback.py', 'tests/test_load_teacher.py', 'tests/test_mixed_precision.py',
-                 'tests/test_distributed.py'],
+                 'tests/test_hints.py', 'tests/test_distributed.py'],
 }
 
 SETUP_CFG = """[mutmut]

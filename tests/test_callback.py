@@ -22,6 +22,7 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastai.vision.core import PILImage
 from fastcore.xtras import Path
+from torch import nn
 
 from conftest import assert_same_state, eval_logits, first_batch, state, student, tiny_cnn
 from fastkd.callback import KnowledgeDistillation
@@ -411,6 +412,22 @@ def test_non_finite_teacher_outputs_fail_before_training(dls):
     with torch.no_grad(): broken[1].bias.fill_(float('nan'))
     with pytest.raises(ValueError, match='non-finite.*on a validation batch before training'):
         student(dls, broken).fit(1)
+
+
+class NanAfterTheCheck(nn.Module):
+    "A teacher whose outputs are finite at its first call (the check on a validation batch) and nan after"
+    def __init__(self):
+        super().__init__()
+        self.net, self.calls = tiny_cnn(8), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.net(x) * (1. if self.calls == 1 else float('nan'))
+
+
+def test_non_finite_teacher_outputs_in_training_name_the_batch(dls):
+    with pytest.raises(ValueError, match=r'non-finite logits \(nan or inf\) at training batch 0 of epoch 0: check'):
+        student(dls, NanAfterTheCheck()).fit(1)
 
 
 def test_a_teacher_no_better_than_chance_is_warned_about_once_per_fit(dls, teacher):

@@ -1,5 +1,6 @@
 "load_teacher: an architecture plus a state dict file, loaded with weights_only=True, frozen."
 import pickle
+import re
 
 import pytest
 import torch
@@ -53,5 +54,22 @@ def test_missing_file_and_missing_class_count(tmp_path):
     with pytest.raises(FileNotFoundError, match='No teacher weights at .*nothing.pth'):
         load_teacher(tmp_path/'nothing.pth', resnet18, 43)
     torch.save(tiny_cnn(8).state_dict(), tmp_path/'teacher.pth')
-    with pytest.raises(ValueError, match='n_out is needed'):
+    with pytest.raises(ValueError, match=r'^n_out is needed to build the teacher from an architecture: pass its class '
+                                         r'count\.$'):
         load_teacher(tmp_path/'teacher.pth', resnet18)
+
+
+def test_a_missing_key_alone_is_refused(tmp_path):
+    weights = tiny_cnn(8).state_dict()
+    missing = list(weights)[-1]
+    torch.save({k: v for k, v in weights.items() if k != missing}, tmp_path/'teacher.pth')
+    with pytest.raises(ValueError, match=rf'do not match the teacher architecture\. Missing keys: {re.escape(missing)}\.'):
+        load_teacher(tmp_path/'teacher.pth', tiny_cnn(8))
+
+
+def test_settings_of_the_architecture_reach_create_vision_model(tmp_path):
+    "A one-channel ResNet (n_in=1): its weights fit only a teacher built with the same setting"
+    trained = create_vision_model(resnet18, 43, pretrained=False, n_in=1)
+    torch.save(trained.state_dict(), tmp_path/'gray.pth')
+    teacher = load_teacher(tmp_path/'gray.pth', resnet18, 43, n_in=1)
+    assert teacher[0][0].weight.shape[1] == 1
