@@ -343,9 +343,14 @@ class TeacherCache:
         With views, an output is stored per (item, view), under `item * views + view`."""
         if self.source is None: raise RuntimeError('TeacherCache.prepare must run before the cache is used.')
         items, n_items = self.batch_items(learn, find_bs(xb)), len(learn.dl.dataset)
-        if self.views is None: return self.lookup(items, xb, forward, n_items)
-        if self.replay is None: raise RuntimeError('TeacherCache.start_epoch must run before each training epoch.')
-        return self.lookup(items * self.views + self.replay.views[items], xb, forward, n_items * self.views)
+        if self.views is not None and self.replay is None:
+            raise RuntimeError('TeacherCache.start_epoch must run before each training epoch.')
+        views = 0 if self.views is None else self.replay.views[items]
+        return self.lookup(self.keys(items, views), xb, forward, self.keys(n_items, 0))
+
+    def keys(self, items: Tensor | int, views: Tensor | int) -> Tensor | int:
+        "Where the outputs of `items` in `views` are stored: `item * views + view`, or the item itself without views"
+        return items * (self.views or 1) + views
 
     def lookup(self, items: Tensor, xb: tuple, forward: Callable[[tuple], Tensor], n_items: int) -> Tensor:
         """The outputs of the `items` (rows of `n_items`: dataset indices, with views `item * views + view`) whose
@@ -425,17 +430,17 @@ def fill_teacher_cache(teacher, dls: DataLoaders | DataLoader, path: str | Path,
                          'of one random view: fill the store from a loader without them (augment=False), pass '
                          'views=K to store K replayable views of each item, or pass allow_random=True.')
     cache._attach(dl, [model])
-    plain, n_views = dl.new(shuffle=False, drop_last=False), views or 1
-    replay = _ViewReplay(plain, view_seed, len(dl.dataset))
+    plain = dl.new(shuffle=False, drop_last=False)
+    replay = None if views is None else _ViewReplay(plain, view_seed, len(dl.dataset))
     def forward(xb: tuple) -> Tensor:
         with torch.no_grad(), evaluating(model): return first_output(model(*xb)).float()
-    for view in range(n_views):
-        if views is not None:
+    for view in range(views or 1):
+        if replay is not None:
             replay.views.fill_(view)
             replay.install()
         for i, batch in enumerate(progress_bar(plain, leave=False)):
             xb = batch[:plain.n_inp]
             model.to(xb[0].device)
             items = _batch_items(plain, i, find_bs(xb))
-            cache.lookup(items * n_views + view, xb, forward, len(dl.dataset) * n_views)
+            cache.lookup(cache.keys(items, view), xb, forward, cache.keys(len(dl.dataset), 0))
     return cache.folder
