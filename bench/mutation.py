@@ -32,7 +32,8 @@ MODULES = {
     'losses': ['tests/test_losses.py'],
     'tasks': ['tests/test_tasks.py', 'tests/test_losses.py'],
     'hints': ['tests/test_hints.py', 'tests/test_distributed.py'],
-    'cache': ['tests/test_cache.py', 'tests/test_teacher_store.py', 'tests/test_distributed.py'],
+    'cache': ['tests/test_cache.py', 'tests/test_teacher_store.py', 'tests/test_teacher_views.py',
+              'tests/test_distributed.py'],
     'callback': ['tests/test_callback.py', 'tests/test_load_teacher.py', 'tests/test_mixed_precision.py',
                  'tests/test_hints.py', 'tests/test_distributed.py'],
 }
