@@ -1,6 +1,7 @@
 "Shared fixtures: seeded runs, the digits image folder and a teacher trained on it, and the real GTSRB data in ../shared when present."
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -134,6 +135,11 @@ class RecordFirstBatch(Callback):
         self.inputs, self.targets, self.logits = self.learn.xb, self.learn.yb, self.learn.pred.detach()
         self.total_loss, self.progress = self.learn.loss_grad.detach(), self.learn.pct_train
         raise CancelFitException()
+
+
+def whole(message: str) -> str:
+    "A `match=` pattern for exactly `message`, alone or after the line fastai puts before an error raised in a callback"
+    return rf'(?:^|\n\t){re.escape(message)}$'
 
 
 def eval_logits(model, xb):

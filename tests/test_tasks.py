@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fastai.callback.core import CancelFitException
+from fastai.callback.mixup import MixUp
 from fastai.data.block import CategoryBlock, DataBlock, MultiCategoryBlock, RegressionBlock
 from fastai.data.transforms import FuncSplitter, get_image_files
 from fastai.layers import ConvLayer, NormType
@@ -23,6 +24,8 @@ from sklearn.datasets import load_diabetes, load_wine
 from fastkd.callback import KnowledgeDistillation
 from fastkd.losses import DIST, DKD, BinarySoftTarget, LogitMSE, SoftTarget
 from fastkd.tasks import Task, task_of
+
+from conftest import tiny_cnn, whole
 
 
 class Record(Callback):
@@ -69,6 +72,18 @@ def fit_quietly(learn: Learner, epochs: int = 1, lr: float = 1e-2):
     (lambda p, y: (p - y).abs().mean(), Task('unknown'))])
 def test_task_of_reads_the_kind_the_class_axis_and_the_column_from_the_loss_function(loss_func, task):
     assert task_of(loss_func) == task
+
+
+class Interrupt(Callback):
+    "An error in the first training batch, as when a notebook's kernel is interrupted: fastai's cancel events do not run"
+    def after_loss(self): raise RuntimeError('interrupted')
+
+
+def test_the_task_is_read_through_the_mixed_loss_that_an_interrupted_mixup_fit_leaves_on_the_learner(dls):
+    learn = Learner(dls, tiny_cnn(8), loss_func=CrossEntropyLossFlat(), cbs=MixUp())
+    with pytest.raises(RuntimeError, match='interrupted'): learn.fit(1, 1e-3, cbs=Interrupt())
+    assert learn.loss_func == learn.mix_up.lf  # MixUp's mixed loss is still the learner's ...
+    assert task_of(learn.loss_func) == Task('categorical', -1, 'train_ce')  # ... and read as the loss it mixes
 
 
 def test_ensembles_of_two_copies_are_the_teacher_itself():
@@ -225,7 +240,9 @@ def test_a_multilabel_ensemble_averages_the_teachers_sigmoids(multilabel_dls):
 @pytest.mark.parametrize('loss', [SoftTarget(), DKD(), DIST()])
 def test_multilabel_refuses_a_softmax_loss_naming_the_right_ones(multilabel_dls, loss):
     learn = Learner(multilabel_dls, cnn(8, 4), cbs=KnowledgeDistillation(cnn(8, 4), loss))
-    with pytest.raises(ValueError, match=f'{type(loss).__name__} takes a softmax across labels.*BinarySoftTarget.*LogitMSE'):
+    message = (f'{type(loss).__name__} takes a softmax across labels, but this learner is multi-label (BCE with '
+               'logits): labels are not exclusive. Use BinarySoftTarget() or LogitMSE().')
+    with pytest.raises(ValueError, match=whole(message)):
         first_batch(learn)
 
 
@@ -271,7 +288,9 @@ def test_a_regression_ensemble_averages_the_teachers_outputs(diabetes_dls):
 @pytest.mark.parametrize('loss', [SoftTarget(), DIST(), BinarySoftTarget()])
 def test_regression_refuses_probability_losses_naming_logit_mse(diabetes_dls, loss):
     learn = tabular_learner(diabetes_dls, layers=[8], cbs=KnowledgeDistillation(tabular_learner(diabetes_dls).model, loss))
-    with pytest.raises(ValueError, match=r'regression output.*Use LogitMSE\(\)'):
+    message = (f'{type(loss).__name__} turns outputs into probabilities, which a regression output (or a single '
+               'output column) does not have: distillation would do nothing. Use LogitMSE().')
+    with pytest.raises(ValueError, match=whole(message)):
         first_batch(learn)
 
 
@@ -338,7 +357,10 @@ def test_text_teacher_tuple_output_and_regularisers_keep_their_weight(text_dls):
 def test_unknown_base_loss_without_an_explicit_loss_asks_for_one(wine_dls):
     learn = tabular_learner(wine_dls, layers=[8], loss_func=lambda pred, y: pred.sum() * 0 + y.float().mean(),
                             cbs=KnowledgeDistillation(tabular_learner(wine_dls).model))
-    with pytest.raises(ValueError, match=re.escape('pass one, e.g. KnowledgeDistillation(teacher, SoftTarget(T=4))')):
+    message = ("fastkd cannot tell what this learner's loss function predicts, so it picks no distillation loss: "
+               'pass one, e.g. KnowledgeDistillation(teacher, SoftTarget(T=4)) for classification, '
+               'BinarySoftTarget() for multi-label, LogitMSE() for regression.')
+    with pytest.raises(ValueError, match=whole(message)):
         first_batch(learn)
 
 
