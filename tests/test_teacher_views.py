@@ -10,19 +10,28 @@ from fastai.callback.core import Callback
 from fastai.callback.mixup import MixUp
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
-from fastai.vision.all import FlipItem, ImageDataLoaders, RandomResizedCrop, aug_transforms
+from fastai.vision.all import FlipItem, ImageDataLoaders, RandomResizedCrop, RandTransform, TensorImage, aug_transforms
 
-from conftest import tiny_cnn
+from conftest import tiny_cnn, whole
 from fastkd.cache import TeacherCache, fill_teacher_cache
 from fastkd.callback import KnowledgeDistillation
 from fastkd.losses import SoftTarget
 from fastkd.store import TeacherStore
 
 
-def augmented_dls(path, bs: int = 32, num_workers: int = 0, **kwargs):
-    "The digits with random item transforms only: a crop of 60-100% of each image, flipped half the time"
+def augmented_dls(path, bs: int = 32, num_workers: int = 0, more_tfms=(), **kwargs):
+    "The digits with random item transforms only: a crop of 60-100% of each image, flipped half the time, `more_tfms`"
     return ImageDataLoaders.from_folder(path, train='train', valid='valid', bs=bs, num_workers=num_workers,
-                                       item_tfms=[RandomResizedCrop(32, min_scale=0.6), FlipItem(0.5)], **kwargs)
+                                       item_tfms=[RandomResizedCrop(32, min_scale=0.6), FlipItem(0.5), *more_tfms],
+                                       **kwargs)
+
+
+class Jitter(RandTransform):
+    "A brightness offset drawn from numpy plus one drawn from torch (fastai's own transforms draw from Python's random)"
+    order = 10  # after ToTensor: the image is a uint8 TensorImage
+    def encodes(self, x: TensorImage) -> TensorImage:
+        offset = int(np.random.randint(0, 32)) + int(torch.randint(0, 32, ()))
+        return TensorImage((x.int() + offset).clamp(0, 255).to(x.dtype))
 
 
 class Steps(Callback):
@@ -40,7 +49,8 @@ class Steps(Callback):
         cache = self.learn.knowledge_distillation.cache
         items = cache.batch_items(self.learn, len(self.xb[0]))
         self.steps.append(dict(epoch=self.epoch, items=items, views=cache.replay.views[items].clone(),
-                               inputs=self.xb[0].detach().clone(), handed=self.loss_func_kd.handed))
+                               inputs=self.xb[0].detach().clone(), targets=self.yb[0].clone(),
+                               handed=self.loss_func_kd.handed))
         self.in_step = False
 
 
@@ -86,6 +96,8 @@ def test_views_run_the_teacher_once_per_item_and_view_and_augment_every_epoch(fe
     assert stored > n_items * 1.5  # the views of later epochs were stored too, not only the first epoch's
     assert len(record.steps) == 4 * len(dls.train)
     assert_handed_live_outputs(record.steps, teacher.model)
+    labels = torch.tensor([int(label) for _, label in dls.train.dataset])
+    assert all(torch.equal(step['targets'], labels[step['items']]) for step in record.steps)  # each item made itself
     # each epoch draws its own views, the same for every learner, from the seed and the epoch alone: every item goes
     # through its K views once in each K epochs
     first_cycle = torch.stack([cache.epoch_views(epoch, n_items) for epoch in range(views)], 1)
@@ -114,6 +126,13 @@ def test_views_run_the_teacher_once_per_item_and_view_and_augment_every_epoch(fe
     assert 'do_item' not in vars(dls.train)
 
 
+def test_views_replay_item_transforms_that_draw_from_numpy_and_torch(few_digits, teacher):
+    _, record = distil(augmented_dls(few_digits, more_tfms=[Jitter()]), teacher.model, TeacherCache(views=2), epochs=3)
+    repeated = [inputs for inputs in by_item_and_view(record.steps).values() if len(inputs) > 1]
+    assert len(repeated) > 100 and all(torch.equal(xs[0], x) for xs in repeated for x in xs[1:])
+    assert_handed_live_outputs(record.steps, teacher.model)
+
+
 def test_worker_processes_make_the_views_of_each_epoch(few_digits, teacher):
     "Workers are copies of the loader started by each epoch's iterator: their items are the epoch's views"
     dls = augmented_dls(few_digits, num_workers=2)
@@ -134,19 +153,21 @@ def test_worker_processes_make_the_views_of_each_epoch(few_digits, teacher):
 
 
 def test_a_store_with_views_is_reused_by_another_learner(few_digits, teacher, tmp_path):
-    first, _ = distil(augmented_dls(few_digits), teacher.model, TeacherCache(path=tmp_path, views=2), epochs=3)
+    first, _ = distil(augmented_dls(few_digits), teacher.model, TeacherCache(path=tmp_path, views=2, view_seed=7),
+                      epochs=3)
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     n_items = len(first.dls.train.dataset)
     store = TeacherStore(folder)
-    assert store.n_items == 2 * n_items and store.manifest['identity']['storage']['views'] == 2
+    assert store.n_items == 2 * n_items and store.manifest['identity']['storage'] == dict(
+        dtype='torch.float32', top_k=None, views=2, view_seed=7)
     filled_in_training = int(np.asarray(store.filled).sum())
     calls = []
     hook = teacher.model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
-    assert fill_teacher_cache(teacher.model, augmented_dls(few_digits), tmp_path, views=2) == folder
+    assert fill_teacher_cache(teacher.model, augmented_dls(few_digits), tmp_path, views=2, view_seed=7) == folder
     hook.remove()
     assert sum(calls) == 2 * n_items - filled_in_training and np.asarray(store.filled).all()  # only what was missing
     dls = augmented_dls(few_digits)  # another loader over the same items and transforms, another student
-    _, record = distil(dls, teacher.model, TeacherCache(path=tmp_path, views=2), epochs=3, seed=1)
+    _, record = distil(dls, teacher.model, TeacherCache(path=tmp_path, views=2, view_seed=7), epochs=3, seed=1)
     assert record.teacher_items == 0  # every (item, view) from the store, its replayed input checked
     assert_handed_live_outputs(record.steps, teacher.model)
     _, record = distil(dls, teacher.model, TeacherCache(path=tmp_path, views=3), epochs=1)
@@ -159,7 +180,12 @@ def test_what_cannot_be_replayed_is_refused_by_name(few_digits, teacher, tmp_pat
     batch_augmented = augmented_dls(few_digits, batch_tfms=aug_transforms(do_flip=False, size=32))
     with pytest.raises(ValueError, match=r'views=2.*Warp \(dls\.train\.after_batch\).*item_tfms'):
         distil(batch_augmented, teacher.model, TeacherCache(views=2), epochs=1)
-    with pytest.raises(ValueError, match=r'views=2.*MixUp \(callback\).*item_tfms'):
+    unreplayable = ('TeacherCache(views=2) replays the random item transforms of each view, but these draw random '
+                    'numbers once per batch, which cannot be replayed: {}. Augment with item transforms instead '
+                    '(item_tfms, e.g. RandomResizedCrop, FlipItem, RandomCrop) and no random batch_tfms (e.g. '
+                    'aug_transforms, or augment=False) nor MixUp/CutMix, or keep cache=False to run the teacher on '
+                    'every batch.')
+    with pytest.raises(ValueError, match=whole(unreplayable.format('MixUp (callback)'))):
         distil(augmented_dls(few_digits), teacher.model, TeacherCache(views=2), epochs=1, cbs=[MixUp()])
     with pytest.raises(ValueError, match=r'views=2.*Warp \(dls\.train\.after_batch\)'):
         fill_teacher_cache(teacher.model, batch_augmented, tmp_path, views=2)
