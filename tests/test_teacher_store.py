@@ -3,6 +3,7 @@ real Learners over the digits image folder: reuse by another learner and another
 data, a process killed while filling, two processes filling at once, float16 and top-k storage, bad paths."""
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from fastcore.basics import store_attr
 from torchvision.models import resnet34
 
 import store_worker
-from conftest import data_folder, tiny_cnn
+from conftest import data_folder, tiny_cnn, whole
 from fastkd.cache import TeacherCache, fill_teacher_cache
 from fastkd.callback import load_teacher
 from fastkd.cli import main
@@ -218,6 +219,32 @@ def test_float16_and_top_k_storage(dls, trained_teacher, tmp_path):
             assert torch.allclose(stored.topk(4, dim=-1).values[:, 3:].expand(-1, 7),
                                   stored.topk(7, dim=-1, largest=False).values)
         else: torch.testing.assert_close(stored, live, rtol=1e-3, atol=1e-3)
+
+
+def test_filling_from_random_transforms_is_refused_unless_asked(digits_path, teacher_file, tmp_path):
+    """`fill_teacher_cache` stores one output per item: from a loader with random transforms only when allowed, and
+    then a later fill takes the stored outputs as they are (their inputs are not compared)"""
+    teacher, augmented = teacher_from(teacher_file), digits_dls(digits_path, size=32, bs=64, augment=True)
+    message = ('These transforms draw random numbers: {}, so the outputs would be those of one random view: fill the '
+               'store from a loader without them (augment=False), pass views=K to store K replayable views of each '
+               'item, or pass allow_random=True.')
+    with pytest.raises(ValueError, match=whole(message.format(
+            'Rotate (dls.train.after_batch), Brightness (dls.train.after_batch)'))):
+        fill_teacher_cache(teacher, augmented, tmp_path/'store')
+    calls = []
+    teacher.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    folder = fill_teacher_cache(teacher, augmented.train, tmp_path/'store', allow_random=True)  # a loader, or ...
+    assert fill_teacher_cache(teacher, augmented, tmp_path/'store', allow_random=True) == folder  # ... its DataLoaders
+    assert sum(calls) == len(augmented.train.dataset) and np.asarray(TeacherStore(folder).filled).all()
+
+
+def test_a_pickled_cache_holds_its_settings_only_and_finds_its_store_again(dls, teacher_file, tmp_path):
+    teacher, cache = teacher_from(teacher_file), TeacherCache(path=tmp_path/'store', top_k=3)
+    distil(dls, teacher, cache)
+    pickled = pickle.dumps(cache)
+    assert len(pickled) < 1000  # no outputs, classes, input fingerprints or store: those take kilobytes
+    record, _ = distil(dls, teacher, pickle.loads(pickled))
+    assert record.items < dls.bs  # the copy found the store on disk (all but the items of the batch the first fit dropped)
 
 
 def test_bad_paths_and_settings_are_refused_clearly(dls, teacher_file, tmp_path):
