@@ -9,7 +9,7 @@ from fastai.data.transforms import IntToFloatTensor
 from fastai.learner import Learner, load_learner
 from fastai.torch_core import set_seed
 
-from conftest import tiny_cnn
+from conftest import Doubled, tiny_cnn
 from fastkd.cache import TeacherCache
 from fastkd.callback import KnowledgeDistillation
 from fastkd.digits import digits_dls
@@ -113,6 +113,17 @@ def test_a_changed_teacher_or_dataset_refills_the_cache(digits_path, dls, teache
     record.items = 0
     fit(learn, epochs=1)
     assert record.items > len(learn.dls.train.dataset) - 32
+
+
+def test_another_teacher_with_the_same_weights_refills_the_cache(dls, teacher):
+    "A teacher of another class with the same weights computes other outputs: the cache tells it by object, not by sums"
+    cache = TeacherCache()
+    fit(distilled(dls, teacher, cache)[0], epochs=1)
+    doubled = Doubled(*teacher).eval()
+    learn, record = distilled(dls, doubled, cache)
+    fit(learn, epochs=1)
+    assert record.items > len(dls.train.dataset) - dls.bs
+    assert_outputs_of_their_inputs(record.batches, doubled)
 
 
 def test_inputs_changed_in_place_stop_training(digits_path, teacher):

@@ -19,7 +19,7 @@ from fastcore.basics import store_attr
 from torchvision.models import resnet34
 
 import store_worker
-from conftest import data_folder, tiny_cnn, whole
+from conftest import Doubled, data_folder, tiny_cnn, whole
 from fastkd.cache import TeacherCache, fill_teacher_cache
 from fastkd.callback import load_teacher
 from fastkd.cli import main
@@ -132,13 +132,16 @@ def test_another_teacher_or_other_data_get_a_store_of_their_own(digits_path, dls
     for few in first, later:
         record, batches = distil(few, teacher, tmp_path/'stores')
         assert record.items > len(few.train.dataset) - few.bs and max_diff(batches, teacher) < 1e-5
+    doubled = Doubled(*teacher).eval()  # the same weights, another class: another function
+    record, batches = distil(dls, doubled, tmp_path/'stores')
+    assert record.items > len(dls.train.dataset) - dls.bs and max_diff(batches, doubled) < 1e-5
     smaller = digits_dls(digits_path, size=24, bs=64, augment=False, num_workers=0)  # same items, another Resize
     record, batches = distil(smaller, teacher, tmp_path/'stores')
     assert record.items > len(smaller.train.dataset) - smaller.bs and max_diff(batches, teacher) < 1e-5
     folders = [p for p in (tmp_path/'stores').iterdir() if p.is_dir()]
-    assert len(folders) == 5
+    assert len(folders) == 6
     identities = [json.loads((f/'manifest.json').read_text())['identity'] for f in folders]
-    assert len({i['teachers'][0] for i in identities}) == 2 and len({i['data']['items_sha256'] for i in identities}) == 3
+    assert len({i['teachers'][0] for i in identities}) == 3 and len({i['data']['items_sha256'] for i in identities}) == 3
 
 
 class Scaled(DisplayedTransform):
