@@ -14,8 +14,8 @@ from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from torch import Tensor, nn
 
-__all__ = ['first_output', 'evaluating', 'teacher_model', 'user_loader', 'random_state_kept', 'sample_batch', 'few',
-           'as_array', 'class_indices', 'mask_indices']
+__all__ = ['first_output', 'evaluating', 'teacher_model', 'user_loader', 'inputs_of', 'random_state_kept',
+           'sample_batch', 'few', 'as_array', 'class_indices', 'mask_indices']
 
 
 def first_output(output):
@@ -49,6 +49,12 @@ def user_loader(dl: DataLoader) -> DataLoader:
     "The loader the user made: under `learn.distrib_ctx()`, fastai's `DistributedDL` wraps it in `.dl`"
     inner = vars(dl).get('dl')
     return inner if isinstance(inner, DataLoader) else dl
+
+
+def inputs_of(dl: DataLoader, batch: tuple) -> tuple:
+    """The inputs of `batch`, a batch of `dl`: its first `dl.n_inp` tensors, or all but the last where the loader does
+    not say (a plain fastai `DataLoader`), as `Learner` splits a batch"""
+    return tuple(batch[:getattr(dl, 'n_inp', 1 if len(batch) == 1 else len(batch) - 1)])
 
 
 @contextmanager

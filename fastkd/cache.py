@@ -33,7 +33,7 @@ from fastcore.foundation import L
 from fastprogress.fastprogress import progress_bar
 from torch import Tensor, nn
 
-from .basics import evaluating, first_output, random_state_kept, teacher_model, user_loader
+from .basics import evaluating, first_output, inputs_of, random_state_kept, teacher_model, user_loader
 from .store import TeacherStore
 
 __all__ = ['TeacherCache', 'random_augmentations', 'fill_teacher_cache']
@@ -439,7 +439,7 @@ def fill_teacher_cache(teacher, dls: DataLoaders | DataLoader, path: str | Path,
             replay.views.fill_(view)
             replay.install()
         for i, batch in enumerate(progress_bar(plain, leave=False)):
-            xb = batch[:plain.n_inp]
+            xb = inputs_of(plain, batch)
             model.to(xb[0].device)
             items = _batch_items(plain, i, find_bs(xb))
             cache.lookup(cache.keys(items, view), xb, forward, cache.keys(len(dl.dataset), 0))

@@ -29,7 +29,7 @@ from fastcore.basics import patch_to, store_attr
 from fastcore.foundation import L
 from torch import Tensor, nn
 
-from .basics import evaluating, few, first_output, sample_batch, teacher_model, user_loader
+from .basics import evaluating, few, first_output, inputs_of, sample_batch, teacher_model, user_loader
 from .cache import TeacherCache
 from .hints import Hint, HintHooks
 from .losses import loss_examples
@@ -199,7 +199,8 @@ class KnowledgeDistillation(Callback):
         device = next(self.model.parameters()).device
         # drawn at random: a validation set sorted by class (image folders) would give one or two classes first
         batch = to_device(sample_batch(dl, dl.bs or 64, device=device), device)
-        xb, yb = batch[:dl.n_inp], batch[dl.n_inp:]
+        xb = inputs_of(dl, batch)
+        yb = batch[len(xb):]
         teacher_pred = self.teacher_output(xb)
         with torch.no_grad(), evaluating(self.model): student_pred = first_output(self.model(*xb))
         self._check_outputs(teacher_pred, student_pred, 'on a validation batch before training')

@@ -26,7 +26,7 @@ from fastprogress.fastprogress import progress_bar
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from .basics import evaluating, first_output, teacher_model
+from .basics import evaluating, first_output, inputs_of, teacher_model
 from .callback import KnowledgeDistillation
 from .hints import FitNet, Hint, match_layers
 from .losses import DIST, DKD, SoftTarget
@@ -88,7 +88,8 @@ def kd_candidates(learn: Learner, teacher) -> dict[str, dict]:
 
 def _hint_pair(learn: Learner, teacher) -> tuple[str, str] | None:
     "The student's deepest feature map (larger than 1x1) and the teacher's deepest layer of the same spatial size"
-    xb = learn.dls.valid.one_batch()[:learn.dls.n_inp] if len(learn.dls.valid) else learn.dls.train.one_batch()[:1]
+    dl = learn.dls.valid if len(learn.dls.valid) else learn.dls.train
+    xb = inputs_of(dl, dl.one_batch())
     with torch.random.fork_rng(devices=[]):
         pairs = match_layers(learn.model, teacher_model(teacher), tuple(xb))
     pairs = pairs[[np.prod(shape[2:]) > 1 for shape in pairs.student_shape]]
@@ -253,7 +254,7 @@ def _teacher_logits(teacher: nn.Module, learn: Learner) -> Tensor:
     device = next(learn.model.parameters()).device
     teacher.to(device)
     with evaluating(teacher):
-        return torch.cat([first_output(teacher(*to_device(b[:learn.dls.n_inp], device))).float().cpu()
+        return torch.cat([first_output(teacher(*to_device(inputs_of(learn.dls.valid, b), device))).float().cpu()
                           for b in learn.dls.valid])
 
 

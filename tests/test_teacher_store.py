@@ -1,6 +1,7 @@
 """Teacher outputs on disk (`TeacherCache(path=...)`, `cache='folder'`, `fill_teacher_cache`, `fastkd fill-cache`) on
 real Learners over the digits image folder: reuse by another learner and another process, no mix of teachers or
 data, a process killed while filling, two processes filling at once, float16 and top-k storage, bad paths."""
+import hashlib
 import json
 import os
 import pickle
@@ -12,7 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
 from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
 from fastai.vision.all import DisplayedTransform, ImageDataLoaders, Resize, TensorImage
 from fastcore.basics import store_attr
@@ -21,13 +25,13 @@ from torchvision.models import resnet34
 import store_worker
 from conftest import Doubled, data_folder, tiny_cnn, whole
 from fastkd.cache import TeacherCache, fill_teacher_cache
-from fastkd.callback import load_teacher
+from fastkd.callback import KnowledgeDistillation, load_teacher
 from fastkd.cli import main
 from fastkd.digits import digits_dls
 from fastkd.gtsrb import gtsrb_dls
 from fastkd.losses import DIST, SoftTarget
 from fastkd.store import TeacherStore
-from store_worker import distil, max_diff, teacher_from
+from store_worker import TeacherRecord, distil, max_diff, teacher_from
 
 ROOT = Path(__file__).resolve().parents[1]
 # the largest relative change of a loss against full outputs (measured: float16 below 1e-5; top 3 of 10 classes 0.016
@@ -142,6 +146,23 @@ def test_another_teacher_or_other_data_get_a_store_of_their_own(digits_path, dls
     assert len(folders) == 6
     identities = [json.loads((f/'manifest.json').read_text())['identity'] for f in folders]
     assert len({i['teachers'][0] for i in identities}) == 3 and len({i['data']['items_sha256'] for i in identities}) == 3
+
+
+def test_a_dataset_of_tensors_is_keyed_by_index(dls, teacher_file, tmp_path):
+    """A fastai DataLoader over a list of tensors (no file per item, no transforms): the store is keyed by index, and a
+    learner on that data reuses what `fill_teacher_cache` stored"""
+    items = [(x, y) for xb, yb in dls.valid for x, y in zip(xb, yb)]
+    tensors = DataLoaders(DataLoader(items, bs=32, shuffle=True, drop_last=True), DataLoader(items, bs=64))
+    teacher = teacher_from(teacher_file)
+    folder = fill_teacher_cache(teacher, tensors, tmp_path/'stores')
+    assert json.loads((folder/'manifest.json').read_text())['identity']['data'] == dict(
+        dataset='list', n_items=len(items), keyed_by='index', items_sha256=hashlib.sha256(b'').hexdigest(),
+        first_item=[], transforms=[])
+    record = TeacherRecord(teacher)
+    learn = Learner(tensors, tiny_cnn(8), loss_func=CrossEntropyLossFlat(),
+                    cbs=[KnowledgeDistillation(teacher, cache=tmp_path/'stores'), record])
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert record.items == 0 and np.asarray(TeacherStore(folder).filled).all()
 
 
 class Scaled(DisplayedTransform):
