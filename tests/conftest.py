@@ -147,6 +147,16 @@ def whole(message: str) -> str:
     return rf'(?:^|\n\t){re.escape(message)}$'
 
 
+def changed_inputs(where: str = '') -> str:
+    "A `match=` pattern for the whole error of stored items whose inputs changed (no views): five items, the fixes"
+    return (r'(?:^|\n\t)The inputs of training items \[\d+(?:, \d+){4}\] ' + re.escape(
+        f'changed since the teacher output was cached for them{where}: a transform draws random numbers (e.g. Resize '
+        'cropping images of another aspect ratio at random; use ResizeMethod.Squish), or the data or its transforms '
+        'were changed in place. Remove the randomness, or call `cache.reset()` after changing data (on disk, delete '
+        "the store's folder), or pass cache=TeacherCache(allow_random=True) to reuse the first output of each "
+        'item.') + '$')
+
+
 def eval_logits(model, xb):
     "What the callback's teacher forward computes: eval mode, no gradient"
     with torch.no_grad(): return model.eval()(*xb)

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageOps
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
@@ -23,7 +25,7 @@ from fastcore.basics import store_attr
 from torchvision.models import resnet34
 
 import store_worker
-from conftest import Doubled, data_folder, tiny_cnn, whole
+from conftest import Doubled, changed_inputs, data_folder, tiny_cnn, whole
 from fastkd.cache import TeacherCache, fill_teacher_cache
 from fastkd.callback import KnowledgeDistillation, load_teacher
 from fastkd.cli import main
@@ -110,16 +112,22 @@ def test_another_learner_and_another_process_reuse_the_store(digits_path, dls, t
     assert third['teacher_items'] < dls.bs and third['max_diff'] < 1e-5
     assert filled_and_valid(folder, teacher, dls) == first.items + second.items + third['teacher_items']
     manifest = json.loads((folder/'manifest.json').read_text())
-    assert manifest['n_items'] == n_items and manifest['identity']['data']['keyed_by'] == 'item'
-    assert manifest['identity']['data']['first_item'] == [str(dls.train.dataset.items[0])]
+    dataset, dl = dls.train.dataset, dls.train
+    files = [str(Path(item).absolute()) for item in dataset.items]
+    assert manifest['n_items'] == n_items and manifest['identity']['data'] == dict(  # what makes the inputs
+        dataset='Datasets', n_items=n_items, keyed_by='item',
+        items_sha256=hashlib.sha256('\n'.join(files).encode()).hexdigest(), first_item=[str(dataset.items[0])],
+        transforms=[repr(dataset.tfms[0]), *map(repr, dl.after_item.fs + dl.before_batch.fs + dl.after_batch.fs)])
 
 
-def linked_digits(digits_path: Path, dest: Path, first: int, n: int = 20) -> Path:
-    "A digits folder of links to images `first` to `first + n` of each class and split of `digits_path`"
+def some_digits(digits_path: Path, dest: Path, first: int, n: int = 20, copy: bool = False) -> Path:
+    "A digits folder of links to (or with `copy`, copies of) images `first` to `first + n` of each class and split"
     for split in ('train', 'valid'):
         for folder in sorted((digits_path/split).iterdir()):
             (dest/split/folder.name).mkdir(parents=True)
-            for image in sorted(folder.iterdir())[first:first + n]: (dest/split/folder.name/image.name).symlink_to(image)
+            for image in sorted(folder.iterdir())[first:first + n]:
+                if copy: shutil.copy(image, dest/split/folder.name)
+                else: (dest/split/folder.name/image.name).symlink_to(image)
     return dest
 
 
@@ -130,7 +138,7 @@ def test_another_teacher_or_other_data_get_a_store_of_their_own(digits_path, dls
     with torch.no_grad(): other[1].weight.mul_(2)  # the same architecture, other weights
     record, batches = distil(dls, other, tmp_path/'stores')
     assert record.items > len(dls.train.dataset) - dls.bs and max_diff(batches, other) < 1e-5  # nothing of the first
-    first, later = [digits_dls(linked_digits(digits_path, tmp_path/name, start), size=32, bs=64, augment=False,
+    first, later = [digits_dls(some_digits(digits_path, tmp_path/name, start), size=32, bs=64, augment=False,
                                num_workers=0) for name, start in (('first', 0), ('later', 20))]
     assert len(first.train.dataset) == len(later.train.dataset)  # as many items, other ones
     for few in first, later:
@@ -188,7 +196,21 @@ def test_transforms_that_hold_functions_match_across_processes(digits_path, teac
                                            bs=64, num_workers=0)
         records.append(distil(dls, teacher, tmp_path)[0])
     assert records[0].items > len(dls.train.dataset) - dls.bs and records[1].items < dls.bs
-    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1
+    transforms = json.loads((only_store(tmp_path)/'manifest.json').read_text())['identity']['data']['transforms']
+    assert any(t.startswith("Scaled -- {'scale': <function halving.<locals>.half>}") for t in transforms)  # no address
+
+
+def test_images_rewritten_in_place_stop_training_and_name_the_store(digits_path, teacher_file, tmp_path):
+    "Files rewritten under the same paths find the same store: the check of each item's input stops the fit"
+    dls = digits_dls(some_digits(digits_path, tmp_path/'data', 0, n=5, copy=True), size=32, bs=16, augment=False,
+                     num_workers=0)
+    teacher = teacher_from(teacher_file)
+    folder = fill_teacher_cache(teacher, dls, tmp_path/'stores')
+    for image in (tmp_path/'data'/'train').rglob('*.png'):
+        ImageOps.invert(Image.open(image).convert('RGB')).save(image)
+    with pytest.raises(RuntimeError, match=changed_inputs(f' in the store {folder}')):
+        distil(dls, teacher, tmp_path/'stores')
+    assert all(image.is_file() for image in (digits_path/'train').rglob('*.png'))  # the copies were rewritten only
 
 
 def test_a_process_killed_while_filling_leaves_valid_outputs_and_the_next_run_completes(digits_path, dls, teacher_file,
