@@ -9,7 +9,7 @@ from fastai.data.transforms import IntToFloatTensor
 from fastai.learner import Learner, load_learner
 from fastai.torch_core import set_seed
 
-from conftest import Doubled, changed_inputs, tiny_cnn
+from conftest import Doubled, changed_inputs, tiny_cnn, whole
 from fastkd.cache import TeacherCache
 from fastkd.callback import KnowledgeDistillation
 from fastkd.digits import digits_dls
@@ -133,6 +133,19 @@ def test_inputs_changed_in_place_stop_training(digits_path, teacher):
     to_float = next(t for t in dls.train.after_batch.fs if isinstance(t, IntToFloatTensor))
     to_float.div = 128.  # every input doubles, behind the cache's back
     with pytest.raises(RuntimeError, match=changed_inputs()): fit(learn, epochs=1)
+
+
+def test_a_cache_called_out_of_order_says_what_must_run_first(dls, teacher):
+    "Code that drives a TeacherCache itself (not through the callback) is told which step it skipped"
+    learn = Learner(dls, tiny_cnn(8))
+    learn.dl, learn.iter = dls.train, 0
+    xb = next(iter(dls.train))[:1]  # the loader draws this epoch's order
+    with pytest.raises(RuntimeError, match=whole('TeacherCache.prepare must run before the cache is used.')):
+        TeacherCache()(learn, xb, teacher)
+    cache = TeacherCache(views=2)
+    cache.prepare(learn, [teacher])
+    with pytest.raises(RuntimeError, match=whole('TeacherCache.start_epoch must run before each training epoch.')):
+        cache(learn, xb, teacher)
 
 
 def test_random_augmentation_is_refused_by_name(digits_path, dls, teacher):

@@ -2,6 +2,7 @@
 per epoch, the teacher run once per (item, view); in memory and on disk; refusals of what cannot be replayed."""
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from fastai.callback.core import Callback
 from fastai.callback.mixup import MixUp
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
-from fastai.vision.all import FlipItem, ImageDataLoaders, RandomResizedCrop, RandTransform, TensorImage, aug_transforms
+from fastai.vision.all import (FlipItem, ImageDataLoaders, IntToFloatTensor, RandomResizedCrop, RandTransform, TensorImage,
+                               aug_transforms)
 
 from conftest import tiny_cnn, whole
 from fastkd.cache import TeacherCache, fill_teacher_cache
@@ -131,6 +133,19 @@ def test_views_replay_item_transforms_that_draw_from_numpy_and_torch(few_digits,
     repeated = [inputs for inputs in by_item_and_view(record.steps).values() if len(inputs) > 1]
     assert len(repeated) > 100 and all(torch.equal(xs[0], x) for xs in repeated for x in xs[1:])
     assert_handed_live_outputs(record.steps, teacher.model)
+
+
+def test_a_view_whose_input_changed_stops_training_naming_items_and_views(few_digits, teacher):
+    dls = augmented_dls(few_digits)
+    learn, _ = distil(dls, teacher.model, TeacherCache(views=2), epochs=2)  # both views of every item stored
+    next(t for t in dls.train.after_batch.fs if isinstance(t, IntToFloatTensor)).div = 128.  # behind the cache's back
+    items = r'\d+ \(view [01]\)'
+    with pytest.raises(RuntimeError, match=rf'(?:^|\n\t)The inputs of training items {items}(?:, {items}){{4}} ' + re.escape(
+            'are not those their teacher outputs were cached for: a view did not replay. A transform draws random '
+            'numbers outside the item transforms (or from a generator of its own), or the data or its transforms '
+            "were changed in place. Draw from Python's random module in item transforms, or call `cache.reset()` "
+            "after changing data (on disk, delete the store's folder), or keep cache=False.") + '$'):
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
 
 
 def test_worker_processes_make_the_views_of_each_epoch(few_digits, teacher):
