@@ -5,8 +5,11 @@ import fastai.callback.schedule  # noqa: F401  (Learner.lr_find, fit_one_cycle)
 import pytest
 import torch
 from fastai.callback.mixup import MixUp
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
 from fastai.data.transforms import IntToFloatTensor
 from fastai.learner import Learner, load_learner
+from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
 
 from conftest import Doubled, changed_inputs, tiny_cnn, whole
@@ -142,10 +145,25 @@ def test_a_cache_called_out_of_order_says_what_must_run_first(dls, teacher):
     xb = next(iter(dls.train))[:1]  # the loader draws this epoch's order
     with pytest.raises(RuntimeError, match=whole('TeacherCache.prepare must run before the cache is used.')):
         TeacherCache()(learn, xb, teacher)
+    learn.dl = dls.train.new()  # a loader that has drawn no order yet
+    with pytest.raises(RuntimeError, match=whole('The teacher cache cannot tell which items batch 0 holds: it follows the '
+                                                 'item order of fastai DataLoaders. Use cache=False with this loader.')):
+        TeacherCache().batch_items(learn, 4)
+    learn.dl = dls.train
     cache = TeacherCache(views=2)
     cache.prepare(learn, [teacher])
     with pytest.raises(RuntimeError, match=whole('TeacherCache.start_epoch must run before each training epoch.')):
         cache(learn, xb, teacher)
+
+
+def test_pre_batched_data_is_refused(dls, teacher):
+    "A loader of ready-made batches (bs=None) has no item order to key outputs by"
+    batches = [(xb.clone(), yb.clone()) for xb, yb in dls.train.new(shuffle=False)]
+    pre_batched = DataLoaders(DataLoader(batches, bs=None), DataLoader(batches[:2], bs=None))
+    with pytest.raises(ValueError, match=whole(
+            'The teacher cache keys outputs by dataset index: it needs a training DataLoader over an indexed '
+            'dataset, with a batch size. Use cache=False for iterable or pre-batched data.')):
+        TeacherCache().prepare(Learner(pre_batched, tiny_cnn(8), loss_func=CrossEntropyLossFlat()), [teacher])
 
 
 def test_random_augmentation_is_refused_by_name(digits_path, dls, teacher):
@@ -166,7 +184,10 @@ def test_random_augmentation_is_refused_by_name(digits_path, dls, teacher):
 
 
 def test_memory_bound_and_pickles(dls, teacher):
-    with pytest.raises(MemoryError, match=r'max_gib=1e-06.*float16'):
+    with pytest.raises(MemoryError, match=whole(
+            f'Caching the teacher outputs would take 0.0 GiB ({len(dls.train.dataset)} items x (10,) in '
+            'torch.float32), more than max_gib=1e-06: pass TeacherCache(dtype=torch.float16), top_k, a path on disk '
+            'or a larger max_gib, or use cache=False.')):
         fit(distilled(dls, teacher, cache=TeacherCache(max_gib=1e-6))[0])
     learn, _ = distilled(dls, teacher)
     fit(learn, epochs=1)

@@ -296,10 +296,18 @@ def test_a_pickled_cache_holds_its_settings_only_and_finds_its_store_again(dls, 
 def test_bad_paths_and_settings_are_refused_clearly(dls, teacher_file, tmp_path):
     (tmp_path/'file').write_text('')
     with pytest.raises(NotADirectoryError, match='is a file: pass a folder'): TeacherCache(path=tmp_path/'file')
-    with pytest.raises(ValueError, match='float32 or torch.float16'): TeacherCache(path=tmp_path, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match='top_k'): TeacherCache(top_k=0)
+    with pytest.raises(ValueError, match=whole('TeacherCache stores torch.float32 or torch.float16, not torch.bfloat16.')):
+        TeacherCache(path=tmp_path, dtype=torch.bfloat16)
+    for top_k in 0, 2.5:
+        with pytest.raises(ValueError, match=whole(f'top_k is the number of largest logits kept per item, at least 1: '
+                                                   f'got {top_k}.')):
+            TeacherCache(top_k=top_k)
     teacher = teacher_from(teacher_file)
-    with pytest.raises(ValueError, match=r'top_k=10 .*shape \(10,\)'): distil(dls, teacher, TeacherCache(top_k=10))
+    with pytest.raises(ValueError, match=whole(
+            'top_k=10 keeps the largest of one row of class logits per item, and the teacher gives outputs of shape '
+            '(10,) per item: pass a top_k below the number of classes, or store whole outputs (top_k=None, '
+            'dtype=torch.float16 to halve them).')):
+        distil(dls, teacher, TeacherCache(top_k=10))
     distil(dls, teacher, tmp_path/'store')
     folder = only_store(tmp_path/'store')
     with pytest.raises(ValueError, match='folder of one teacher store.*pass the folder above it'):

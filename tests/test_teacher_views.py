@@ -162,7 +162,9 @@ def test_worker_processes_make_the_views_of_each_epoch(few_digits, teacher):
             made = dl.after_batch(dl.do_batch([dl.do_item(int(item)) for item in step['items']]))[0]
             assert torch.equal(made, step['inputs'])
     cache.release()
-    with pytest.raises(ValueError, match='persistent_workers=False'):
+    with pytest.raises(ValueError, match=whole('TeacherCache(views=2) picks new views at each epoch, which persistent '
+                                               'workers would not see: pass persistent_workers=False to the '
+                                               'DataLoaders.')):
         distil(augmented_dls(few_digits, num_workers=2, persistent_workers=True), teacher.model,
                TeacherCache(views=2), epochs=1)
 
@@ -206,5 +208,10 @@ def test_what_cannot_be_replayed_is_refused_by_name(few_digits, teacher, tmp_pat
         distil(augmented_dls(few_digits), teacher.model, TeacherCache(views=2), epochs=1, cbs=[MixUp()])
     with pytest.raises(ValueError, match=batch_randoms):
         fill_teacher_cache(teacher.model, batch_augmented, tmp_path, views=2)
-    with pytest.raises(ValueError, match='at least 1'): TeacherCache(views=0)
-    with pytest.raises(ValueError, match='pass one of them'): TeacherCache(views=2, allow_random=True)
+    for views in 0, True, 1.5:
+        with pytest.raises(ValueError, match=whole(f'views is the number of augmented views kept per item, at least 1: '
+                                                   f'got {views}.')):
+            TeacherCache(views=views)
+    with pytest.raises(ValueError, match=whole("allow_random=True reuses each item's first output for all its views and "
+                                               'views=K stores the output of each of K views: pass one of them.')):
+        TeacherCache(views=2, allow_random=True)
