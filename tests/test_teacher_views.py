@@ -165,8 +165,11 @@ def test_worker_processes_make_the_views_of_each_epoch(few_digits, teacher):
     with pytest.raises(ValueError, match=whole('TeacherCache(views=2) picks new views at each epoch, which persistent '
                                                'workers would not see: pass persistent_workers=False to the '
                                                'DataLoaders.')):
-        distil(augmented_dls(few_digits, num_workers=2, persistent_workers=True), teacher.model,
+        distil(augmented_dls(few_digits, num_workers=1, persistent_workers=True), teacher.model,
                TeacherCache(views=2), epochs=1)
+    _, record = distil(augmented_dls(few_digits, num_workers=0, persistent_workers=True), teacher.model,
+                       TeacherCache(views=2), epochs=1)  # no worker to persist: accepted
+    assert_handed_live_outputs(record.steps, teacher.model)
 
 
 def test_a_store_with_views_is_reused_by_another_learner(few_digits, teacher, tmp_path):
