@@ -1,5 +1,6 @@
 "KnowledgeDistillation(cache=...) on real fastai Learners over the digits image folder: shuffled, with workers, a whole schedule, refusals."
 import pickle
+from copy import copy
 
 import fastai.callback.schedule  # noqa: F401  (Learner.lr_find, fit_one_cycle)
 import pytest
@@ -127,6 +128,20 @@ def test_another_teacher_with_the_same_weights_refills_the_cache(dls, teacher):
     fit(learn, epochs=1)
     assert record.items > len(dls.train.dataset) - dls.bs
     assert_outputs_of_their_inputs(record.batches, doubled)
+
+
+def test_another_dataset_object_or_other_transform_objects_refill_the_cache(dls, teacher):
+    "In memory the cache keys on the objects: a copy of the dataset, or new transforms of the loader, start afresh"
+    learn, record = distilled(dls, teacher)
+    fit(learn, epochs=1)
+    other_transforms = dls.train.new(after_batch=[IntToFloatTensor(div=128.)])  # the same dataset object
+    same_transforms = other_transforms.new(dataset=copy(dls.train.dataset))  # the same items, another object
+    for train in other_transforms, same_transforms:
+        learn.dls = DataLoaders(train, dls.valid)
+        record.items, record.batches = 0, []
+        fit(learn, epochs=1)
+        assert record.items > len(dls.train.dataset) - dls.bs
+        assert_outputs_of_their_inputs(record.batches, teacher)
 
 
 def test_inputs_changed_in_place_stop_training(digits_path, teacher):
