@@ -244,6 +244,8 @@ def test_float16_and_top_k_storage(dls, trained_teacher, tmp_path):
     for name, settings in {'float16': dict(dtype=torch.float16), 'top3': dict(top_k=3)}.items():
         store = TeacherStore(fill_teacher_cache(teacher, dls, tmp_path/name, **settings))
         assert np.asarray(store.filled).all()
+        assert store.manifest['identity']['storage'] == dict(dtype=str(settings.get('dtype', torch.float32)),
+                                                             top_k=settings.get('top_k'))  # part of the store's name
         outputs, per_item = store.arrays['outputs'], store.manifest['bytes_per_item']
         if name == 'float16':
             assert outputs.dtype == np.float16 and outputs.shape == (n_items, n_classes)
