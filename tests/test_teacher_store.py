@@ -269,6 +269,17 @@ def test_float16_and_top_k_storage(dls, trained_teacher, tmp_path):
         else: torch.testing.assert_close(stored, live, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize('n_classes, index_dtype', [(32767, np.int16), (32768, np.int32)])
+def test_top_k_class_indices_take_int32_beyond_int16(dls, tmp_path, n_classes, index_dtype):
+    "Top-k keeps class indices in int16 up to 32,767 classes, in int32 beyond (the last class stored right)"
+    set_seed(0, reproducible=True)
+    teacher = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, n_classes))
+    with torch.no_grad(): teacher[2].bias[-1] = 100.  # the last class always first
+    store = TeacherStore(fill_teacher_cache(teacher, dls, tmp_path, top_k=2))
+    indices = np.asarray(store.arrays['indices'])
+    assert indices.dtype == index_dtype and (indices[:, 0] == n_classes - 1).all()
+
+
 def test_filling_from_random_transforms_is_refused_unless_asked(digits_path, teacher_file, tmp_path):
     """`fill_teacher_cache` stores one output per item: from a loader with random transforms only when allowed, and
     then a later fill takes the stored outputs as they are (their inputs are not compared)"""
