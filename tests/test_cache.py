@@ -204,6 +204,9 @@ def test_memory_bound_and_pickles(dls, teacher):
             'torch.float32), more than max_gib=1e-06: pass TeacherCache(dtype=torch.float16), top_k, a path on disk '
             'or a larger max_gib, or use cache=False.')):
         fit(distilled(dls, teacher, cache=TeacherCache(max_gib=1e-6))[0])
+    need = len(dls.train.dataset) * (10 * 4 + 4) / 2**30  # float32 outputs and a float32 input fingerprint per item
+    with pytest.raises(MemoryError): fit(distilled(dls, teacher, cache=TeacherCache(max_gib=need * 0.99))[0])
+    fit(distilled(dls, teacher, cache=TeacherCache(max_gib=need))[0], epochs=1)  # exactly enough
     learn, _ = distilled(dls, teacher)
     fit(learn, epochs=1)
     cache = learn.knowledge_distillation.cache
