@@ -103,6 +103,9 @@ def test_views_run_the_teacher_once_per_item_and_view_and_augment_every_epoch(fe
     # each epoch draws its own views, the same for every learner, from the seed and the epoch alone: every item goes
     # through its K views once in each K epochs
     first_cycle = torch.stack([cache.epoch_views(epoch, n_items) for epoch in range(views)], 1)
+    assert cache.keys(torch.tensor([0, 0, 5]), torch.tensor([0, 2, 1])).tolist() == [0, 2, 16]  # item * K + view
+    assert cache.keys(n_items, 0) == n_items * views == len(cache.stored)
+    assert TeacherCache().keys(torch.tensor([0, 5]), 0).tolist() == [0, 5]  # without views: the item itself
     assert (first_cycle.sort(1).values == torch.arange(views)).all()
     epoch_views = [torch.cat([s['views'] for s in record.steps if s['epoch'] == e]) for e in range(4)]
     assert all(len(v.unique()) == views for v in epoch_views)
