@@ -280,6 +280,22 @@ def test_top_k_class_indices_take_int32_beyond_int16(dls, tmp_path, n_classes, i
     assert indices.dtype == index_dtype and (indices[:, 0] == n_classes - 1).all()
 
 
+class Sliced(torch.nn.Sequential):
+    "A tiny CNN that gives its first `n_out` logits: a setting outside its state dict, so outside the store's name"
+    n_out = 10
+    def forward(self, x): return super().forward(x)[:, :self.n_out]
+
+
+def test_a_teacher_whose_outputs_changed_shape_is_stopped_naming_the_store(dls, teacher_file, tmp_path):
+    teacher = Sliced(*teacher_from(teacher_file))
+    distil(dls, teacher, tmp_path)  # one epoch: the last partial batch is left to fill
+    teacher.n_out = 5
+    with pytest.raises(ValueError, match=whole(
+            f'The teacher gives outputs of shape (5,) per item and the store {only_store(tmp_path)} holds (10,): '
+            'delete that folder and fill it again.')):
+        fill_teacher_cache(teacher, dls, tmp_path)
+
+
 def test_filling_from_random_transforms_is_refused_unless_asked(digits_path, teacher_file, tmp_path):
     """`fill_teacher_cache` stores one output per item: from a loader with random transforms only when allowed, and
     then a later fill takes the stored outputs as they are (their inputs are not compared)"""
