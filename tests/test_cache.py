@@ -199,6 +199,9 @@ def test_random_augmentation_is_refused_by_name(digits_path, dls, teacher):
 
 
 def test_memory_bound_and_pickles(dls, teacher):
+    cache = TeacherCache()  # the defaults its docstring gives
+    assert (cache.allow_random, cache.dtype, cache.max_gib, cache.path, cache.top_k, cache.views, cache.view_seed) == (
+        False, torch.float32, 8., None, None, None, 0)
     with pytest.raises(MemoryError, match=whole(
             f'Caching the teacher outputs would take 0.0 GiB ({len(dls.train.dataset)} items x (10,) in '
             'torch.float32), more than max_gib=1e-06: pass TeacherCache(dtype=torch.float16), top_k, a path on disk '
