@@ -12,9 +12,10 @@ from fastai.data.transforms import IntToFloatTensor
 from fastai.learner import Learner, load_learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
+from fastai.vision.all import FlipItem, ImageDataLoaders, Resize
 
 from conftest import Doubled, changed_inputs, tiny_cnn, whole
-from fastkd.cache import TeacherCache
+from fastkd.cache import TeacherCache, random_augmentations
 from fastkd.callback import KnowledgeDistillation
 from fastkd.digits import digits_dls
 from fastkd.losses import SoftTarget
@@ -179,6 +180,14 @@ def test_pre_batched_data_is_refused(dls, teacher):
             'The teacher cache keys outputs by dataset index: it needs a training DataLoader over an indexed '
             'dataset, with a batch size. Use cache=False for iterable or pre-batched data.')):
         TeacherCache().prepare(Learner(pre_batched, tiny_cnn(8), loss_func=CrossEntropyLossFlat()), [teacher])
+
+
+def test_a_random_transform_that_never_draws_is_no_augmentation(digits_path):
+    "A fastai RandTransform with p=0 leaves every input as it is: the cache takes it, a p above 0 it names"
+    for p, named in (0., []), (0.5, ['FlipItem (dls.train.after_item)']):
+        flips = ImageDataLoaders.from_folder(digits_path, train='train', valid='valid', item_tfms=[Resize(32), FlipItem(p)],
+                                             bs=64, num_workers=0)
+        assert random_augmentations(Learner(flips, tiny_cnn(8))) == named
 
 
 def test_random_augmentation_is_refused_by_name(digits_path, dls, teacher):
