@@ -91,7 +91,7 @@ def _hint_pair(learn: Learner, teacher) -> tuple[str, str] | None:
     dl = learn.dls.valid if len(learn.dls.valid) else learn.dls.train
     xb = inputs_of(dl, dl.one_batch())
     with torch.random.fork_rng(devices=[]):
-        pairs = match_layers(learn.model, teacher_model(teacher), tuple(xb))
+        pairs = match_layers(learn.model, teacher_model(teacher), xb)
     pairs = pairs[[np.prod(shape[2:]) > 1 for shape in pairs.student_shape]]
     if not len(pairs): return None
     deepest = pairs[pairs.student_layer == pairs.student_layer.iloc[-1]].iloc[-1]
