@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastai.callback.core import CancelFitException
+from fastai.data.transforms import IntToFloatTensor
 from fastai.learner import Callback, Learner
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
@@ -145,6 +146,11 @@ class RecordFirstBatch(Callback):
 def whole(message: str) -> str:
     "A `match=` pattern for exactly `message`, alone or after the line fastai puts before an error raised in a callback"
     return rf'(?:^|\n\t){re.escape(message)}$'
+
+
+def double_inputs(dl) -> None:
+    "Every input of `dl` doubles from its next batch on, behind any cache's back: its `IntToFloatTensor` divides by 128"
+    next(t for t in dl.after_batch.fs if isinstance(t, IntToFloatTensor)).div = 128.
 
 
 def changed_inputs(where: str = '') -> str:

@@ -14,7 +14,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
 from fastai.vision.all import FlipItem, ImageDataLoaders, Resize
 
-from conftest import Doubled, changed_inputs, tiny_cnn, whole
+from conftest import Doubled, changed_inputs, double_inputs, tiny_cnn, whole
 from fastkd.cache import TeacherCache, random_augmentations
 from fastkd.callback import KnowledgeDistillation
 from fastkd.digits import digits_dls
@@ -149,8 +149,7 @@ def test_inputs_changed_in_place_stop_training(digits_path, teacher):
     dls = digits_dls(digits_path, size=32, bs=64, augment=False, num_workers=0)
     learn, _ = distilled(dls, teacher)
     fit(learn, epochs=1)
-    to_float = next(t for t in dls.train.after_batch.fs if isinstance(t, IntToFloatTensor))
-    to_float.div = 128.  # every input doubles, behind the cache's back
+    double_inputs(dls.train)
     with pytest.raises(RuntimeError, match=changed_inputs()): fit(learn, epochs=1)
 
 

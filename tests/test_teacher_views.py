@@ -11,10 +11,9 @@ from fastai.callback.core import Callback
 from fastai.callback.mixup import MixUp
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
-from fastai.vision.all import (FlipItem, ImageDataLoaders, IntToFloatTensor, RandomResizedCrop, RandTransform, TensorImage,
-                               aug_transforms)
+from fastai.vision.all import FlipItem, ImageDataLoaders, RandomResizedCrop, RandTransform, TensorImage, aug_transforms
 
-from conftest import tiny_cnn, whole
+from conftest import double_inputs, tiny_cnn, whole
 from fastkd.cache import TeacherCache, fill_teacher_cache
 from fastkd.callback import KnowledgeDistillation
 from fastkd.losses import SoftTarget
@@ -141,7 +140,7 @@ def test_views_replay_item_transforms_that_draw_from_numpy_and_torch(few_digits,
 def test_a_view_whose_input_changed_stops_training_naming_items_and_views(few_digits, teacher):
     dls = augmented_dls(few_digits)
     learn, _ = distil(dls, teacher.model, TeacherCache(views=2), epochs=2)  # both views of every item stored
-    next(t for t in dls.train.after_batch.fs if isinstance(t, IntToFloatTensor)).div = 128.  # behind the cache's back
+    double_inputs(dls.train)
     items = r'\d+ \(view [01]\)'
     with pytest.raises(RuntimeError, match=rf'(?:^|\n\t)The inputs of training items {items}(?:, {items}){{4}} ' + re.escape(
             'are not those their teacher outputs were cached for: a view did not replay. A transform draws random '
