@@ -4,6 +4,8 @@ import pytest
 import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.fp16 import MixedPrecision
+from fastai.vision.core import TensorImage
+from fasttransform import Transform
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
 
@@ -106,3 +108,41 @@ def test_teacher_runs_channels_last_on_a_cpu_by_default_with_the_same_losses_and
     assert all(torch.equal(after[k], v) and after[k].is_contiguous() for k, v in before.items())
     assert list(teacher.parameters()) == params and [p.requires_grad for p in teacher.parameters()] == flags
     assert all(m.training for m in teacher.modules())
+
+
+class FixedBlur(torch.nn.Module):
+    "A 3x3 blur of each channel by a fixed convolution, whose kernel is a 4-d buffer"
+    def __init__(self):
+        super().__init__()
+        self.register_buffer('kernel', torch.eye(3)[:, :, None, None].expand(3, 3, 3, 3) / 9)
+    def forward(self, x): return torch.nn.functional.conv2d(x, self.kernel, padding=1)
+
+
+def test_channels_last_covers_the_teachers_4d_buffers_and_puts_them_back(digits_path):
+    set_seed(1, reproducible=True)
+    teacher = torch.nn.Sequential(FixedBlur(), tiny_cnn(16)).eval()
+    layouts = []
+    teacher[0].register_forward_pre_hook(lambda module, inputs: layouts.append(
+        module.kernel.is_contiguous(memory_format=torch.channels_last) and not module.kernel.is_contiguous()))
+    first_losses(digits_path, teacher=teacher)
+    assert layouts == [False, True, True, True]  # the check on a validation batch, then 3 steps
+    assert teacher[0].kernel.is_contiguous() and torch.equal(teacher[0].kernel, FixedBlur().kernel)
+
+
+class DoubleImages(Transform):
+    "Images in float64, after `IntToFloatTensor`"
+    order = 99
+    def encodes(self, x: TensorImage): return x.double()
+
+
+def test_the_teacher_computes_in_the_students_dtype(digits_path):
+    "A float64 student on float64 images: the float32 teacher is cast to float64 before the first step"
+    dls = digits_dls(digits_path, size=32, bs=64, augment=False, num_workers=0)
+    for dl in dls.loaders: dl.after_batch.add(DoubleImages())
+    set_seed(1, reproducible=True)
+    teacher = tiny_cnn(16).eval()
+    steps = FirstSteps()
+    learn = Learner(dls, tiny_cnn(8).double(), cbs=[KnowledgeDistillation(teacher, SoftTarget(T=1)), steps])
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    assert {p.dtype for p in teacher.parameters()} == {torch.float64}
+    assert len(steps.losses) == 3 and all(torch.isfinite(torch.tensor(steps.losses)))
