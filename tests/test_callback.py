@@ -339,6 +339,14 @@ def is_inside(module, parent) -> bool:
     return any(module is m for m in parent.modules())
 
 
+def test_fastkd_finds_fastais_own_fit_and_export_beneath_its_wrappers():
+    "What importing fastkd.callback again wraps (test_house checks that in a fresh process): fastai's own methods"
+    from fastkd.callback import _fastai_original  # called at import, before a test could reach it any other way
+    assert Learner.fit.fastkd_patch and Learner.export.fastkd_patch
+    assert _fastai_original('fit') is Learner.fit.__wrapped__ and _fastai_original('export') is Learner.export.__wrapped__
+    assert _fastai_original('validate') is Learner.validate  # a method fastkd leaves alone
+
+
 # --- bad input ----------------------------------------------------------------------------------------------
 
 def test_teacher_of_the_wrong_type_fails_at_construction():
