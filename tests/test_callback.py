@@ -20,11 +20,14 @@ from fastai.learner import Callback, Learner, load_learner
 from fastai.losses import LabelSmoothingCrossEntropy
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
+from fastai.vision.augment import Resize
 from fastai.vision.core import PILImage
+from fastai.vision.data import ImageDataLoaders
 from fastcore.xtras import Path
 from torch import nn
 
 from conftest import assert_same_state, eval_logits, first_batch, state, student, tiny_cnn
+from fastkd.basics import sample_batch
 from fastkd.callback import KnowledgeDistillation
 from fastkd.digits import digits_dls
 from fastkd.hints import FitNet, Hint
@@ -269,7 +272,9 @@ LOAD_WITHOUT_FASTKD = """
 import sys
 sys.modules['fastkd'] = None  # importing fastkd (or anything in it) now fails, as on a server without it
 from fastai.learner import load_learner
+from fastai.vision.augment import Resize
 from fastai.vision.core import PILImage
+from fastai.vision.data import ImageDataLoaders
 learn = load_learner(sys.argv[1])
 assert not any('fastkd' in type(cb).__module__ for cb in learn.cbs), learn.cbs
 assert len(learn.splitter(learn.model)) == 2  # default_split came along by value: body and head groups
@@ -491,6 +496,31 @@ class CancelAfterOneStep(Callback):
     def after_step(self):
         if self.epoch == self.at_epoch: raise CancelFitException()
 
+
+
+class FirstInputs(nn.Module):
+    "`model`, keeping the inputs of its first call"
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.inputs = model, None
+
+    def forward(self, x):
+        if self.inputs is None: self.inputs = x.clone()
+        return self.model(x)
+
+
+@pytest.mark.parametrize('valid', ['valid', 'none'])
+def test_the_check_before_training_runs_on_validation_items_or_without_them_on_training_items(digits_path, teacher,
+                                                                                               valid):
+    "A sample of the validation set (the check's own, drawn with a fixed seed); of the training set when there is none"
+    dls = ImageDataLoaders.from_folder(digits_path, train='train', valid=valid, item_tfms=Resize(32), bs=64,
+                                       num_workers=0)
+    assert bool(len(dls.valid)) == (valid == 'valid')
+    checked = dls.valid if len(dls.valid) else dls.train
+    expected = sample_batch(checked, 64)[0]
+    recording = FirstInputs(teacher.model)
+    student(dls, recording).fit(1, 1e-3, cbs=CancelAfterOneStep())
+    assert torch.equal(recording.inputs, expected)
 
 def test_gradient_accumulation_is_refused_clearly(dls, teacher):
     with pytest.raises(ValueError, match='does not support GradientAccumulation'):
