@@ -198,7 +198,7 @@ class KnowledgeDistillation(Callback):
         dl = user_loader(self.dls.valid if len(self.dls.valid) else self.dls.train)  # a DistributedDL has no one_batch
         device = next(self.model.parameters()).device
         # drawn at random: a validation set sorted by class (image folders) would give one or two classes first
-        batch = to_device(sample_batch(dl, dl.bs or 64, device=device), device)
+        batch = to_device(sample_batch(dl, dl.bs, device=device), device)
         xb = inputs_of(dl, batch)
         yb = batch[len(xb):]
         teacher_pred = self.teacher_output(xb)

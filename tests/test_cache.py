@@ -178,7 +178,8 @@ def test_pre_batched_data_is_refused(dls, teacher):
     with pytest.raises(ValueError, match=whole(
             'The teacher cache keys outputs by dataset index: it needs a training DataLoader over an indexed '
             'dataset, with a batch size. Use cache=False for iterable or pre-batched data.')):
-        TeacherCache().prepare(Learner(pre_batched, tiny_cnn(8), loss_func=CrossEntropyLossFlat()), [teacher])
+        Learner(pre_batched, tiny_cnn(8), loss_func=CrossEntropyLossFlat(),
+                cbs=KnowledgeDistillation(teacher, cache=True)).fit(1)
 
 
 def test_a_random_transform_that_never_draws_is_no_augmentation(digits_path):

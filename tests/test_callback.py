@@ -16,8 +16,10 @@ from fastai.callback.mixup import CutMix, MixUp
 from fastai.callback.schedule import SchedLin
 from fastai.callback.training import GradientAccumulation
 from fastai.interpret import ClassificationInterpretation
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
 from fastai.learner import Callback, Learner, load_learner
-from fastai.losses import LabelSmoothingCrossEntropy
+from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropy
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastai.vision.augment import Resize
@@ -521,6 +523,17 @@ def test_the_check_before_training_runs_on_validation_items_or_without_them_on_t
     recording = FirstInputs(teacher.model)
     student(dls, recording).fit(1, 1e-3, cbs=CancelAfterOneStep())
     assert torch.equal(recording.inputs, expected)
+
+
+def test_distillation_over_ready_made_batches_checks_one_of_them_then_distils_every_step(dls, teacher, teacher_calls):
+    "A loader with bs=None yields its dataset's items as batches: the check takes one validation batch as it is"
+    batches = [(xb.clone(), yb.clone()) for xb, yb in dls.train.new(shuffle=False)]
+    ready_made = DataLoaders(DataLoader(batches, bs=None), DataLoader(batches[:2], bs=None))
+    recording = FirstInputs(teacher.model)
+    learn = Learner(ready_made, tiny_cnn(8), loss_func=CrossEntropyLossFlat(), cbs=KnowledgeDistillation(recording))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert any(torch.equal(recording.inputs, xb) for xb, _ in batches[:2])
+    assert len(teacher_calls) == 1 + len(batches)
 
 def test_gradient_accumulation_is_refused_clearly(dls, teacher):
     with pytest.raises(ValueError, match='does not support GradientAccumulation'):
