@@ -28,7 +28,7 @@ from fastai.vision.data import ImageDataLoaders
 from fastcore.xtras import Path
 from torch import nn
 
-from conftest import assert_same_state, eval_logits, first_batch, state, student, tiny_cnn
+from conftest import assert_same_state, eval_logits, first_batch, state, student, tiny_cnn, whole
 from fastkd.basics import sample_batch
 from fastkd.callback import KnowledgeDistillation
 from fastkd.digits import digits_dls
@@ -425,7 +425,8 @@ def test_class_count_mismatch_says_which_side_to_change_before_the_first_step(dl
 def test_non_finite_teacher_outputs_fail_before_training(dls):
     broken = tiny_cnn(8)
     with torch.no_grad(): broken[1].bias.fill_(float('nan'))
-    with pytest.raises(ValueError, match='non-finite.*on a validation batch before training'):
+    with pytest.raises(ValueError, match=whole('The teacher gave non-finite logits (nan or inf) on a validation batch '
+                                              'before training: check its weights and the input normalisation.')):
         student(dls, broken).fit(1)
 
 
@@ -441,7 +442,8 @@ class NanAfterTheCheck(nn.Module):
 
 
 def test_non_finite_teacher_outputs_in_training_name_the_batch(dls):
-    with pytest.raises(ValueError, match=r'non-finite logits \(nan or inf\) at training batch 0 of epoch 0: check'):
+    with pytest.raises(ValueError, match=whole('The teacher gave non-finite logits (nan or inf) at training batch 0 of '
+                                              'epoch 0: check its weights and the input normalisation.')):
         student(dls, NanAfterTheCheck()).fit(1)
 
 
