@@ -123,7 +123,8 @@ class Task:
     def check(self, kd_loss: Callable, n_outputs: int | None = None):
         "Refuse a distillation loss that cannot be right for this task (`n_outputs`: size of the class axis)"
         over = getattr(kd_loss, 'over', None)  # a function says nothing: taken as it is
-        kind = KINDS['regression'] if n_outputs == 1 else KINDS[self.kind]  # one output column: no distribution
+        # one output column has no softmax over classes, but has a sigmoid: a single-logit binary classifier's
+        kind = KINDS['regression'] if n_outputs == 1 and over == 'classes' else KINDS[self.kind]
         if not over or not kind.refusal or over == kind.probabilities: return
         raise ValueError(f'{kind.refusal.format(type(kd_loss).__name__)} Use {loss_examples(kind.name)}.')
 

@@ -19,12 +19,14 @@ from fastai.interpret import ClassificationInterpretation
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Callback, Learner, load_learner
-from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropy
+from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, LabelSmoothingCrossEntropy
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
+from fastai.data.block import DataBlock, RegressionBlock
+from fastai.data.transforms import GrandparentSplitter, get_image_files
 from fastai.vision.augment import Resize
 from fastai.vision.core import PILImage
-from fastai.vision.data import ImageDataLoaders
+from fastai.vision.data import ImageBlock, ImageDataLoaders
 from fastcore.xtras import Path
 from torch import nn
 
@@ -33,7 +35,7 @@ from fastkd.basics import sample_batch
 from fastkd.callback import KnowledgeDistillation
 from fastkd.digits import digits_dls
 from fastkd.hints import FitNet, Hint
-from fastkd.losses import DKD, SoftTarget
+from fastkd.losses import DKD, BinarySoftTarget, SoftTarget
 
 matplotlib.use('Agg')
 
@@ -274,9 +276,11 @@ LOAD_WITHOUT_FASTKD = """
 import sys
 sys.modules['fastkd'] = None  # importing fastkd (or anything in it) now fails, as on a server without it
 from fastai.learner import load_learner
+from fastai.data.block import DataBlock, RegressionBlock
+from fastai.data.transforms import GrandparentSplitter, get_image_files
 from fastai.vision.augment import Resize
 from fastai.vision.core import PILImage
-from fastai.vision.data import ImageDataLoaders
+from fastai.vision.data import ImageBlock, ImageDataLoaders
 learn = load_learner(sys.argv[1])
 assert not any('fastkd' in type(cb).__module__ for cb in learn.cbs), learn.cbs
 assert len(learn.splitter(learn.model)) == 2  # default_split came along by value: body and head groups
@@ -536,6 +540,30 @@ def test_distillation_over_ready_made_batches_checks_one_of_them_then_distils_ev
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
     assert any(torch.equal(recording.inputs, xb) for xb, _ in batches[:2])
     assert len(teacher_calls) == 1 + len(batches)
+
+
+def single_logit(n_out: int = 1) -> nn.Sequential:
+    "A `tiny_cnn` with one output per item, shape (B,): a binary classifier's logit"
+    return nn.Sequential(tiny_cnn(8, n_out=n_out), nn.Flatten(0))
+
+
+def test_a_single_logit_binary_classifier_distils_a_sigmoid_and_refuses_a_softmax(digits_path):
+    dls = DataBlock(blocks=(ImageBlock, RegressionBlock), get_items=get_image_files, splitter=GrandparentSplitter(),
+                    get_y=lambda f: float(f.parent.name == '0'), item_tfms=Resize(32)).dataloaders(digits_path, bs=64)
+    set_seed(2, reproducible=True)
+    teacher = single_logit().eval()
+    learn = Learner(dls, single_logit(), loss_func=BCEWithLogitsLossFlat(), cbs=KnowledgeDistillation(teacher))
+    recorded = first_batch(learn)
+    assert recorded.logits.shape == (64,) and isinstance(learn.knowledge_distillation.kd_loss, BinarySoftTarget)
+    kd_term = BinarySoftTarget()(recorded.logits, eval_logits(teacher, recorded.inputs))
+    base = BCEWithLogitsLossFlat()(recorded.logits, *recorded.targets)
+    torch.testing.assert_close(recorded.total_loss, 0.5 * base + 0.5 * kd_term)
+    learn = Learner(dls, single_logit(), loss_func=BCEWithLogitsLossFlat(), cbs=KnowledgeDistillation(teacher,
+                                                                                                       SoftTarget()))
+    with pytest.raises(ValueError, match=whole(
+            'SoftTarget turns outputs into probabilities, which a regression output (or a single output column) does '
+            'not have: distillation would do nothing. Use LogitMSE().')):
+        first_batch(learn)
 
 def test_gradient_accumulation_is_refused_clearly(dls, teacher):
     with pytest.raises(ValueError, match='does not support GradientAccumulation'):

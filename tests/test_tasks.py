@@ -375,3 +375,4 @@ def test_a_per_label_loss_is_refused_for_a_single_label_learner_naming_the_right
                                          r'Use SoftTarget\(T=4\), DKD\(\), DIST\(\) or LogitMSE\(\)\.$'):
         Task('categorical').check(BinarySoftTarget(), 10)
     Task('binary', -1).check(BinarySoftTarget(), 4)
+    Task('binary', -1).check(BinarySoftTarget(), 1)  # a single-logit binary classifier: one sigmoid
