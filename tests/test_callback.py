@@ -463,6 +463,17 @@ def test_a_teacher_no_better_than_chance_is_warned_about_once_per_fit(dls, teach
         student(dls, teacher).fit(1, 1e-3, cbs=CancelAfterOneStep())  # a trained teacher: no warning
 
 
+def test_a_loss_fastkd_does_not_know_has_no_chance_level_to_warn_about(dls):
+    "Integer targets, but the task is unknown (a user's function): accuracy means nothing to fastkd, so no warning"
+    set_seed(5, reproducible=True)
+    untrained = tiny_cnn(8)  # warned about with cross-entropy (above)
+    learn = Learner(dls, tiny_cnn(8), loss_func=lambda pred, y: F.cross_entropy(pred, y),
+                    cbs=KnowledgeDistillation(untrained, SoftTarget()))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        learn.fit(1, 1e-3, cbs=CancelAfterOneStep())
+
+
 class WithoutClass(torch.nn.Module):
     "`model` that never predicts class `dropped`: wrong on its images, as right as `model` on every other class"
     def __init__(self, model, dropped: int):
