@@ -463,6 +463,46 @@ def test_a_teacher_no_better_than_chance_is_warned_about_once_per_fit(dls, teach
         student(dls, teacher).fit(1, 1e-3, cbs=CancelAfterOneStep())  # a trained teacher: no warning
 
 
+class Always(nn.Module):
+    "A teacher that predicts class `c` of `n_out` for every item"
+    def __init__(self, n_out: int, c: int):
+        super().__init__()
+        self.register_buffer('logits', torch.eye(n_out)[c] * 10)
+
+    def forward(self, x): return self.logits.expand(len(x), -1)
+
+
+def chance_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if 'chance' in str(w.message)]
+
+
+def test_a_teacher_that_always_predicts_the_most_common_class_is_warned_about_in_full(dls):
+    "Its accuracy on the check's batch is the majority share exactly: no better than chance"
+    targets = sample_batch(dls.valid, dls.valid.bs)[1]
+    majority = targets.bincount().max().item() / len(targets)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        student(dls, Always(10, targets.bincount().argmax().item())).fit(1, 1e-3, cbs=CancelAfterOneStep())
+    assert chance_warnings(caught) == [
+        f'The teacher is no better than chance on a validation batch (accuracy {majority:.3f}, against {majority:.3f} '
+        'for always predicting the most common class): check that it was trained on these classes, in the same '
+        'order, with the same input normalisation.']
+
+
+@pytest.mark.parametrize('classes', [['3'], ['3', '5']])
+def test_the_chance_check_needs_two_classes_in_the_validation_set(digits_path, teacher, tmp_path, classes):
+    "A teacher blind to the 3s: on 3s alone there is no chance level to beat; on 3s and 5s it is no better than chance"
+    (tmp_path/'train').symlink_to(digits_path/'train', target_is_directory=True)
+    (tmp_path/'valid').mkdir()
+    for c in classes: (tmp_path/'valid'/c).symlink_to(digits_path/'valid'/c, target_is_directory=True)
+    dls = digits_dls(tmp_path, size=32, bs=64)
+    assert dls.vocab == [str(d) for d in range(10)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        student(dls, WithoutClass(teacher.model, dropped=3)).fit(1, 1e-3, cbs=CancelAfterOneStep())
+    assert len(chance_warnings(caught)) == len(classes) - 1
+
+
 def test_a_loss_fastkd_does_not_know_has_no_chance_level_to_warn_about(dls):
     "Integer targets, but the task is unknown (a user's function): accuracy means nothing to fastkd, so no warning"
     set_seed(5, reproducible=True)
