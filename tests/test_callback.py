@@ -426,6 +426,25 @@ def test_class_count_mismatch_says_which_side_to_change_before_the_first_step(dl
     assert steps.steps == 0
 
 
+def per_position(n_out: int) -> nn.Sequential:
+    "(B, n_out, 4, 4) outputs: classes per position on axis 1, as segmentation models give them"
+    return nn.Sequential(*tiny_cnn(8)[0][:3], nn.Conv2d(16, n_out, 1))
+
+
+@pytest.mark.parametrize('make_teacher,make_student,loss_func,shapes,fix', [
+    (lambda: single_logit(), lambda: tiny_cnn(8), nn.CrossEntropyLoss(), '(64,), student (64, 10)',
+     'the teacher is the one to change: load or train a teacher for these classes'),
+    (lambda: per_position(10), lambda: per_position(5), CrossEntropyLossFlat(axis=1),
+     '(64, 10, 4, 4), student (64, 5, 4, 4)', 'the student is the one to change: build it with n_out=10')])
+def test_output_mismatch_counts_classes_on_the_tasks_class_axis(dls, make_teacher, make_student, loss_func, shapes,
+                                                                   fix):
+    "A single logit against ten classes; ten classes per position against five, counted on axis 1"
+    learn = Learner(dls, make_student(), loss_func=loss_func, cbs=KnowledgeDistillation(make_teacher()))
+    with pytest.raises(ValueError, match=whole(f'Teacher and student outputs differ: teacher {shapes}. The data has 10 '
+                                               f'classes (dls.c, from its vocab), so {fix}.')):
+        learn.fit(1)
+
+
 def test_non_finite_teacher_outputs_fail_before_training(dls):
     broken = tiny_cnn(8)
     with torch.no_grad(): broken[1].bias.fill_(float('nan'))
