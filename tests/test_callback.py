@@ -435,10 +435,13 @@ def per_position(n_out: int) -> nn.Sequential:
     (lambda: single_logit(), lambda: tiny_cnn(8), nn.CrossEntropyLoss(), '(64,), student (64, 10)',
      'the teacher is the one to change: load or train a teacher for these classes'),
     (lambda: per_position(10), lambda: per_position(5), CrossEntropyLossFlat(axis=1),
-     '(64, 10, 4, 4), student (64, 5, 4, 4)', 'the student is the one to change: build it with n_out=10')])
-def test_output_mismatch_counts_classes_on_the_tasks_class_axis(dls, make_teacher, make_student, loss_func, shapes,
-                                                                   fix):
-    "A single logit against ten classes; ten classes per position against five, counted on axis 1"
+     '(64, 10, 4, 4), student (64, 5, 4, 4)', 'the student is the one to change: build it with n_out=10'),
+    (lambda: tiny_cnn(8), lambda: single_logit(), CrossEntropyLossFlat(), '(10, 10), student (10,)',
+     'the student is the one to change: build it with n_out=10')])
+def test_output_mismatch_counts_classes_on_the_tasks_class_axis(digits_path, make_teacher, make_student, loss_func,
+                                                                   shapes, fix):
+    "A single logit against ten classes (either side: a batch of ten is not ten classes); ten classes per position"
+    dls = digits_dls(digits_path, size=32, bs=int(shapes[1:3]))  # the batch size the shapes show
     learn = Learner(dls, make_student(), loss_func=loss_func, cbs=KnowledgeDistillation(make_teacher()))
     with pytest.raises(ValueError, match=whole(f'Teacher and student outputs differ: teacher {shapes}. The data has 10 '
                                                f'classes (dls.c, from its vocab), so {fix}.')):
