@@ -227,9 +227,10 @@ class KnowledgeDistillation(Callback):
             fix = ('the teacher is the one to change: load or train a teacher for these classes' if n_student == n_data
                    else f'the student is the one to change: build it with n_out={n_data}' if n_teacher == n_data
                    else 'both models must predict the same classes as the data')
+            data = (f'The data has {n_data} classes (dls.c, from its vocab)' if n_data is not None
+                    else 'The data does not say how many classes it has (no dls.c)')
             raise ValueError(f'Teacher and student outputs differ: teacher {tuple(teacher_pred.shape)}, student '
-                             f'{tuple(student_pred.shape)}. The data has {n_data} classes (dls.c, from its vocab), so '
-                             f'{fix}.')
+                             f'{tuple(student_pred.shape)}. {data}, so {fix}.')
         if not torch.isfinite(teacher_pred).all():
             raise ValueError(f'The teacher gave non-finite logits (nan or inf) {where}: check its weights and the '
                              'input normalisation.')

@@ -448,6 +448,17 @@ def test_output_mismatch_counts_classes_on_the_tasks_class_axis(digits_path, mak
         learn.fit(1)
 
 
+def test_output_mismatch_on_data_that_has_no_class_count_asks_for_the_same_classes_on_both_sides(dls):
+    batches = [(xb.clone(), yb.clone()) for xb, yb in dls.train.new(shuffle=False)]
+    ready_made = DataLoaders(DataLoader(batches, bs=None), DataLoader(batches[:2], bs=None))  # plain loaders: no vocab
+    learn = Learner(ready_made, tiny_cnn(8, n_out=5), loss_func=CrossEntropyLossFlat(),
+                    cbs=KnowledgeDistillation(tiny_cnn(8)))
+    with pytest.raises(ValueError, match=whole(
+            'Teacher and student outputs differ: teacher (64, 10), student (64, 5). The data does not say how many '
+            'classes it has (no dls.c), so both models must predict the same classes as the data.')):
+        learn.fit(1)
+
+
 def test_non_finite_teacher_outputs_fail_before_training(dls):
     broken = tiny_cnn(8)
     with torch.no_grad(): broken[1].bias.fill_(float('nan'))
