@@ -22,7 +22,7 @@ from fastai.learner import Callback, Learner, load_learner
 from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, LabelSmoothingCrossEntropy
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
-from fastai.data.block import DataBlock, RegressionBlock
+from fastai.data.block import CategoryBlock, DataBlock, RegressionBlock
 from fastai.data.transforms import GrandparentSplitter, get_image_files
 from fastai.vision.augment import Resize
 from fastai.vision.core import PILImage
@@ -276,7 +276,7 @@ LOAD_WITHOUT_FASTKD = """
 import sys
 sys.modules['fastkd'] = None  # importing fastkd (or anything in it) now fails, as on a server without it
 from fastai.learner import load_learner
-from fastai.data.block import DataBlock, RegressionBlock
+from fastai.data.block import CategoryBlock, DataBlock, RegressionBlock
 from fastai.data.transforms import GrandparentSplitter, get_image_files
 from fastai.vision.augment import Resize
 from fastai.vision.core import PILImage
@@ -445,6 +445,18 @@ def test_output_mismatch_counts_classes_on_the_tasks_class_axis(digits_path, mak
     learn = Learner(dls, make_student(), loss_func=loss_func, cbs=KnowledgeDistillation(make_teacher()))
     with pytest.raises(ValueError, match=whole(f'Teacher and student outputs differ: teacher {shapes}. The data has 10 '
                                                f'classes (dls.c, from its vocab), so {fix}.')):
+        learn.fit(1)
+
+
+def test_a_single_logit_is_not_two_classes(digits_path):
+    "Even or odd digits: a single-logit student against a two-class teacher is the side to change"
+    dls = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=get_image_files, splitter=GrandparentSplitter(),
+                    get_y=lambda f: 'odd' if int(f.parent.name) % 2 else 'even', item_tfms=Resize(32)
+                    ).dataloaders(digits_path, bs=64)
+    learn = Learner(dls, single_logit(), loss_func=CrossEntropyLossFlat(), cbs=KnowledgeDistillation(tiny_cnn(8, 2)))
+    with pytest.raises(ValueError, match=whole(
+            'Teacher and student outputs differ: teacher (64, 2), student (64,). The data has 2 classes (dls.c, from '
+            'its vocab), so the student is the one to change: build it with n_out=2.')):
         learn.fit(1)
 
 
