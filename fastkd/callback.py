@@ -80,7 +80,8 @@ def _n_positional(loss: Callable) -> int:
 
 class KnowledgeDistillation(Callback):
     """Train the learner's model to follow a frozen `teacher` as well as the labels:
-    the training loss becomes `(1 - weight) * loss + weight * distillation_loss(student_logits, teacher_logits, y)`.
+    the training loss becomes `(1 - weight) * loss + weight * distillation_loss(student_logits, teacher_logits, y)`
+    (`y`: the first target, for losses that take one).
     `teacher` is an `nn.Module`, a `Learner`, or a list of them (an ensemble: its probabilities are averaged).
     `loss='auto'` picks the distillation loss from the learner's loss function: `SoftTarget` for cross-entropy
     (any class axis, segmentation included), `BinarySoftTarget` for BCE with logits, `LogitMSE` for regression.
@@ -245,7 +246,7 @@ class KnowledgeDistillation(Callback):
         parts = [base_loss]
         if self.kd_loss is not None:
             self._check_outputs(teacher_pred, student_pred, f'at training batch {self.iter} of epoch {self.epoch}')
-            targets = [self.task.targets(y) for y in self.yb] if self.kd_loss_takes_target else []
+            targets = [self.task.targets(self.yb[0])] if self.kd_loss_takes_target else []  # it takes one target
             kd_loss = self.kd_loss(self.task.items(student_pred), self.task.items(teacher_pred), *targets)
             weight = self.weight(self.pct_train) if callable(self.weight) else self.weight
             self.learn.loss_grad = self.loss_grad + weight * (kd_loss - base_loss)

@@ -23,7 +23,7 @@ from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, LabelSmoo
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastai.data.block import CategoryBlock, DataBlock, RegressionBlock
-from fastai.data.transforms import GrandparentSplitter, get_image_files
+from fastai.data.transforms import GrandparentSplitter, get_image_files, parent_label
 from fastai.vision.augment import Resize
 from fastai.vision.core import PILImage
 from fastai.vision.data import ImageBlock, ImageDataLoaders
@@ -277,7 +277,7 @@ import sys
 sys.modules['fastkd'] = None  # importing fastkd (or anything in it) now fails, as on a server without it
 from fastai.learner import load_learner
 from fastai.data.block import CategoryBlock, DataBlock, RegressionBlock
-from fastai.data.transforms import GrandparentSplitter, get_image_files
+from fastai.data.transforms import GrandparentSplitter, get_image_files, parent_label
 from fastai.vision.augment import Resize
 from fastai.vision.core import PILImage
 from fastai.vision.data import ImageBlock, ImageDataLoaders
@@ -446,6 +446,23 @@ def test_output_mismatch_counts_classes_on_the_tasks_class_axis(digits_path, mak
     with pytest.raises(ValueError, match=whole(f'Teacher and student outputs differ: teacher {shapes}. The data has 10 '
                                                f'classes (dls.c, from its vocab), so {fix}.')):
         learn.fit(1)
+
+
+def test_a_batch_with_two_targets_gives_the_teacher_its_inputs_and_the_loss_the_first_target(digits_path, teacher,
+                                                                                             teacher_calls):
+    "n_inp=1 and two targets: the check and the steps split the batch as the learner does, not as all-but-the-last"
+    dls = DataBlock(blocks=(ImageBlock, CategoryBlock, CategoryBlock), n_inp=1, get_items=get_image_files,
+                    splitter=GrandparentSplitter(), item_tfms=Resize(32),
+                    get_y=[parent_label, lambda f: 'odd' if int(f.parent.name) % 2 else 'even']).dataloaders(digits_path)
+    given = []
+    def kd_loss(student_logits, teacher_logits, target):
+        given.append(target)
+        return SoftTarget()(student_logits, teacher_logits)
+    learn = Learner(dls, tiny_cnn(8), loss_func=lambda pred, digit, parity: F.cross_entropy(pred, digit),
+                    cbs=KnowledgeDistillation(teacher, kd_loss))
+    targets = first_batch(learn).targets
+    assert len(teacher_calls) == 2  # the check, then the step
+    assert len(given) == 1 and torch.equal(given[0], targets[0]) and not torch.equal(given[0], targets[1])
 
 
 def test_a_single_logit_is_not_two_classes(digits_path):
