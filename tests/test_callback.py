@@ -374,6 +374,10 @@ def test_teacher_given_as_a_path_names_load_teacher(path):
 def test_loss_settings_given_to_the_callback_say_where_they_belong(teacher):
     with pytest.raises(TypeError, match=re.escape('KnowledgeDistillation(teacher, SoftTarget(T=4))')):
         KnowledgeDistillation(teacher, SoftTarget, T=4)
+    with pytest.raises(TypeError, match=whole(  # a loss object has no __name__: its class names it
+            "KnowledgeDistillation got T=4, alpha=1.0: settings of the loss go to the loss itself, as in "
+            "KnowledgeDistillation(teacher, DKD(T=4, alpha=1.0)).")):
+        KnowledgeDistillation(teacher, DKD(), T=4, alpha=1.0)
 
 
 _CONVENTION = (': fastkd calls a distillation loss as loss(student_logits, teacher_logits) or loss(student_logits, '
@@ -407,6 +411,7 @@ def test_the_repr_names_the_loss_its_weight_and_the_hints(teacher, dls):
 def test_weight_out_of_range_fails_at_construction(teacher):
     with pytest.raises(ValueError, match='between 0 and 1'):
         KnowledgeDistillation(teacher, weight=1.5)
+    for weight in (0, 1): KnowledgeDistillation(teacher, weight=weight)  # the ends are weights
 
 
 class CountSteps(Callback):
