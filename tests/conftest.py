@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from fastai.callback.core import CancelFitException
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
 from fastai.data.transforms import IntToFloatTensor
 from fastai.learner import Callback, Learner
 from fastai.metrics import accuracy
@@ -146,6 +148,12 @@ class RecordFirstBatch(Callback):
 def whole(message: str) -> str:
     "A `match=` pattern for exactly `message`, alone or after the line fastai puts before an error raised in a callback"
     return rf'(?:^|\n\t){re.escape(message)}$'
+
+
+def ready_made(dls) -> tuple[DataLoaders, list]:
+    "`dls`'s training batches as a dataset of ready-made batches (bs=None): plain fastai loaders, no vocab; and them"
+    batches = [(xb.clone(), yb.clone()) for xb, yb in dls.train.new(shuffle=False)]
+    return DataLoaders(DataLoader(batches, bs=None), DataLoader(batches[:2], bs=None)), batches
 
 
 def double_inputs(dl) -> None:

@@ -7,14 +7,13 @@ import pytest
 import torch
 from fastai.callback.mixup import MixUp
 from fastai.data.core import DataLoaders
-from fastai.data.load import DataLoader
 from fastai.data.transforms import IntToFloatTensor
 from fastai.learner import Learner, load_learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
 from fastai.vision.all import FlipItem, ImageDataLoaders, Resize
 
-from conftest import Doubled, changed_inputs, double_inputs, tiny_cnn, whole
+from conftest import Doubled, changed_inputs, double_inputs, ready_made, tiny_cnn, whole
 from fastkd.cache import TeacherCache, random_augmentations
 from fastkd.callback import KnowledgeDistillation
 from fastkd.digits import digits_dls
@@ -173,8 +172,7 @@ def test_a_cache_called_out_of_order_says_what_must_run_first(dls, teacher):
 
 def test_pre_batched_data_is_refused(dls, teacher):
     "A loader of ready-made batches (bs=None) has no item order to key outputs by"
-    batches = [(xb.clone(), yb.clone()) for xb, yb in dls.train.new(shuffle=False)]
-    pre_batched = DataLoaders(DataLoader(batches, bs=None), DataLoader(batches[:2], bs=None))
+    pre_batched, _ = ready_made(dls)
     with pytest.raises(ValueError, match=whole(
             'The teacher cache keys outputs by dataset index: it needs a training DataLoader over an indexed '
             'dataset, with a batch size. Use cache=False for iterable or pre-batched data.')):

@@ -17,7 +17,6 @@ from fastai.callback.schedule import SchedLin
 from fastai.callback.training import GradientAccumulation
 from fastai.interpret import ClassificationInterpretation
 from fastai.data.core import DataLoaders
-from fastai.data.load import DataLoader
 from fastai.learner import Callback, Learner, load_learner
 from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, LabelSmoothingCrossEntropy
 from fastai.metrics import accuracy
@@ -30,7 +29,7 @@ from fastai.vision.data import ImageBlock, ImageDataLoaders
 from fastcore.xtras import Path
 from torch import nn
 
-from conftest import assert_same_state, eval_logits, first_batch, state, student, tiny_cnn, whole
+from conftest import assert_same_state, eval_logits, first_batch, ready_made, state, student, tiny_cnn, whole
 from fastkd.basics import sample_batch
 from fastkd.callback import KnowledgeDistillation
 from fastkd.digits import digits_dls
@@ -453,12 +452,19 @@ def test_output_mismatch_counts_classes_on_the_tasks_class_axis(digits_path, mak
         learn.fit(1)
 
 
+def relabelled_digits(digits_path, blocks: tuple, get_y, **kwargs) -> DataLoaders:
+    "The digits folder with other targets: `blocks` after the images, `get_y` from each file's path"
+    return DataBlock(blocks=(ImageBlock, *blocks), get_items=get_image_files, splitter=GrandparentSplitter(),
+                     get_y=get_y, item_tfms=Resize(32), **kwargs).dataloaders(digits_path, bs=64)
+
+
+def parity(f) -> str: return 'odd' if int(f.parent.name) % 2 else 'even'
+
+
 def test_a_batch_with_two_targets_gives_the_teacher_its_inputs_and_the_loss_the_first_target(digits_path, teacher,
                                                                                              teacher_calls):
     "n_inp=1 and two targets: the check and the steps split the batch as the learner does, not as all-but-the-last"
-    dls = DataBlock(blocks=(ImageBlock, CategoryBlock, CategoryBlock), n_inp=1, get_items=get_image_files,
-                    splitter=GrandparentSplitter(), item_tfms=Resize(32),
-                    get_y=[parent_label, lambda f: 'odd' if int(f.parent.name) % 2 else 'even']).dataloaders(digits_path)
+    dls = relabelled_digits(digits_path, (CategoryBlock, CategoryBlock), [parent_label, parity], n_inp=1)
     given = []
     def kd_loss(student_logits, teacher_logits, target):
         given.append(target)
@@ -472,9 +478,7 @@ def test_a_batch_with_two_targets_gives_the_teacher_its_inputs_and_the_loss_the_
 
 def test_a_single_logit_is_not_two_classes(digits_path):
     "Even or odd digits: a single-logit student against a two-class teacher is the side to change"
-    dls = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=get_image_files, splitter=GrandparentSplitter(),
-                    get_y=lambda f: 'odd' if int(f.parent.name) % 2 else 'even', item_tfms=Resize(32)
-                    ).dataloaders(digits_path, bs=64)
+    dls = relabelled_digits(digits_path, (CategoryBlock,), parity)
     learn = Learner(dls, single_logit(), loss_func=CrossEntropyLossFlat(), cbs=KnowledgeDistillation(tiny_cnn(8, 2)))
     with pytest.raises(ValueError, match=whole(
             'Teacher and student outputs differ: teacher (64, 2), student (64,). The data has 2 classes (dls.c, from '
@@ -483,9 +487,7 @@ def test_a_single_logit_is_not_two_classes(digits_path):
 
 
 def test_output_mismatch_on_data_that_has_no_class_count_asks_for_the_same_classes_on_both_sides(dls):
-    batches = [(xb.clone(), yb.clone()) for xb, yb in dls.train.new(shuffle=False)]
-    ready_made = DataLoaders(DataLoader(batches, bs=None), DataLoader(batches[:2], bs=None))  # plain loaders: no vocab
-    learn = Learner(ready_made, tiny_cnn(8, n_out=5), loss_func=CrossEntropyLossFlat(),
+    learn = Learner(ready_made(dls)[0], tiny_cnn(8, n_out=5), loss_func=CrossEntropyLossFlat(),
                     cbs=KnowledgeDistillation(tiny_cnn(8)))
     with pytest.raises(ValueError, match=whole(
             'Teacher and student outputs differ: teacher (64, 10), student (64, 5). The data does not say how many '
@@ -651,10 +653,9 @@ def test_the_check_before_training_runs_on_validation_items_or_without_them_on_t
 
 def test_distillation_over_ready_made_batches_checks_one_of_them_then_distils_every_step(dls, teacher, teacher_calls):
     "A loader with bs=None yields its dataset's items as batches: the check takes one validation batch as it is"
-    batches = [(xb.clone(), yb.clone()) for xb, yb in dls.train.new(shuffle=False)]
-    ready_made = DataLoaders(DataLoader(batches, bs=None), DataLoader(batches[:2], bs=None))
+    batches_dls, batches = ready_made(dls)
     recording = FirstInputs(teacher.model)
-    learn = Learner(ready_made, tiny_cnn(8), loss_func=CrossEntropyLossFlat(), cbs=KnowledgeDistillation(recording))
+    learn = Learner(batches_dls, tiny_cnn(8), loss_func=CrossEntropyLossFlat(), cbs=KnowledgeDistillation(recording))
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
     assert any(torch.equal(recording.inputs, xb) for xb, _ in batches[:2])
     assert len(teacher_calls) == 1 + len(batches)
@@ -666,8 +667,7 @@ def single_logit(n_out: int = 1) -> nn.Sequential:
 
 
 def test_a_single_logit_binary_classifier_distils_a_sigmoid_and_refuses_a_softmax(digits_path):
-    dls = DataBlock(blocks=(ImageBlock, RegressionBlock), get_items=get_image_files, splitter=GrandparentSplitter(),
-                    get_y=lambda f: float(f.parent.name == '0'), item_tfms=Resize(32)).dataloaders(digits_path, bs=64)
+    dls = relabelled_digits(digits_path, (RegressionBlock,), lambda f: float(f.parent.name == '0'))
     set_seed(2, reproducible=True)
     teacher = single_logit().eval()
     learn = Learner(dls, single_logit(), loss_func=BCEWithLogitsLossFlat(), cbs=KnowledgeDistillation(teacher))
