@@ -67,11 +67,11 @@ def random_state_kept(device=None):
     finally: random.setstate(python); np.random.set_state(numpy)
 
 
-def sample_batch(dl: DataLoader, n_items: int, seed: int = 0, device=None) -> tuple:
+def sample_batch(dl: DataLoader, n_items: int | None, seed: int = 0, device=None) -> tuple:
     """One batch of `n_items` items of `dl`'s dataset drawn at random with `seed`, through `dl`'s transforms: a
     sample of every class even where the dataset is sorted by class (as image folders are); from a loader of
-    ready-made batches (`bs=None`), one of them. No random generator moves, `dl`'s own included, so a fit's batches
-    and augmentations stay the same; `device`: where GPU augmentations draw."""
+    ready-made batches (`bs=None`), one of them, whatever `n_items`. No random generator moves, `dl`'s own included,
+    so a fit's batches and augmentations stay the same; `device`: where GPU augmentations draw."""
     dl = user_loader(dl)
     with random_state_kept(device):
         bs = None if dl.bs is None else max(1, min(n_items, len(dl.dataset)))
