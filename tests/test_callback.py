@@ -31,10 +31,12 @@ from torch import nn
 
 from conftest import assert_same_state, eval_logits, first_batch, ready_made, state, student, tiny_cnn, whole
 from fastkd.basics import sample_batch
+from fastkd.cache import TeacherCache
 from fastkd.callback import KnowledgeDistillation
 from fastkd.digits import digits_dls
 from fastkd.hints import FitNet, Hint
 from fastkd.losses import DKD, BinarySoftTarget, SoftTarget
+from fastkd.store import TeacherStore
 
 matplotlib.use('Agg')
 
@@ -684,15 +686,35 @@ def test_a_single_logit_binary_classifier_distils_a_sigmoid_and_refuses_a_softma
         first_batch(learn)
 
 def test_gradient_accumulation_is_refused_clearly(dls, teacher):
-    with pytest.raises(ValueError, match='does not support GradientAccumulation'):
+    with pytest.raises(ValueError, match=whole(
+            'KnowledgeDistillation does not support GradientAccumulation yet (it scales the loss before the '
+            'distillation term is mixed in): remove one of them, e.g. use a smaller batch size.')):
         student(dls, teacher).fit(1, cbs=GradientAccumulation(128))
 
 
 def test_unpickled_callback_asks_for_a_new_one_before_training(dls, teacher):
     kd = pickle.loads(pickle.dumps(KnowledgeDistillation(teacher)))
     assert kd.teachers is None  # pickles never hold the teacher
-    with pytest.raises(RuntimeError, match=re.escape('learn.add_cb(KnowledgeDistillation(teacher))')):
+    with pytest.raises(RuntimeError, match=whole(
+            'This KnowledgeDistillation callback was unpickled, and pickles never store the teacher: add a new '
+            'callback instead, learn.add_cb(KnowledgeDistillation(teacher)).')):
         Learner(dls, tiny_cnn(8), cbs=kd).fit(1)
+
+
+@pytest.mark.parametrize('folder', [str, Path])
+def test_a_cache_given_as_a_folder_keeps_the_teachers_outputs_there(teacher, tmp_path, folder):
+    cache = KnowledgeDistillation(teacher, cache=folder(tmp_path/'store')).cache
+    assert isinstance(cache, TeacherCache) and cache.path == TeacherStore.root(tmp_path/'store')
+    assert KnowledgeDistillation(teacher, cache=True).cache.path is None
+    assert KnowledgeDistillation(teacher).cache is None
+
+
+def test_a_learner_without_a_recorder_distils(dls, teacher):
+    learn = student(dls, teacher)
+    learn.remove_cb(learn.recorder)
+    before = state(learn.model)
+    with learn.no_bar(): learn.fit(1, 1e-3, cbs=CancelTrainAfterOneStep())  # fastai's progress bar needs a recorder
+    assert not hasattr(learn, 'recorder') and not torch.equal(state(learn.model)['1.weight'], before['1.weight'])
 
 
 # --- function matching: MixUp / CutMix, teacher and student on the same mixed batch ----------------------------

@@ -20,7 +20,7 @@ from fastai.vision.learner import create_vision_model
 from torch import nn
 from torchvision.models import resnet18, resnet34
 
-from conftest import assert_same_state, eval_logits, first_batch, state, student, tiny_cnn
+from conftest import assert_same_state, eval_logits, first_batch, state, student, tiny_cnn, whole
 from fastkd.callback import KnowledgeDistillation
 from fastkd.hints import AttentionTransfer, CosineHint, FitNet, Hint, HintHooks, match_layers
 from fastkd.losses import SoftTarget
@@ -519,10 +519,17 @@ def test_a_bad_layer_name_fails_as_the_fit_starts_with_the_closest_names_of_that
     assert learn.train_iter == 0 and forward_hooks(learn.model, teacher.model) == 0
 
 
-def test_hints_are_refused_for_an_ensemble_and_loss_none_needs_hints(teacher):
-    with pytest.raises(ValueError, match=r"ensemble of 2: which teacher's layer would it be\?"):
+def test_hints_are_refused_for_an_ensemble_and_with_a_cache_and_loss_none_needs_hints(teacher):
+    with pytest.raises(ValueError, match=whole(
+            "Hints name layers of one teacher, and this is an ensemble of 2: which teacher's layer would it be? Distil "
+            "the ensemble's outputs without hints, or give hints with a single teacher.")):
         KnowledgeDistillation([teacher, teacher.model], hints=two_hints())
-    with pytest.raises(ValueError, match='loss=None leaves nothing to distil'): KnowledgeDistillation(teacher, loss=None)
+    with pytest.raises(ValueError, match=whole("A teacher cache stores outputs, and hints need the teacher's features "
+                                               'at every step: use cache=True or hints, not both.')):
+        KnowledgeDistillation(teacher, hints=two_hints(), cache=True)
+    with pytest.raises(ValueError, match=whole('loss=None leaves nothing to distil: pass a distillation loss, or hints '
+                                               '(feature distillation without a logit term).')):
+        KnowledgeDistillation(teacher, loss=None)
 
 
 # --- choosing layers
