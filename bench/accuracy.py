@@ -197,6 +197,11 @@ def train_student(dls, teacher: nn.Module, row: Row, setting: dict, seed: int, e
         hints = [fitnet_hint()] if row.hinted else []
         cbs = [KnowledgeDistillation(teacher, kd_loss, weight=setting['weight'], hints=hints), *([mix()] if mix else [])]
     if row.mixed: cbs = [MixUp()]  # fastai's default alpha, as function matching's
+    return trained_student(dls, cbs, seed, epochs, lr, width)
+
+
+def trained_student(dls, cbs: list, seed: int, epochs: int, lr: float, width: int) -> tuple[Learner, float]:
+    "A `student_model` trained from `seed` with `cbs` (`fit_one_cycle`, unfrozen); and the seconds its training took"
     set_seed(seed, reproducible=True)
     learn = Learner(dls, student_model(width), metrics=accuracy, splitter=default_split, cbs=cbs)
     with learn.no_bar(), learn.no_logging():
