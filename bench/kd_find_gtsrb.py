@@ -18,6 +18,7 @@ runs cheap enough for a CPU; its batches differ from those of accuracy.md, so th
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -93,11 +94,11 @@ def main(argv: list[str] | None = None):
     set_seed(args.find_seeds[0], reproducible=True)
     learn = Learner(dls, student_model(args.width), metrics=accuracy, splitter=default_split)
     candidates = kd_candidates(learn, teacher)
-    kept = args.out/'kd_find.pkl'
-    if kept.exists(): found = KDFindResult.from_record(pd.read_pickle(kept), candidates, teacher)
+    kept = args.out/'kd_find.json'
+    if kept.exists(): found = KDFindResult.from_record(json.loads(kept.read_text()), candidates, teacher)
     else:
         found = kd_find(learn, teacher, candidates, epochs=args.epochs, lr=args.lr, seeds=args.find_seeds)
-        pd.to_pickle(found.record(), kept)
+        write(json.dumps(found.record()), kept)
     print(found, flush=True)
     pick = found.best or found.top
     runs_file = args.out/'runs.csv'
@@ -113,8 +114,8 @@ def main(argv: list[str] | None = None):
             runs.append(dict(row=name, seed=seed, seconds=seconds, **scorer.test(student, 0)))
             print(runs[-1], flush=True)
             atomic_write(runs_file, lambda tmp: pd.DataFrame(runs).to_csv(tmp, index=False))
-            write(report(found, pick, pd.DataFrame(runs), args, command), args.results)  # a stopped run still tells
-    write(report(found, pick, pd.DataFrame(runs), args, command), args.results)
+            write(report(found, pick, pd.DataFrame(runs), table_gain, args, command), args.results)  # if stopped
+    write(report(found, pick, pd.DataFrame(runs), table_gain, args, command), args.results)
     print(f'written {args.results}')
 
 
@@ -131,10 +132,9 @@ def hint_pairs(candidates: dict) -> list[str]:
             ] + [''] * bool(hints)
 
 
-def report(found: KDFindResult, pick: str, runs: pd.DataFrame, args, command: str) -> str:
+def report(found: KDFindResult, pick: str, runs: pd.DataFrame, table_gain: dict[str, str], args, command: str) -> str:
     "The Markdown report: each candidate's test gain over the student alone, the pick against the best, kd_find's cost"
     alone = runs[runs.row == 'alone'].set_index('seed')
-    table_gain = table_gains(ROOT/'bench'/'results'/'accuracy.md')
     lines, gains = [], {}
     for name, group in runs.groupby('row', sort=False):
         f1 = group.set_index('seed').test_f1
