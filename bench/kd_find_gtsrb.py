@@ -21,7 +21,6 @@ import argparse
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -31,7 +30,8 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from torchvision.models import resnet34
 
-from accuracy import OUT, QUICK_CLASSES, ROOT, TEACHER, Scorer, prepared_data, student_model, trained_student
+from accuracy import (OUT, QUICK_CLASSES, ROOT, TEACHER, Scorer, fitnet_hint, prepared_data, student_model,
+                      trained_student)
 from fastkd.callback import load_teacher
 from fastkd.files import atomic_write
 from fastkd.gtsrb import gtsrb_dls
@@ -127,9 +127,10 @@ def write(text: str, path: Path):
 def hint_pairs(candidates: dict) -> list[str]:
     "Which layers the default hint candidate joined (`match_layers`), as a line of the report"
     hints = [(name, hint) for name, kwargs in candidates.items() for hint in kwargs.get('hints', [])]
+    row = fitnet_hint()
     return [f'`{name}`: FitNet hint from the student\'s layer {hint.student_layer!r} to the teacher\'s '
-            f'{hint.teacher_layer!r} (accuracy.md\'s hint row: \'0.3\' to \'0.5\').' for name, hint in hints
-            ] + [''] * bool(hints)
+            f'{hint.teacher_layer!r} (accuracy.md\'s hint row: {row.student_layer!r} to {row.teacher_layer!r}).'
+            for name, hint in hints] + [''] * bool(hints)
 
 
 def report(found: KDFindResult, pick: str, runs: pd.DataFrame, table_gain: dict[str, str], args, command: str) -> str:
@@ -144,11 +145,10 @@ def report(found: KDFindResult, pick: str, runs: pd.DataFrame, table_gain: dict[
             continue
         gain = seed_gain(alone.test_f1.reindex(f1.index), f1)
         gains[name] = gain['mean']
-        trial = found.table.loc[name] if name in found.table.index else None
+        trial = found.table.loc[name]  # every candidate ran at least the first rung
         lines.append(f'| {name}{" (pick)" * (name == pick)} | {len(f1)} | {f1.mean():.4f} ± {f1.std():.4f} '
                      f'| {gain["mean"]:+.1f} ± {gain["std"]:.1f} | {table_gain.get(TABLE_ROWS.get(name), "-")} '
-                     f'| {int(trial.epochs) if trial is not None else "-"} '
-                     f'| {100 * trial.gain:+.1f} | {group.seconds.mean():.0f} |')
+                     f'| {int(trial.epochs)} | {100 * trial.gain:+.1f} | {group.seconds.mean():.0f} |')
     epochs = found.trials.epochs.sum() / args.epochs
     alone_seconds = alone.seconds.mean() if len(alone) else float('nan')
     verdict = []
