@@ -9,6 +9,10 @@ Outputs are keyed by the item's index in the dataset, read from the order fastai
 epoch, and each is stored with a fingerprint of its input that is checked when the output is reused.
 With `views=K`, each item has K fixed augmented views: its random item transforms are replayed from a seed per item
 and view, each training epoch picks one view per item, and the outputs are keyed by (item, view).
+
+Three parts: `_Keying` (which row holds the output of an item in a view, and the view replay), `_Encoding` (what a
+row holds of an output: all of it, or its top k) and the storage of the rows (`_InMemory`, or `_OnDisk` in a
+`TeacherStore`), which also knows which teachers, data and precision its rows are the outputs of.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from fastprogress.fastprogress import progress_bar
 from torch import Tensor, nn
 
 from .basics import evaluating, first_output, inputs_of, random_state_kept, teacher_model, user_loader
+from .memory import InMemoryDL
 from .store import TeacherStore
 
 __all__ = ['TeacherCache', 'random_augmentations', 'fill_teacher_cache']
@@ -65,15 +70,30 @@ def random_augmentations(learn: Learner) -> list[str]:
     return _random_transforms(learn.dls.train) + _mixing_callbacks(learn)
 
 
-def _refuse_unreplayable(randoms: list[str], views: int):
-    "An error naming `randoms`, the random transforms and callbacks that `views` cannot replay, and the fixes"
-    if randoms:
+def _refuse_unviewable(dl: DataLoader, views: int, callbacks: list[str] = ()):
+    """An error for what `views` cannot replay (random batch transforms of `dl`, the mixing `callbacks`) or would not
+    (a loader of items made once, `InMemoryDL`), naming it and the fixes"""
+    if randoms := _random_transforms(dl, _BATCH_PIPELINES) + list(callbacks):
         raise ValueError(
             f'TeacherCache(views={views}) replays the random item transforms of each view, but these draw random '
             f'numbers once per batch, which cannot be replayed: {", ".join(randoms)}. Augment with item transforms '
             'instead (item_tfms, e.g. RandomResizedCrop, FlipItem, RandomCrop) and no random batch_tfms (e.g. '
             'aug_transforms, or augment=False) nor MixUp/CutMix, or keep cache=False to run the teacher on every '
             'batch.')
+    if isinstance(user_loader(dl), InMemoryDL):
+        raise ValueError(
+            f'TeacherCache(views={views}) replays the random item transforms of each view, but the training loader '
+            'is an InMemoryDL (in_memory): its items were made once and are never made again, so every view of an '
+            f'item would be the same input, run through the teacher {views} times. Pass the DataLoaders without '
+            'in_memory to get views, or keep in_memory with cache=True (no views).')
+
+
+def _precision(learn: Learner) -> str:
+    """The dtype the teacher computes in: that of the learner's mixed-precision autocast (`to_fp16`, `to_bf16`) where
+    it is on, as `KnowledgeDistillation.teacher_output` runs it, else 'float32'"""
+    autocast = getattr(getattr(learn, 'mixed_precision', None), 'autocast', None)
+    on = autocast is not None and getattr(autocast, '_enabled', True)  # off: CUDA autocast on a machine without CUDA
+    return str(autocast.fast_dtype).removeprefix('torch.') if on else 'float32'
 
 
 class _ViewReplay:
@@ -102,6 +122,88 @@ class _ViewReplay:
         if vars(self.dl).get('do_item') is self: del self.dl.do_item
 
 
+class _Keying:
+    """Which row holds the output of an item: its dataset index, or with `views=K` row `item * K + view`. Each training
+    epoch picks one view per item (from `seed` and the epoch) and `replay` has the training loader make it."""
+    def __init__(self, views: int | None, seed: int):
+        self.views, self.seed, self.replay = views, seed, None
+
+    @property
+    def identity(self) -> dict:
+        "What of the keying a store's identity holds (nothing without views: stores made before views keep their name)"
+        return {} if self.views is None else dict(views=self.views, view_seed=self.seed)
+
+    def rows(self, items: Tensor | int, views: Tensor | int) -> Tensor | int:
+        "The rows of `items` in `views`: `item * views + view`, or the item itself without views"
+        return items * (self.views or 1) + views
+
+    def n_rows(self, n_items: int) -> int: return self.rows(n_items, 0)
+
+    def epoch_views(self, epoch: int, n_items: int) -> Tensor:
+        "The view of each of `n_items` items in training epoch `epoch` (see `TeacherCache.epoch_views`)"
+        cycle, at = divmod(epoch, self.views)
+        orders = np.random.default_rng([self.seed, cycle]).permuted(np.tile(np.arange(self.views), (n_items, 1)),
+                                                                    axis=1)
+        return torch.from_numpy(orders[:, at].copy())
+
+    def start_epoch(self, dl: DataLoader, epoch: int):
+        "Pick each item's view for training epoch `epoch` and have `dl` make it"
+        if self.replay is None or self.replay.dl is not dl:
+            self.release()
+            self.replay = _ViewReplay(dl, self.seed, len(dl.dataset))
+        self.replay.views = self.epoch_views(epoch, len(dl.dataset))
+        self.replay.install()
+
+    def release(self):
+        "Give the training loader back its own way of making items"
+        if self.replay is not None: self.replay.remove()
+        self.replay = None
+
+    def batch_rows(self, items: Tensor) -> Tensor:
+        "The rows of the training `items` in this epoch's views"
+        if self.views is None: return items
+        if self.replay is None: raise RuntimeError('TeacherCache.start_epoch must run before each training epoch.')
+        return self.rows(items, self.replay.views[items])
+
+
+_STORED_DTYPES = (torch.float32, torch.float16)
+
+
+class _Encoding:
+    """What a row holds of a teacher output: all of it in `dtype`, or (`top_k`) its k largest logits and the log of
+    the rest of the probability mass in `dtype`, and their classes; with the fingerprint of its input besides"""
+    def __init__(self, dtype: torch.dtype, top_k: int | None):
+        self.dtype, self.top_k = dtype, top_k
+
+    @property
+    def identity(self) -> dict: return dict(dtype=str(self.dtype), top_k=self.top_k)
+
+    def layout(self, shape: torch.Size) -> dict[str, tuple[tuple, torch.dtype]]:
+        "The arrays of the rows that hold an output of `shape`: their names, shapes of one row and dtypes"
+        if self.top_k is None: return dict(outputs=(tuple(shape), self.dtype), inputs=((), torch.float32))
+        if len(shape) != 1 or self.top_k >= shape[0]:
+            raise ValueError(f'top_k={self.top_k} keeps the largest of one row of class logits per item, and the '
+                             f'teacher gives outputs of shape {tuple(shape)} per item: pass a top_k below the number '
+                             'of classes, or store whole outputs (top_k=None, dtype=torch.float16 to halve them).')
+        index = torch.int16 if shape[0] <= torch.iinfo(torch.int16).max else torch.int32
+        return dict(outputs=((self.top_k + 1,), self.dtype), indices=((self.top_k,), index), inputs=((), torch.float32))
+
+    def encode(self, output: Tensor) -> dict[str, Tensor]:
+        "What is stored of `output`: all of it in `dtype`, or its top k logits, their classes and the rest's log-mass"
+        output = output.detach().float().cpu()
+        if self.top_k is None: return dict(outputs=output.to(self.dtype))
+        values, indices = output.topk(self.top_k, dim=-1)
+        rest = output.scatter(-1, indices, -math.inf).logsumexp(-1, keepdim=True)
+        return dict(outputs=torch.cat([values, rest], -1).to(self.dtype), indices=indices)
+
+    def decode(self, rows: dict[str, Tensor], shape: torch.Size) -> Tensor:
+        "The outputs of `shape` held in `rows`, in float32; from top k, the other classes share the rest's mass evenly"
+        stored = rows['outputs'].float()
+        if self.top_k is None: return stored
+        spread = stored[:, -1:] - math.log(shape[0] - self.top_k)
+        return spread.expand(len(stored), shape[0]).scatter(-1, rows['indices'].long(), stored[:, :-1])
+
+
 def _fingerprints(xb: tuple) -> Tensor:
     "One number per item of `xb` that changes when its input does: the input's projection on a fixed random direction"
     total = 0.
@@ -124,25 +226,52 @@ def _same_teachers(a: list, b: list) -> bool:
                                     for (id_a, sa), (id_b, sb) in zip(a, b))
 
 
+def _hash_tensor(digest, name: str, value: Tensor):
+    "Feed `value`'s `name`, dtype, shape and bytes to `digest` (memory layout aside)"
+    value = value.detach().cpu().contiguous()
+    digest.update(f'{name} {value.dtype} {tuple(value.shape)}'.encode())
+    digest.update(value.reshape(-1).view(torch.uint8).numpy())
 
 
 def _weights_digest(teacher: nn.Module) -> str:
-    "sha256 of `teacher`'s class and state dict: each tensor's name, dtype, shape and bytes (memory layout aside)"
+    "sha256 of `teacher`'s class and state dict: each tensor's name, dtype, shape and bytes"
     digest = hashlib.sha256(type(teacher).__qualname__.encode())
-    for name, value in teacher.state_dict().items():
-        value = value.detach().cpu().contiguous()
-        digest.update(f'{name} {value.dtype} {tuple(value.shape)}'.encode())
-        digest.update(value.reshape(-1).view(torch.uint8).numpy())
+    for name, value in teacher.state_dict().items(): _hash_tensor(digest, name, value)
     return digest.hexdigest()
 
 
 _ADDRESS = re.compile(r' at 0x[0-9a-fA-F]+')  # in the repr of a function: another in every process
 
 
+def _hash_value(digest, value):
+    "Feed `value` to `digest`: a tensor, numpy array or image by its bytes, a tuple or list part by part, else its repr"
+    if isinstance(value, (tuple, list)):
+        for part in value: _hash_value(digest, part)
+        return
+    if hasattr(value, '__array_interface__') and (array := np.asarray(value)).dtype != object:  # numpy, PIL images
+        value = torch.from_numpy(np.ascontiguousarray(array))
+    if isinstance(value, Tensor): _hash_tensor(digest, type(value).__name__, value)
+    else: digest.update(_ADDRESS.sub('', repr(value)).encode())
+
+
+_SAMPLED_ITEMS = 256  # how many items identify a dataset without files
+
+
+def _inputs_digest(dl: DataLoader) -> str:
+    """sha256 of the inputs of up to 256 items spread evenly over `dl`'s dataset, as the dataset gives them (before
+    the loader's transforms, random draws seeded): what tells apart datasets without files of the same length"""
+    dataset, digest = dl.dataset, hashlib.sha256()
+    with random_state_kept():
+        random.seed(0), np.random.seed(0), torch.manual_seed(0)
+        for i in np.linspace(0, len(dataset) - 1, min(len(dataset), _SAMPLED_ITEMS)).round().astype(int).tolist():
+            item = dataset[i]
+            _hash_value(digest, inputs_of(dl, item if isinstance(item, (tuple, list)) else (item,)))
+    return digest.hexdigest()
+
+
 def _data_identity(dl: DataLoader) -> dict:
     """What the teacher's inputs are made of: the items of `dl`'s dataset (for a fastai dataset of files, each item's
-    path; else only their number: the input fingerprints then tell items apart) and the reprs of the transforms
-    from item to input"""
+    path; else the inputs of a sample of its items) and the reprs of the transforms from item to input"""
     dataset = dl.dataset
     items = getattr(dataset, 'items', None)
     by_item = isinstance(items, (list, tuple, L)) and len(items) == len(dataset) and all(
@@ -151,8 +280,9 @@ def _data_identity(dl: DataLoader) -> dict:
     tfms = getattr(dataset, 'tfms', [])
     tfms = list(tfms)[:getattr(dataset, 'n_inp', None) or len(tfms)] if isinstance(tfms, (list, L)) else [tfms]
     return dict(dataset=type(dataset).__name__, n_items=len(dataset), keyed_by='item' if by_item else 'index',
-                items_sha256=hashlib.sha256('\n'.join(names).encode()).hexdigest(), first_item=names[:1],
-                transforms=[_ADDRESS.sub('', repr(tfm)) for tfm in [*tfms, *(t for _, t in _transforms(dl))]])
+                items_sha256=hashlib.sha256('\n'.join(names).encode()).hexdigest() if by_item else _inputs_digest(dl),
+                first_item=names[:1], transforms=[_ADDRESS.sub('', repr(tfm))
+                                                  for tfm in [*tfms, *(t for _, t in _transforms(dl))]])
 
 
 def _batch_items(dl: DataLoader, i: int, n: int) -> Tensor:
@@ -165,7 +295,92 @@ def _batch_items(dl: DataLoader, i: int, n: int) -> Tensor:
     return torch.as_tensor(items, dtype=torch.long)
 
 
-_STORED_DTYPES = (torch.float32, torch.float16)
+class _Rows:
+    """Where outputs are stored, row by row: `arrays` (name -> tensor, one row per key), `stored` (True where a row is
+    complete) and `shape` (of one output), none until there is room for them; `source` says what they are the
+    outputs of, and `n_rows` how many rows its data needs"""
+    folder = None
+
+    def __init__(self): self.source, self.n_rows, self.arrays, self.stored, self.shape = None, 0, None, None, None
+
+    def read(self, rows: Tensor) -> dict[str, Tensor]:
+        "The arrays' `rows`"
+        return {name: array[rows] for name, array in self.arrays.items()}
+
+    def write(self, rows: Tensor, values: dict[str, Tensor]):
+        "Store `values` in `rows`, then mark them stored: on disk, the rows reach the files before their flags"
+        for name, value in values.items(): self.arrays[name][rows] = value.to(self.arrays[name].dtype)
+        self.flush()
+        self.stored[rows] = True
+        self.flush()
+
+    def flush(self): "Write the changed rows where they last (nothing to do in memory)"
+
+
+class _InMemory(_Rows):
+    """Rows on the CPU, at most `max_gib`, kept while the training dataset and transform objects, the teachers'
+    weights and the compute precision stay those they were computed for"""
+    def __init__(self, max_gib: float):
+        super().__init__()
+        self.max_gib = max_gib
+
+    def attach(self, dl: DataLoader, teachers: list[nn.Module], precision: str, n_rows: int):
+        "Rows for `dl`'s data and `teachers` computing in `precision`: those kept if they are for them, else none yet"
+        data, teachers = (id(dl.dataset), len(dl.dataset), [id(tfm) for _, tfm in _transforms(dl)], precision), \
+            _teachers_signature(teachers)
+        if self.source is None or self.source[0] != data or not _same_teachers(self.source[1], teachers):
+            self.arrays = self.stored = self.shape = None
+        self.source, self.n_rows = (data, teachers), n_rows
+
+    def allocate(self, layout: dict[str, tuple[tuple, torch.dtype]], shape: torch.Size):
+        "Room for `n_rows` rows of `layout`, all unfilled, each for an output of `shape`"
+        gib = self.n_rows * sum(math.prod(s) * d.itemsize for s, d in layout.values()) / 2**30
+        if gib > self.max_gib:
+            raise MemoryError(f'Caching the teacher outputs would take {gib:.1f} GiB ({self.n_rows} items x '
+                              f'{tuple(shape)} in {layout["outputs"][1]}), more than max_gib={self.max_gib}: pass '
+                              'TeacherCache(dtype=torch.float16), top_k, a path on disk or a larger max_gib, or use '
+                              'cache=False.')
+        self.arrays = {name: torch.zeros(self.n_rows, *s, dtype=d) for name, (s, d) in layout.items()}
+        self.stored, self.shape = torch.zeros(self.n_rows, dtype=torch.bool), shape
+
+
+class _OnDisk(_Rows):
+    """Rows in the `TeacherStore` of `root` for the teachers' weights, their compute precision, the data and the
+    `storage` (encoding and keying): a sub-folder named by a fingerprint of all four, shared by every process"""
+    def __init__(self, root: Path, storage: dict):
+        super().__init__()
+        self.root, self.storage, self.store = root, storage, None
+
+    @property
+    def folder(self) -> Path | None:
+        "The store's folder for the identity of the last `attach`: `root`/fingerprint"
+        if self.source is None: return None
+        return self.root/hashlib.sha256(json.dumps(self.source, sort_keys=True).encode()).hexdigest()[:16]
+
+    def attach(self, dl: DataLoader, teachers: list[nn.Module], precision: str, n_rows: int):
+        "The rows of the store for `dl`'s data and `teachers` computing in `precision`, if one was created"
+        identity = dict(teachers=[_weights_digest(t) for t in teachers], precision=precision, data=_data_identity(dl),
+                        storage=self.storage)
+        if identity == self.source: return
+        self.source, self.n_rows = identity, n_rows
+        self._use(TeacherStore.find(self.folder, identity))
+
+    def allocate(self, layout: dict[str, tuple[tuple, torch.dtype]], shape: torch.Size):
+        "A new store (or the one another process just made) with room for `n_rows` rows of `layout`"
+        numpy_layout = {name: (s, str(d).removeprefix('torch.')) for name, (s, d) in layout.items()}
+        self._use(TeacherStore.create(self.folder, self.source, self.n_rows, numpy_layout, tuple(shape)))
+
+    def _use(self, store: TeacherStore | None):
+        "Read and write the memory maps of `store` (none if None)"
+        self.store, self.arrays, self.stored, self.shape = store, None, None, None
+        if store is None: return
+        self.arrays = {name: torch.from_numpy(array) for name, array in store.arrays.items()}
+        self.stored = torch.from_numpy(store.filled).view(torch.bool)
+        self.shape = torch.Size(store.manifest['output_shape'])
+
+    def flush(self):
+        "Write the changed rows and flags to the files"
+        self.store.flush()
 
 
 class TeacherCache:
@@ -179,12 +394,14 @@ class TeacherCache:
     transforms. `allow_random=True` reuses the output of each item's first view for all its later views instead.
 
     Where: in memory (`path=None`, on the CPU, at most `max_gib`; it refills after a change of the training dataset
-    object or length, of the transform objects, or of a teacher's weights), or on disk: `path` is a folder holding
-    one store per teacher and data (`fastkd.store.TeacherStore`, numpy memory maps), which every later fit, process,
-    student or seed with the same teacher on the same items reuses. A store's sub-folder is named by a fingerprint of
-    the teachers (sha256 of their weights), of the data (each item's file path, or only the number of items, and the
-    reprs of the transforms) and of the storage: other weights, other items or other transforms get a store of their
-    own, never a mix. It is crash-safe and several processes may fill it at once (see `fastkd.store`).
+    object or length, of the transform objects, of a teacher's weights or of the compute precision), or on disk:
+    `path` is a folder holding one store per teacher and data (`fastkd.store.TeacherStore`, numpy memory maps), which
+    every later fit, process, student or seed with the same teacher on the same items reuses. A store's sub-folder is
+    named by a fingerprint of the teachers (sha256 of their weights), of their compute precision (the dtype of the
+    learner's mixed-precision autocast, else float32), of the data (each item's file path, or for data without files
+    the inputs of 256 items spread over it, and the reprs of the transforms) and of the storage: other weights, items,
+    transforms or precision get a store of their own, never a mix. It is crash-safe and several processes of one host
+    may fill it at once (see `fastkd.store`).
 
     Bytes per item, with C classes (one flag byte and a 4-byte input fingerprint each besides):
     - `dtype=torch.float32`: 4C, exact (GTSRB, 39,209 items x 43 classes: 6.7 MB; ImageNet-1k: 5.1 GB);
@@ -204,7 +421,7 @@ class TeacherCache:
     above; on disk, K and `view_seed` are part of the store's identity). The input fingerprint is checked as without
     views: a view that does not replay is stopped. Random batch transforms (`aug_transforms`) and MixUp/CutMix draw
     once per batch, cannot be replayed and are refused; so are persistent workers, which would keep an old epoch's
-    views. Validation has no views."""
+    views, and `in_memory` loaders, whose items are made once. Validation has no views."""
 
     def __init__(self, allow_random: bool = False, dtype: torch.dtype = torch.float32, max_gib: float = 8.,
                  path: str | Path | None = None, top_k: int | None = None, views: int | None = None,
@@ -220,25 +437,27 @@ class TeacherCache:
             raise ValueError("allow_random=True reuses each item's first output for all its views and views=K stores "
                              'the output of each of K views: pass one of them.')
         store_attr()
-        self.replay = None
+        self.keying, self.encoding = _Keying(views, view_seed), _Encoding(dtype, top_k)
         self.reset()
 
     def reset(self):
         "Forget every stored output (on disk they stay: a cache with the same teacher and data opens them again)"
-        self.outputs = self.indices = self.stored = self.inputs = self.source = self.store = self.shape = None
+        self.rows = self._no_rows()
+
+    def _no_rows(self) -> _Rows:
+        "Rows for nothing yet: in memory, or on disk under `path` with the store identity of the encoding and keying"
+        if self.path is None: return _InMemory(self.max_gib)
+        return _OnDisk(self.path, {**self.encoding.identity, **self.keying.identity})
 
     def __getstate__(self):
         "Pickles (`learn.export`) keep the settings and no stored output"
-        return {**self.__dict__, **dict.fromkeys(('outputs', 'indices', 'stored', 'inputs', 'source', 'store',
-                                                  'replay'))}
+        return {**self.__dict__, 'keying': _Keying(self.views, self.view_seed), 'rows': self._no_rows()}
 
     def prepare(self, learn: Learner, teachers: list[nn.Module]):
         """Before a fit's first step: refuse random augmentation (with views, what cannot be replayed); forget the
-        outputs stored for other data or teachers"""
+        outputs stored for other data, teachers or compute precision"""
         randoms = random_augmentations(learn)
-        if self.views is not None:
-            _refuse_unreplayable(_random_transforms(learn.dls.train, _BATCH_PIPELINES) + _mixing_callbacks(learn),
-                                 self.views)
+        if self.views is not None: _refuse_unviewable(learn.dls.train, self.views, _mixing_callbacks(learn))
         elif randoms and not self.allow_random:
             raise ValueError(
                 f'The teacher cache needs each training item to have the same input in every epoch, but these draw '
@@ -253,86 +472,30 @@ class TeacherCache:
         if self.views is not None and dl.fake_l.num_workers > 0 and dl.fake_l.persistent_workers:
             raise ValueError(f'TeacherCache(views={self.views}) picks new views at each epoch, which persistent '
                              'workers would not see: pass persistent_workers=False to the DataLoaders.')
-        self._attach(dl, teachers)
+        self._attach(dl, teachers, _precision(learn))
+
+    def _attach(self, dl: DataLoader, teachers: list[nn.Module], precision: str):
+        "Use the rows stored for `dl`'s data and these teachers computing in `precision`"
+        self.rows.attach(dl, teachers, precision, self.keying.n_rows(len(dl.dataset)))
 
     def epoch_views(self, epoch: int, n_items: int) -> Tensor:
         """The view of each of `n_items` items in training epoch `epoch`, from `view_seed` and `epoch` alone: every K
         epochs, each item goes through its K views in an order of its own. So the first K epochs run the teacher on
         whole batches of new views, and each view is used as often as the others."""
-        cycle, at = divmod(epoch, self.views)
-        orders = np.random.default_rng([self.view_seed, cycle]).permuted(np.tile(np.arange(self.views), (n_items, 1)),
-                                                                         axis=1)
-        return torch.from_numpy(orders[:, at].copy())
+        return self.keying.epoch_views(epoch, n_items)
 
     def start_epoch(self, learn: Learner):
         "Before a training epoch, with views: pick each item's view and have the training loader make it"
-        if self.views is None: return
-        dl = user_loader(learn.dls.train)
-        if self.replay is None or self.replay.dl is not dl:
-            self.release()
-            self.replay = _ViewReplay(dl, self.view_seed, len(dl.dataset))
-        self.replay.views = self.epoch_views(learn.epoch, len(dl.dataset))
-        self.replay.install()
+        if self.views is not None: self.keying.start_epoch(user_loader(learn.dls.train), learn.epoch)
 
     def release(self):
         "After a fit: the training loader makes its items as it did before `start_epoch` (random draws included)"
-        if self.replay is not None: self.replay.remove()
-        self.replay = None
-
-    def _attach(self, dl: DataLoader, teachers: list[nn.Module]):
-        "Use the outputs stored for `dl`'s data and these teachers: those kept so far, a store on disk, or none yet"
-        if self.path is None:
-            data, teachers = (id(dl.dataset), len(dl.dataset), [id(tfm) for _, tfm in _transforms(dl)]), \
-                _teachers_signature(teachers)
-            if self.source is None or self.source[0] != data or not _same_teachers(self.source[1], teachers):
-                self.reset()
-            self.source = data, teachers
-            return
-        storage = dict(dtype=str(self.dtype), top_k=self.top_k)
-        if self.views is not None: storage.update(views=self.views, view_seed=self.view_seed)  # None: as before views
-        identity = dict(teachers=[_weights_digest(t) for t in teachers], data=_data_identity(dl), storage=storage)
-        if identity == self.source: return
-        self.reset()
-        self.source = identity
-        self._use(TeacherStore.find(self.folder, identity))
+        self.keying.release()
 
     @property
     def folder(self) -> Path | None:
         "The store's folder for the teachers and data of the last `prepare`: `path`/fingerprint"
-        if self.path is None or self.source is None: return None
-        return self.path/hashlib.sha256(json.dumps(self.source, sort_keys=True).encode()).hexdigest()[:16]
-
-    def _use(self, store: TeacherStore | None):
-        "Read and write the arrays of `store` (nothing if None)"
-        if store is None: return
-        self.store, self.shape = store, torch.Size(store.manifest['output_shape'])
-        for name, array in store.arrays.items(): setattr(self, name, torch.from_numpy(array))
-        self.stored = torch.from_numpy(store.filled).view(torch.bool)
-
-    def _layout(self, shape: torch.Size) -> dict[str, tuple[tuple, torch.dtype]]:
-        "The arrays that hold an output of `shape` per item: their names, shapes of one item and dtypes"
-        if self.top_k is None: return dict(outputs=(tuple(shape), self.dtype), inputs=((), torch.float32))
-        if len(shape) != 1 or self.top_k >= shape[0]:
-            raise ValueError(f'top_k={self.top_k} keeps the largest of one row of class logits per item, and the '
-                             f'teacher gives outputs of shape {tuple(shape)} per item: pass a top_k below the number '
-                             'of classes, or store whole outputs (top_k=None, dtype=torch.float16 to halve them).')
-        index = torch.int16 if shape[0] <= torch.iinfo(torch.int16).max else torch.int32
-        return dict(outputs=((self.top_k + 1,), self.dtype), indices=((self.top_k,), index), inputs=((), torch.float32))
-
-    def _allocate(self, n_items: int, shape: torch.Size):
-        "Room for an output of `shape` per item: in memory, or in a new store on disk"
-        layout = self._layout(shape)
-        if self.path is not None:
-            numpy_layout = {name: (s, str(d).removeprefix('torch.')) for name, (s, d) in layout.items()}
-            return self._use(TeacherStore.create(self.folder, self.source, n_items, numpy_layout, tuple(shape)))
-        gib = n_items * sum(math.prod(s) * d.itemsize for s, d in layout.values()) / 2**30
-        if gib > self.max_gib:
-            raise MemoryError(f'Caching the teacher outputs would take {gib:.1f} GiB ({n_items} items x '
-                              f'{tuple(shape)} in {self.dtype}), more than max_gib={self.max_gib}: pass '
-                              'TeacherCache(dtype=torch.float16), top_k, a path on disk or a larger max_gib, or use '
-                              'cache=False.')
-        for name, (s, d) in layout.items(): setattr(self, name, torch.zeros(n_items, *s, dtype=d))
-        self.stored, self.shape = torch.zeros(n_items, dtype=torch.bool), shape
+        return self.rows.folder
 
     def batch_items(self, learn: Learner, n: int) -> Tensor:
         "Dataset indices of the `n` items of training batch `learn.iter`, from the order the loader drew this epoch"
@@ -341,63 +504,37 @@ class TeacherCache:
     def __call__(self, learn: Learner, xb: tuple, forward: Callable[[tuple], Tensor]) -> Tensor:
         """The teacher's output for the training batch `xb`: stored outputs, and `forward` on the items not stored yet.
         With views, an output is stored per (item, view), under `item * views + view`."""
-        if self.source is None: raise RuntimeError('TeacherCache.prepare must run before the cache is used.')
-        items, n_items = self.batch_items(learn, find_bs(xb)), len(learn.dl.dataset)
-        if self.views is not None and self.replay is None:
-            raise RuntimeError('TeacherCache.start_epoch must run before each training epoch.')
-        views = 0 if self.views is None else self.replay.views[items]
-        return self.lookup(self.keys(items, views), xb, forward, self.keys(n_items, 0))
+        if self.rows.source is None: raise RuntimeError('TeacherCache.prepare must run before the cache is used.')
+        return self._lookup(self.keying.batch_rows(self.batch_items(learn, find_bs(xb))), xb, forward)
 
     def keys(self, items: Tensor | int, views: Tensor | int) -> Tensor | int:
         "Where the outputs of `items` in `views` are stored: `item * views + view`, or the item itself without views"
-        return items * (self.views or 1) + views
+        return self.keying.rows(items, views)
 
-    def lookup(self, items: Tensor, xb: tuple, forward: Callable[[tuple], Tensor], n_items: int) -> Tensor:
-        """The outputs of the `items` (rows of `n_items`: dataset indices, with views `item * views + view`) whose
-        inputs are `xb`, in float32: those stored, and `forward` on the others, stored first"""
-        fingerprints = _fingerprints(xb)
-        stored = self.stored[items] if self.stored is not None else torch.zeros(len(items), dtype=torch.bool)
-        if stored.any() and not self.allow_random: self._check_inputs(items[stored], fingerprints[stored])
+    def _lookup(self, rows: Tensor, xb: tuple, forward: Callable[[tuple], Tensor]) -> Tensor:
+        """The outputs of `rows` (dataset indices, with views `item * views + view`) whose inputs are `xb`, in float32:
+        those stored, and `forward` on the others, stored first"""
+        fingerprints, storage = _fingerprints(xb), self.rows
+        stored = storage.stored[rows] if storage.stored is not None else torch.zeros(len(rows), dtype=torch.bool)
+        if stored.any() and not self.allow_random: self._check_inputs(rows[stored], fingerprints[stored])
         if not stored.all():
             new = ~stored
             output = forward(xb if new.all() else tuple(x[new.to(x.device)] for x in xb))
-            if self.stored is None: self._allocate(n_items, output.shape[1:])
-            if output.shape[1:] != self.shape:
+            if storage.stored is None: storage.allocate(self.encoding.layout(output.shape[1:]), output.shape[1:])
+            if output.shape[1:] != storage.shape:
                 raise ValueError(f'The teacher gives outputs of shape {tuple(output.shape[1:])} per item and the store '
-                                 f'{self.folder} holds {tuple(self.shape)}: delete that folder and fill it again.')
-            self._keep(items[new], dict(self._encode(output), inputs=fingerprints[new]))
-        return self._decode(items).to(xb[0].device)
+                                 f'{storage.folder} holds {tuple(storage.shape)}: delete that folder and fill it '
+                                 'again.')
+            storage.write(rows[new], dict(self.encoding.encode(output), inputs=fingerprints[new]))
+        return self.encoding.decode(storage.read(rows), storage.shape).to(xb[0].device)
 
-    def _encode(self, output: Tensor) -> dict[str, Tensor]:
-        "What is stored of `output`: all of it in `dtype`, or its top k logits, their classes and the rest's log-mass"
-        output = output.detach().float().cpu()
-        if self.top_k is None: return dict(outputs=output.to(self.dtype))
-        values, indices = output.topk(self.top_k, dim=-1)
-        rest = output.scatter(-1, indices, -math.inf).logsumexp(-1, keepdim=True)
-        return dict(outputs=torch.cat([values, rest], -1).to(self.dtype), indices=indices.to(self.indices.dtype))
-
-    def _decode(self, items: Tensor) -> Tensor:
-        "The stored outputs of `items` in float32; from top k, the other classes share the rest's mass evenly"
-        stored = self.outputs[items].float()
-        if self.top_k is None: return stored
-        n_classes = self.shape[0]
-        spread = stored[:, -1:] - math.log(n_classes - self.top_k)
-        return spread.expand(len(items), n_classes).scatter(-1, self.indices[items].long(), stored[:, :-1])
-
-    def _keep(self, items: Tensor, rows: dict[str, Tensor]):
-        "Store `rows` for `items`, then mark them stored: on disk, the rows reach the file before their flags"
-        for name, value in rows.items(): getattr(self, name)[items] = value
-        if self.store is not None: self.store.flush()
-        self.stored[items] = True
-        if self.store is not None: self.store.flush()
-
-    def _check_inputs(self, items: Tensor, fingerprints: Tensor):
-        "An error if the inputs of stored `items` differ from those their outputs were computed from"
-        changed = ~torch.isclose(fingerprints, self.inputs[items], rtol=1e-4, atol=1e-4)
+    def _check_inputs(self, rows: Tensor, fingerprints: Tensor):
+        "An error if the inputs of stored `rows` differ from those their outputs were computed from"
+        changed = ~torch.isclose(fingerprints, self.rows.arrays['inputs'][rows], rtol=1e-4, atol=1e-4)
         if not changed.any(): return
-        where = f' in the store {self.folder}' if self.store is not None else ''
+        where = f' in the store {self.folder}' if self.folder is not None else ''
         if self.views is not None:
-            views = [f'{key // self.views} (view {key % self.views})' for key in items[changed][:5].tolist()]
+            views = [f'{key // self.views} (view {key % self.views})' for key in rows[changed][:5].tolist()]
             raise RuntimeError(
                 f'The inputs of training items {", ".join(views)} are not those their teacher outputs were cached '
                 f'for{where}: a view did not replay. A transform draws random numbers outside the item transforms '
@@ -405,7 +542,7 @@ class TeacherCache:
                 "Python's random module in item transforms, or call `cache.reset()` after changing data (on disk, "
                 "delete the store's folder), or keep cache=False.")
         raise RuntimeError(
-            f'The inputs of training items {items[changed][:5].tolist()} changed since the teacher output was '
+            f'The inputs of training items {rows[changed][:5].tolist()} changed since the teacher output was '
             f'cached for them{where}: a transform draws random numbers (e.g. Resize cropping images of another '
             'aspect ratio at random; use ResizeMethod.Squish), or the data or its transforms were changed in '
             'place. Remove the randomness, or call `cache.reset()` after changing data (on disk, delete the '
@@ -416,20 +553,20 @@ class TeacherCache:
 def fill_teacher_cache(teacher, dls: DataLoaders | DataLoader, path: str | Path, dtype: torch.dtype = torch.float32,
                        top_k: int | None = None, allow_random: bool = False, views: int | None = None,
                        view_seed: int = 0) -> Path:
-    """Fill the store in `path` with `teacher`'s outputs (eval mode, no gradient) for every item of the training
-    loader of `dls` (or the loader `dls`), in one pass with a progress bar (with `views=K`: K passes, one per view);
-    items already stored are skipped. A later `KnowledgeDistillation(teacher, cache=path)` (or `TeacherCache(path=path,
-    ...)` with the same `dtype`, `top_k`, `views` and `view_seed`) on the same data reuses them. Returns the store's
-    folder."""
+    """Fill the store in `path` with `teacher`'s outputs (eval mode, no gradient, float32) for every item of the
+    training loader of `dls` (or the loader `dls`), in one pass with a progress bar (with `views=K`: K passes, one per
+    view); items already stored are skipped. A later `KnowledgeDistillation(teacher, cache=path)` (or
+    `TeacherCache(path=path, ...)` with the same `dtype`, `top_k`, `views` and `view_seed`) on the same data, without
+    mixed precision, reuses them. Returns the store's folder."""
     model = teacher_model(teacher)
     dl = user_loader(dls.train if isinstance(dls, DataLoaders) else dls)
     cache = TeacherCache(allow_random, dtype, path=path, top_k=top_k, views=views, view_seed=view_seed)
-    if views is not None: _refuse_unreplayable(_random_transforms(dl, _BATCH_PIPELINES), views)
+    if views is not None: _refuse_unviewable(dl, views)
     elif (randoms := _random_transforms(dl)) and not allow_random:
         raise ValueError(f'These transforms draw random numbers: {", ".join(randoms)}, so the outputs would be those '
                          'of one random view: fill the store from a loader without them (augment=False), pass '
                          'views=K to store K replayable views of each item, or pass allow_random=True.')
-    cache._attach(dl, [model])
+    cache._attach(dl, [model], 'float32')
     plain = dl.new(shuffle=False, drop_last=False)
     replay = None if views is None else _ViewReplay(plain, view_seed, len(dl.dataset))
     def forward(xb: tuple) -> Tensor:
@@ -441,6 +578,5 @@ def fill_teacher_cache(teacher, dls: DataLoaders | DataLoader, path: str | Path,
         for i, batch in enumerate(progress_bar(plain, leave=False)):
             xb = inputs_of(plain, batch)
             model.to(xb[0].device)
-            items = _batch_items(plain, i, find_bs(xb))
-            cache.lookup(cache.keys(items, view), xb, forward, cache.keys(len(dl.dataset), 0))
+            cache._lookup(cache.keys(_batch_items(plain, i, find_bs(xb)), view), xb, forward)
     return cache.folder

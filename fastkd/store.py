@@ -10,11 +10,17 @@ into chunks that concurrent writers of neighbouring items would rewrite over eac
 Crash safety: an item's rows are written and flushed to the file before its flag, so a process killed at any point
 leaves only flags of complete rows (a row without its flag is computed again). Several processes may fill one store
 at once: a store is created under a file lock (`fcntl.flock`) and its manifest appears last, atomically; writes of an
-item are idempotent (the same teacher on the same input), and each process sees the others' rows as they land.
+item are idempotent (the same teacher on the same input), and each process sees the others' rows as they land. Locks
+and shared memory maps hold between the processes of one host only: a store on NFS or shared by several hosts is not
+supported. A new store's bytes are reserved on disk when it is made: a disk too full for it is an error then, not a
+SIGBUS when a row of a sparse file is written later.
 """
 from __future__ import annotations
 
+import errno
 import json
+import math
+import os
 import shutil
 from pathlib import Path
 
@@ -25,6 +31,39 @@ from .files import atomic_write, locked
 __all__ = ['TeacherStore']
 
 MANIFEST, FLAGS = 'manifest.json', 'filled'
+
+
+def _size(n_bytes: float) -> str:
+    "`n_bytes` in KiB, MiB or GiB, whichever reads best"
+    for unit in ('KiB', 'MiB', 'GiB'):
+        n_bytes /= 1024
+        if n_bytes < 1024 or unit == 'GiB': return f'{n_bytes:.1f} {unit}'
+
+
+def _no_room(folder: Path, n_bytes: int) -> OSError:
+    "The error for a store of `n_bytes` that does not fit in `folder`: what it needs, what is free, the fixes"
+    return OSError(f'The teacher store needs {_size(n_bytes)} and {folder} has {_size(shutil.disk_usage(folder).free)} '
+                   'free: pass another path, or a smaller storage (dtype=torch.float16, or top_k).')
+
+
+def _reserve(file, n_bytes: int):
+    "Make the open `file` `n_bytes` long with room taken on disk: fallocate, or zeros where the file system cannot"
+    try: return os.posix_fallocate(file.fileno(), 0, n_bytes)
+    except AttributeError: pass  # no posix_fallocate (macOS)
+    except OSError as error:
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS): raise
+    file.seek(0, os.SEEK_END)
+    while (left := n_bytes - file.tell()) > 0: file.write(bytes(min(left, 2**20)))
+    file.flush()
+
+
+def _allocate(file: Path, shape: tuple, dtype: str):
+    "A `.npy` file of zeros of `shape` and `dtype`, its bytes reserved on disk"
+    with open(file, 'wb') as f:
+        np.lib.format.write_array_header_1_0(f, dict(descr=np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                     fortran_order=False, shape=shape))
+        f.flush()
+        _reserve(f, f.tell() + math.prod(shape) * np.dtype(dtype).itemsize)
 
 
 def _mapped(file: Path) -> np.memmap:
@@ -78,19 +117,20 @@ class TeacherStore:
     @classmethod
     def create(cls, folder: Path, identity: dict, n_items: int, layout: dict, output_shape: tuple) -> TeacherStore:
         """The store in `folder` with room for `n_items` rows of each array of `layout` (name -> (shape, numpy dtype
-        name)), all unfilled; if another process created it first, that one"""
+        name)), all unfilled and their bytes reserved on disk; if another process created it first, that one"""
         folder.parent.mkdir(parents=True, exist_ok=True)
         with locked(folder.parent):
             if (store := cls.find(folder, identity)) is not None: return store
             n_bytes = n_items * (sum(np.dtype(d).itemsize * int(np.prod(s)) for s, d in layout.values()) + 1)
-            free = shutil.disk_usage(folder.parent).free
-            if n_bytes > free:
-                raise OSError(f'The teacher store needs {n_bytes / 2**30:.2f} GiB and {folder.parent} has '
-                              f'{free / 2**30:.2f} GiB free: pass another path, or a smaller storage '
-                              '(dtype=torch.float16, or top_k).')
+            if n_bytes > shutil.disk_usage(folder.parent).free: raise _no_room(folder.parent, n_bytes)
             folder.mkdir(exist_ok=True)
-            for name, (shape, dtype) in {**layout, FLAGS: ((), 'uint8')}.items():  # zeros: nothing filled
-                np.lib.format.open_memmap(folder/f'{name}.npy', mode='w+', dtype=dtype, shape=(n_items, *shape)).flush()
+            try:
+                for name, (shape, dtype) in {**layout, FLAGS: ((), 'uint8')}.items():  # zeros: nothing filled
+                    _allocate(folder/f'{name}.npy', (n_items, *shape), dtype)
+            except OSError as error:
+                shutil.rmtree(folder)  # no manifest yet: a folder of this module's own, half made
+                if error.errno == errno.ENOSPC: raise _no_room(folder.parent, n_bytes) from error
+                raise
             manifest = dict(identity=identity, n_items=n_items, output_shape=list(output_shape),
                             layout={name: [list(shape), dtype] for name, (shape, dtype) in layout.items()},
                             bytes_per_item=n_bytes // n_items if n_items else 0)

@@ -48,14 +48,15 @@ def teacher_from(path) -> torch.nn.Module:
     return teacher.eval()
 
 
-def distil(dls, teacher, cache, seed: int = 0, kill_after=None, epochs: int = 1, **learner_kwargs
+def distil(dls, teacher, cache, seed: int = 0, kill_after=None, epochs: int = 1, cbs=(), **learner_kwargs
            ) -> tuple[TeacherRecord, list]:
-    """A student of `seed` distilled from `teacher` with `cache` (`learner_kwargs` to its `Learner`): the record of its
-    steps, and each step's inputs and teacher outputs"""
+    """A student of `seed` distilled from `teacher` with `cache` (`cbs` and `learner_kwargs` to its `Learner`): the
+    record of its steps, and each step's inputs and teacher outputs"""
     set_seed(seed, reproducible=True)
     record, loss = TeacherRecord(teacher, kill_after), RecordedLoss()
     loss.batches = []
-    learn = Learner(dls, tiny_cnn(8), cbs=[KnowledgeDistillation(teacher, loss, cache=cache), record], **learner_kwargs)
+    learn = Learner(dls, tiny_cnn(8), cbs=[KnowledgeDistillation(teacher, loss, cache=cache), record, *cbs],
+                    **learner_kwargs)
     loss.learn = learn
     with learn.no_bar(), learn.no_logging(): learn.fit(epochs, 1e-3)
     return record, loss.batches

@@ -5,6 +5,7 @@ from copy import copy
 import fastai.callback.schedule  # noqa: F401  (Learner.lr_find, fit_one_cycle)
 import pytest
 import torch
+from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.mixup import MixUp
 from fastai.data.core import DataLoaders
 from fastai.data.transforms import IntToFloatTensor
@@ -13,12 +14,13 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.torch_core import set_seed
 from fastai.vision.all import FlipItem, ImageDataLoaders, Resize
 
-from conftest import Doubled, changed_inputs, double_inputs, ready_made, tiny_cnn, whole
+from conftest import Doubled, RecordFirstBatch, changed_inputs, double_inputs, ready_made, tiny_cnn, whole
 from fastkd.cache import TeacherCache, random_augmentations
 from fastkd.callback import KnowledgeDistillation
 from fastkd.digits import digits_dls
 from fastkd.losses import SoftTarget
 from fastkd.split import default_split
+from test_mixed_precision import CPUAutocast
 
 
 @pytest.fixture(scope='module')
@@ -81,7 +83,7 @@ def test_a_whole_schedule_runs_the_teacher_once_per_item_and_exports_no_cache(dl
     learn.path = tmp_path
     with learn.no_bar(), learn.no_logging():
         learn.lr_find(num_it=5, show_plot=False)
-        assert 0 < int(learn.knowledge_distillation.cache.stored.sum()) < len(dls.train.dataset) / 2  # half an epoch
+        assert 0 < int(learn.knowledge_distillation.cache.rows.stored.sum()) < len(dls.train.dataset) / 2  # half epoch
         learn.freeze_to(1)
         learn.fit_one_cycle(1, 1e-2)
         learn.unfreeze()
@@ -95,7 +97,7 @@ def test_a_whole_schedule_runs_the_teacher_once_per_item_and_exports_no_cache(dl
 def test_float16_storage(dls, teacher):
     learn, record = distilled(dls, teacher, cache=TeacherCache(dtype=torch.float16))
     fit(learn)
-    assert learn.knowledge_distillation.cache.outputs.dtype == torch.float16
+    assert learn.knowledge_distillation.cache.rows.arrays['outputs'].dtype == torch.float16
     assert record.items <= 1.2 * len(dls.train.dataset)  # the second epoch came from the cache
     second = [b for b in record.batches if b[0] == 1]
     assert_outputs_of_their_inputs(second, teacher, torch.float16)
@@ -142,6 +144,19 @@ def test_another_dataset_object_or_other_transform_objects_refill_the_cache(dls,
         fit(learn, epochs=1)
         assert record.items > len(dls.train.dataset) - dls.bs
         assert_outputs_of_their_inputs(record.batches, teacher)
+
+
+def test_another_compute_precision_refills_the_cache(dls, teacher):
+    "Outputs computed in float32 are not those of a fit under bfloat16 autocast (to_bf16, pointed at the CPU)"
+    learn, record = distilled(dls, teacher)
+    fit(learn, epochs=1)
+    learn.add_cbs([MixedPrecision('bf16'), CPUAutocast()])
+    record.items, record.batches = 0, []
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=RecordFirstBatch())
+    assert record.items == 2 * dls.bs  # the check on a validation batch, then the whole first batch: nothing reused
+    ((_, inputs, handed),) = record.batches
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16): live = teacher(inputs).float()
+    assert torch.equal(handed, live)
 
 
 def test_inputs_changed_in_place_stop_training(digits_path, teacher):
@@ -220,6 +235,6 @@ def test_memory_bound_and_pickles(dls, teacher):
     learn, _ = distilled(dls, teacher)
     fit(learn, epochs=1)
     cache = learn.knowledge_distillation.cache
-    assert cache.stored.any()
+    assert cache.rows.stored.any()
     copy = pickle.loads(pickle.dumps(cache))
-    assert copy.outputs is None and copy.stored is None and copy.allow_random is False
+    assert copy.rows.arrays is None and copy.rows.stored is None and copy.allow_random is False

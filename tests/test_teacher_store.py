@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from fastai.callback.fp16 import MixedPrecision
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
@@ -25,7 +26,7 @@ from fastcore.basics import store_attr
 from torchvision.models import resnet34
 
 import store_worker
-from conftest import Doubled, changed_inputs, data_folder, tiny_cnn, whole
+from conftest import Doubled, RecordFirstBatch, changed_inputs, data_folder, tiny_cnn, whole
 from fastkd.cache import TeacherCache, fill_teacher_cache
 from fastkd.callback import load_teacher
 from fastkd.cli import main
@@ -34,6 +35,7 @@ from fastkd.gtsrb import gtsrb_dls
 from fastkd.losses import DIST, SoftTarget
 from fastkd.store import TeacherStore
 from store_worker import distil, max_diff, teacher_from
+from test_mixed_precision import CPUAutocast
 
 ROOT = Path(__file__).resolve().parents[1]
 # the largest relative change of a loss against full outputs (measured: float16 below 1e-5; top 3 of 10 classes 0.016
@@ -163,11 +165,85 @@ def test_a_dataset_of_tensors_is_keyed_by_index(dls, teacher_file, tmp_path):
     tensors = DataLoaders(DataLoader(items, bs=32, shuffle=True, drop_last=True), DataLoader(items, bs=64))
     teacher = teacher_from(teacher_file)
     folder = fill_teacher_cache(teacher, tensors, tmp_path/'stores')
-    assert json.loads((folder/'manifest.json').read_text())['identity']['data'] == dict(
-        dataset='list', n_items=len(items), keyed_by='index', items_sha256=hashlib.sha256(b'').hexdigest(),
-        first_item=[], transforms=[])
+    data = json.loads((folder/'manifest.json').read_text())['identity']['data']
+    assert data == dict(dataset='list', n_items=len(items), keyed_by='index', items_sha256=data['items_sha256'],
+                        first_item=[], transforms=[])
+    assert data['items_sha256'] != hashlib.sha256(b'').hexdigest()  # of the items' inputs: see the test below
     record, batches = distil(tensors, teacher, tmp_path/'stores', loss_func=CrossEntropyLossFlat())
     assert record.items == 0 and max_diff(batches, teacher) < 1e-5 and np.asarray(TeacherStore(folder).filled).all()
+
+
+def tensor_dls(items: list, bs: int = 32) -> DataLoaders:
+    "Plain fastai DataLoaders over a list of (input, target) tensors: no file per item, no transforms"
+    return DataLoaders(DataLoader(items, bs=bs, shuffle=True, drop_last=True), DataLoader(items, bs=64))
+
+
+def test_datasets_without_files_of_one_length_get_a_store_each(dls, teacher_file, tmp_path):
+    """Two lists of tensors as long as each other, of other inputs: each gets its store, even with allow_random=True
+    (no input check to catch a mix); another list of the first's inputs finds the first's store"""
+    teacher, bs = teacher_from(teacher_file), 32
+    first = [(x, y) for xb, yb in dls.valid for x, y in zip(xb, yb)]
+    second = [(x, y) for xb, yb in dls.train.new(shuffle=False) for x, y in zip(xb, yb)][:len(first)]
+    for items in first, second:
+        record, batches = distil(tensor_dls(items, bs), teacher, TeacherCache(path=tmp_path, allow_random=True),
+                                 loss_func=CrossEntropyLossFlat())
+        assert record.items > len(items) - bs and max_diff(batches, teacher) < 1e-5  # every item, its own output
+    record, batches = distil(tensor_dls(list(first), bs), teacher, TeacherCache(path=tmp_path, allow_random=True),
+                             loss_func=CrossEntropyLossFlat())
+    assert record.items < bs and max_diff(batches, teacher) < 1e-5  # the first's outputs, but a dropped batch's items
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+
+
+def test_another_compute_precision_gets_a_store_of_its_own(dls, teacher_file, tmp_path):
+    "A fit under bfloat16 autocast (to_bf16, its autocast pointed at the CPU) reuses no float32 output"
+    teacher = teacher_from(teacher_file)
+    distil(dls, teacher, tmp_path)  # float32: every item of a whole batch stored
+    record, batches = distil(dls, teacher, tmp_path, cbs=[MixedPrecision('bf16'), CPUAutocast(), RecordFirstBatch()])
+    assert record.items == dls.bs  # the first step ran the teacher on its whole batch
+    ((inputs, handed),) = batches
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16): live = teacher(inputs).float()
+    assert torch.equal(handed, live) and max_diff(batches, teacher) > 1e-3  # bfloat16 outputs, not float32 ones
+    folders = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert sorted(json.loads((f/'manifest.json').read_text())['identity']['precision'] for f in folders) == [
+        'bfloat16', 'float32']
+
+
+def test_a_new_store_takes_its_room_on_disk(tmp_path):
+    "No sparse file: every byte of a store is allocated when it is made, so a full disk cannot strike a write later"
+    store = TeacherStore.create(tmp_path/'store', {}, 100_000, dict(outputs=((10,), 'float32')), (10,))
+    for name in ('outputs', 'filled'):
+        file = tmp_path/'store'/f'{name}.npy'
+        assert file.stat().st_blocks * 512 >= file.stat().st_size > 100_000
+    assert not np.asarray(store.filled).any() and not np.asarray(store.arrays['outputs']).any()
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    "A file system of 1 MiB (a tmpfs mounted for the test, which needs root: skipped where it cannot be)"
+    (folder := tmp_path/'disk').mkdir()
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(folder)], capture_output=True).returncode:
+        pytest.skip('A tmpfs cannot be mounted here (it needs root).')
+    yield folder
+    subprocess.run(['umount', str(folder)], check=True)
+
+
+def no_room(needs: str, folder: Path) -> str:
+    "A `match=` pattern for the whole error of a store that needs `needs` in `folder`, with what is free there now"
+    return whole(f'The teacher store needs {needs} and {folder} has {shutil.disk_usage(folder).free / 1024:.1f} KiB '
+                 'free: pass another path, or a smaller storage (dtype=torch.float16, or top_k).')
+
+
+def test_a_store_the_disk_cannot_hold_is_refused_saying_what_it_needs(small_disk):
+    """A store that fits is made; a second as large no longer fits (the first took its room for real); nor does one
+    that the free space holds but not with its files' headers and pages: refused, and nothing of it left"""
+    layout = dict(outputs=((10,), 'float32'), inputs=((), 'float32'))  # 45 bytes an item, with the flag
+    TeacherStore.create(small_disk/'first', {}, 12_000, layout, (10,))  # 527.3 KiB
+    with pytest.raises(OSError, match=no_room('527.3 KiB', small_disk)):
+        TeacherStore.create(small_disk/'second', {}, 12_000, layout, (10,))
+    n_items = shutil.disk_usage(small_disk).free // 45
+    with pytest.raises(OSError, match=no_room(f'{45 * n_items / 1024:.1f} KiB', small_disk)):
+        TeacherStore.create(small_disk/'third', {}, n_items, layout, (10,))
+    assert sorted(p.name for p in small_disk.iterdir()) == ['.lock', 'first']
 
 
 class Scaled(DisplayedTransform):

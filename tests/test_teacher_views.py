@@ -17,6 +17,7 @@ from conftest import double_inputs, tiny_cnn, whole
 from fastkd.cache import TeacherCache, fill_teacher_cache
 from fastkd.callback import KnowledgeDistillation
 from fastkd.losses import SoftTarget
+from fastkd.memory import in_memory
 from fastkd.store import TeacherStore
 
 
@@ -49,7 +50,7 @@ class Steps(Callback):
         if not self.training: return
         cache = self.learn.knowledge_distillation.cache
         items = cache.batch_items(self.learn, len(self.xb[0]))
-        self.steps.append(dict(epoch=self.epoch, items=items, views=cache.replay.views[items].clone(),
+        self.steps.append(dict(epoch=self.epoch, items=items, views=cache.keying.replay.views[items].clone(),
                                inputs=self.xb[0].detach().clone(), targets=self.yb[0].clone(),
                                handed=self.loss_func_kd.handed))
         self.in_step = False
@@ -92,8 +93,8 @@ def test_views_run_the_teacher_once_per_item_and_view_and_augment_every_epoch(fe
     cache = TeacherCache(views=views)
     learn, record = distil(dls, teacher.model, cache, epochs=4)
     n_items = len(dls.train.dataset)
-    stored = int(cache.stored.sum())
-    assert cache.stored.shape == (n_items * views,) and record.teacher_items == stored <= n_items * views
+    stored = int(cache.rows.stored.sum())
+    assert cache.rows.stored.shape == (n_items * views,) and record.teacher_items == stored <= n_items * views
     assert stored > n_items * 1.5  # the views of later epochs were stored too, not only the first epoch's
     assert len(record.steps) == 4 * len(dls.train)
     assert_handed_live_outputs(record.steps, teacher.model)
@@ -103,7 +104,7 @@ def test_views_run_the_teacher_once_per_item_and_view_and_augment_every_epoch(fe
     # through its K views once in each K epochs
     first_cycle = torch.stack([cache.epoch_views(epoch, n_items) for epoch in range(views)], 1)
     assert cache.keys(torch.tensor([0, 0, 5]), torch.tensor([0, 2, 1])).tolist() == [0, 2, 16]  # item * K + view
-    assert cache.keys(n_items, 0) == n_items * views == len(cache.stored)
+    assert cache.keys(n_items, 0) == n_items * views == len(cache.rows.stored)
     assert TeacherCache().keys(torch.tensor([0, 5]), 0).tolist() == [0, 5]  # without views: the item itself
     assert (first_cycle.sort(1).values == torch.arange(views)).all()
     epoch_views = [torch.cat([s['views'] for s in record.steps if s['epoch'] == e]) for e in range(4)]
@@ -197,6 +198,17 @@ def test_a_store_with_views_is_reused_by_another_learner(few_digits, teacher, tm
     folders = {p for p in tmp_path.iterdir() if p.is_dir()}
     assert {json.loads((p/'manifest.json').read_text())['n_items'] for p in folders} == {2 * n_items, 3 * n_items}
     assert fill_teacher_cache(teacher.model, dls, tmp_path, views=3) in folders  # the same default view_seed
+
+
+def test_views_of_items_held_in_memory_are_refused(few_digits, teacher, tmp_path):
+    "An in_memory loader made each item once and never makes it again: K views would be K teacher passes on one input"
+    dls = in_memory(augmented_dls(few_digits))
+    refusal = whole('TeacherCache(views=2) replays the random item transforms of each view, but the training loader is '
+                    'an InMemoryDL (in_memory): its items were made once and are never made again, so every view of '
+                    'an item would be the same input, run through the teacher 2 times. Pass the DataLoaders without '
+                    'in_memory to get views, or keep in_memory with cache=True (no views).')
+    with pytest.raises(ValueError, match=refusal): distil(dls, teacher.model, TeacherCache(views=2), epochs=1)
+    with pytest.raises(ValueError, match=refusal): fill_teacher_cache(teacher.model, dls, tmp_path, views=2)
 
 
 def test_what_cannot_be_replayed_is_refused_by_name(few_digits, teacher, tmp_path):
