@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from scipy import stats
 
 import fastkd.all
 
@@ -132,11 +133,10 @@ class Gains:
     ci: bool = False
 
     def __call__(self, text: str) -> list[str]:
-        from scipy.stats import t
         gains = seed_gains(text, self.heading, self.column)
         n, mean, std = len(gains), statistics.mean(gains), statistics.stdev(gains)
         said = [f'{mean:+.1f} ± {std:.1f}', f'{n} seeds']
-        half = t.ppf(0.975, n - 1) * std / n ** 0.5
+        half = stats.t.ppf(0.975, n - 1) * std / n ** 0.5
         return said + [f'95% CI {mean - half:+.1f} to {mean + half:+.1f}'] if self.ci else said
 
 
