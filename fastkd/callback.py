@@ -8,6 +8,9 @@ raises)."""
 from __future__ import annotations
 
 import inspect
+import json
+import pickle
+import re
 import sys
 import warnings
 from contextlib import nullcontext
@@ -326,7 +329,8 @@ _OPTIMIZER_STATE_GLOBALS = [L, (np._core if hasattr(np, '_core') else np.core).m
 def load_teacher(path: str | Path, arch: Callable | nn.Module, n_out: int | None = None, **kwargs) -> nn.Module:
     """A frozen teacher: `arch` (a model, or an architecture such as `resnet34` built by
     `create_vision_model(arch, n_out, pretrained=False, **kwargs)`) with the weights of the state dict at `path`.
-    Loads with `torch.load(weights_only=True)`; files from `learn.save` (weights and optimizer) work too."""
+    Loads with `torch.load(weights_only=True)`; files from `learn.save` (weights and optimizer) work too. A file that
+    holds no state dict (JSON, an exported Learner, a cut-short file) raises a ValueError that says what it holds."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'No teacher weights at {path}: pass the path of a saved state dict.')
@@ -334,9 +338,16 @@ def load_teacher(path: str | Path, arch: Callable | nn.Module, n_out: int | None
     elif n_out is None:
         raise ValueError('n_out is needed to build the teacher from an architecture: pass its class count.')
     else: model = create_vision_model(arch, n_out, pretrained=False, **kwargs)
-    with torch.serialization.safe_globals(_OPTIMIZER_STATE_GLOBALS):
-        state = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        with torch.serialization.safe_globals(_OPTIMIZER_STATE_GLOBALS):
+            state = torch.load(path, map_location='cpu', weights_only=True)
+    except PermissionError: raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise ValueError(_not_weights(path, e)) from None
     if isinstance(state, dict) and set(state) == {'model', 'opt'}: state = state['model']  # learn.save(with_opt=True)
+    if not isinstance(state, dict):
+        raise ValueError(f'{path} holds a {type(state).__name__}, not a state dict (a dict of tensors by name): save '
+                         '`model.state_dict()`.')
     try: result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         raise ValueError(f'The weights in {path} do not fit the teacher architecture (is n_out right?): {e}') from None
@@ -345,3 +356,20 @@ def load_teacher(path: str | Path, arch: Callable | nn.Module, n_out: int | None
                          f'Missing keys: {few(result.missing_keys)}. Unexpected keys: {few(result.unexpected_keys)}.')
     return _frozen(teacher_model(model))
 
+
+def _not_weights(path: Path, error: Exception) -> str:
+    "What the file at `path` holds, which `torch.load(weights_only=True)` refused with `error`, and the fix"
+    try: json.loads(path.read_text())
+    except ValueError: pass
+    else: return f'{path} holds JSON text, not weights: pass the .pth file of the state dict.'
+    unsafe = re.search(r'Unsupported global: GLOBAL (\S+)', str(error))
+    if unsafe and unsafe.group(1) == 'fastai.learner.Learner':
+        return (f'{path} holds an exported fastai Learner (`learn.export`), not a state dict: load it with '
+                '`load_learner` and pass `learn.model`, or save `learn.model.state_dict()`.')
+    if unsafe:
+        return (f'{path} holds pickled objects ({unsafe.group(1)}), not a state dict: loading them would run their '
+                'code, which weights_only=True refuses. Save `model.state_dict()` instead.')
+    if path.stat().st_size == 0: return f'{path} is empty: save the weights again.'
+    reason = str(error).split('WeightsUnpickler error:')[-1].strip().split('\n')[0]  # torch's is pages long
+    return (f'{path} is not a PyTorch weights file, or one cut short or damaged ({type(error).__name__}: {reason}): '
+            'save or copy it again.')

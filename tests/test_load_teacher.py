@@ -1,6 +1,8 @@
 "load_teacher: an architecture plus a state dict file, loaded with weights_only=True, frozen."
+import json
 import pickle
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,12 +44,46 @@ def test_wrong_class_count_is_explained(tmp_path):
         load_teacher(tmp_path/'teacher.pth', tiny_cnn(8, n_out=10))
 
 
-def test_refuses_to_unpickle_arbitrary_objects(tmp_path):
+def test_refuses_to_unpickle_arbitrary_objects(tmp_path, capsys):
     class Payload:
         def __reduce__(self): return (print, ('unpickled!',))
     (tmp_path/'evil.pth').write_bytes(pickle.dumps({'weight': Payload()}))
-    with pytest.raises(pickle.UnpicklingError, match='Weights only load failed'):
+    with pytest.raises(ValueError, match=rf'^{re.escape(str(tmp_path/"evil.pth"))} is not a PyTorch weights file, or '
+                                         r'one cut short or damaged \(UnpicklingError: Unsupported operand \d+\)'):
         load_teacher(tmp_path/'evil.pth', tiny_cnn(8))
+    assert 'unpickled!' not in capsys.readouterr().out
+
+
+def bad_weights(kind: str, folder: Path, digits_path: Path) -> tuple[Path, str]:
+    "A file that is no state dict, of `kind`, and the start of what load_teacher says it holds"
+    model = tiny_cnn(8)
+    if kind == 'json':
+        (folder/'student.json').write_text(json.dumps({'arch': 'resnet18', 'size': 32}))
+        return folder/'student.json', 'holds JSON text, not weights'
+    if kind == 'exported learner':
+        Learner(digits_dls(digits_path, size=32, bs=64), model).export(folder/'export.pkl')
+        return folder/'export.pkl', ('holds an exported fastai Learner (`learn.export`), not a state dict: load it '
+                                     'with `load_learner`')
+    if kind == 'whole model':
+        torch.save(model, folder/'model.pth')
+        return folder/'model.pth', 'holds pickled objects (torch.nn.modules.container.Sequential), not a state dict'
+    if kind == 'tensor':
+        torch.save(torch.zeros(3), folder/'tensor.pth')
+        return folder/'tensor.pth', 'holds a Tensor, not a state dict'
+    torch.save(model.state_dict(), folder/'teacher.pth')
+    whole = (folder/'teacher.pth').read_bytes()
+    (folder/'teacher.pth').write_bytes(whole[:len(whole) // 2] if kind == 'truncated' else b'')
+    return folder/'teacher.pth', ('is not a PyTorch weights file, or one cut short or damaged' if kind == 'truncated'
+                                  else 'is empty')
+
+
+BAD_WEIGHTS = ['json', 'exported learner', 'whole model', 'tensor', 'truncated', 'empty']
+
+
+@pytest.mark.parametrize('kind', BAD_WEIGHTS)
+def test_a_file_that_is_no_state_dict_is_named_with_what_it_holds(tmp_path, digits_path, kind):
+    path, holds = bad_weights(kind, tmp_path, digits_path)
+    with pytest.raises(ValueError, match=f'^{re.escape(f"{path} {holds}")}'): load_teacher(path, tiny_cnn(8))
 
 
 def test_missing_file_and_missing_class_count(tmp_path):
