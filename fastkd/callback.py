@@ -291,15 +291,18 @@ _fastai_export, _fastai_fit = _fastai_original('export'), _fastai_original('fit'
 @patch_to(Learner)
 @wraps(_fastai_export)
 def export(self: Learner, *args, **kwargs):
-    """fastai's `Learner.export` without `KnowledgeDistillation`, and with the fastkd functions the learner still
-    holds (a `default_split` splitter) stored by value, so that the file loads where fastkd is not installed"""
-    package = sys.modules[__package__]
+    """fastai's `Learner.export` without `KnowledgeDistillation` and fastkd's metrics (`TeacherAgreement` holds the
+    teacher; the learner's metrics are put back after), and with the fastkd functions the learner still holds (a
+    `default_split` splitter) stored by value, so that the file loads where fastkd is not installed"""
+    package, metrics = sys.modules[__package__], self.metrics
     by_reference = package not in cloudpickle.list_registry_pickle_by_value()
     if by_reference: cloudpickle.register_pickle_by_value(package)
+    self.metrics = metrics.filter(lambda metric: type(metric).__module__.partition('.')[0] != __package__)
     try:
         with self.removed_cbs(self.cbs.filter(lambda cb: isinstance(cb, KnowledgeDistillation))):
             return _fastai_export(self, *args, **kwargs)
     finally:
+        self.metrics = metrics
         if by_reference: cloudpickle.unregister_pickle_by_value(package)
 
 

@@ -1,6 +1,8 @@
 """kd_find on the digits: it ranks a harmful candidate below the student alone, picks nothing when nothing pays, and
 leaves the learner as it was; TeacherAgreement as a metric"""
 import json
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -10,14 +12,17 @@ from fastai.callback.mixup import MixUp
 from fastai.learner import Learner
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
+from fastai.vision.core import PILImage
 from matplotlib.figure import Figure
 
 from conftest import assert_same_state, state, tiny_cnn
+from test_callback import LOAD_WITHOUT_FASTKD
 from fastkd.callback import KnowledgeDistillation
 from fastkd.digits import digits_dls
 from fastkd.hints import FitNet, Hint
 from fastkd.kd_find import KDFindResult, TeacherAgreement, _survivors, kd_candidates, kd_find
 from fastkd.losses import DIST, SoftTarget
+from fastkd.split import default_split
 
 LR = 1e-2
 
@@ -153,6 +158,27 @@ def test_teacher_agreement_runs_the_teacher_on_validation_batches_only(few_dls, 
     expected = (preds.argmax(1) == teacher_preds.argmax(1)).float().mean().item()
     assert learn.recorder.values[-1][-1] == pytest.approx(expected)
     assert learn.recorder.metric_names[-2] == 'valid_teacher_agreement'
+
+
+def test_export_leaves_teacher_agreement_out_and_puts_the_metrics_back(few_dls, teacher, tmp_path):
+    "The file loads where fastkd is not installed, with the metrics of fastai alone"
+    learn = Learner(few_dls, tiny_cnn(8), metrics=[accuracy, TeacherAgreement(teacher)], splitter=default_split,
+                    path=tmp_path)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    metrics = list(learn.metrics)
+    learn.export('student.pkl')
+    assert [id(metric) for metric in learn.metrics] == [id(metric) for metric in metrics]  # the same, in one order
+    assert b'TeacherAgreement' not in (tmp_path/'student.pkl').read_bytes()  # nor the teacher it holds
+    image = few_dls.valid_ds.items[0]
+    script = tmp_path/'load.py'
+    script.write_text(LOAD_WITHOUT_FASTKD + 'import json\nprint(json.dumps([m.name for m in learn.metrics]))\n')
+    result = subprocess.run([sys.executable, str(script), str(tmp_path/'student.pkl'), str(image)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    *_, probs, names = result.stdout.strip().splitlines()
+    assert json.loads(names) == ['accuracy']
+    torch.testing.assert_close(torch.tensor(json.loads(probs)), learn.predict(PILImage.create(image))[2])
+    with learn.no_bar(): assert learn.validate()[2] == metrics[1].value > 0  # the live learner still measures it
 
 
 def test_the_next_rung_takes_the_best_of_this_rung_only():
