@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from copy import deepcopy
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Sequence
 
 import fastai.callback.schedule  # noqa: F401  (adds lr_find and fit_one_cycle to Learner)
@@ -21,7 +22,7 @@ from fastai.callback.mixup import MixUp
 from fastai.learner import Learner, Metric
 from fastai.metrics import accuracy
 from fastai.torch_core import to_device
-from fastcore.basics import patch
+from fastcore.basics import noop, patch
 from fastprogress.fastprogress import progress_bar
 from matplotlib.figure import Figure
 from torch import Tensor, nn
@@ -39,17 +40,20 @@ __all__ = ['TeacherAgreement', 'kd_candidates', 'kd_find', 'KDFindResult', 'froz
 Fit = Callable[[Learner, int, float, list], None]
 
 
-def _agreement(student_logits: Tensor, teacher_logits: Tensor, axis: int = 1) -> tuple[int, int]:
-    "How many items (positions, for dense outputs) have the same top-1 class for student and teacher, and of how many"
+def _agreement(student_logits: Tensor, teacher_logits: Tensor, axis: int = 1,
+               gather: Callable[[Tensor], Tensor] = noop) -> tuple[int, int]:
+    """How many items (positions, for dense outputs) have the same top-1 class for student and teacher, and of how many;
+    `gather` collects the items of every process first (a learner's `to_detach`, as fastai's `AccumMetric` does)"""
     axis = axis if student_logits.ndim > 1 else -1
-    same = student_logits.argmax(dim=axis) == teacher_logits.to(student_logits.device).argmax(dim=axis)
+    same = gather(student_logits.argmax(dim=axis) == teacher_logits.to(student_logits.device).argmax(dim=axis))
     return int(same.sum()), same.numel()
 
 
 class TeacherAgreement(Metric):
     """The share of validation items whose top-1 class for the student equals the teacher's (big_vision logs it during
     distillation). A metric for `metrics=`: it runs `teacher` (a model or a `Learner`) in eval mode without gradient on
-    validation batches only, so training, and what the teacher runs there, stay as they were."""
+    validation batches only, so training, and what the teacher runs there, stay as they were. Under DDP it counts the
+    items of every process (each once, as fastai's metrics do). `learn.export()` leaves it out: it holds the teacher."""
     def __init__(self, teacher): self.teacher = teacher_model(teacher)
 
     def reset(self): self.same, self.total = 0, 0
@@ -59,7 +63,8 @@ class TeacherAgreement(Metric):
         student = first_output(learn.pred)
         self.teacher.to(student.device)
         with torch.no_grad(), evaluating(self.teacher): teacher = first_output(self.teacher(*learn.xb))
-        same, total = _agreement(student, teacher, task_of(learn.loss_func).axis)
+        gather = partial(learn.to_detach, cpu=False)  # under DDP: all processes' items, without the padding
+        same, total = _agreement(student, teacher, task_of(learn.loss_func).axis, gather)
         self.same, self.total = self.same + same, self.total + total
 
     @property

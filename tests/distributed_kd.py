@@ -1,7 +1,8 @@
 """Distillation under `learn.distrib_ctx()`, one process of a CPU run: `torchrun --standalone --nproc_per_node 2
-tests/distributed_kd.py DIGITS OUT` trains a few steps and writes OUT/rank<R>.json (each step's loss, what was wrapped,
-how many items the teacher ran on in a cached run in memory and in one with the store OUT/store shared by the processes;
-each step's loss and the adapters after a hinted run).
+tests/distributed_kd.py DIGITS OUT TEACHER` trains a few steps and writes OUT/rank<R>.json (each step's loss, what
+was wrapped, how many items the teacher ran on in a cached run in memory and in one with the store OUT/store shared by
+the processes; each step's loss and the adapters after a hinted run; `TeacherAgreement` of the untrained student with
+the trained teacher whose weights are at TEACHER).
 Also imported by test_distributed.py, whose single-process reference run uses the same learner on the global batch."""
 import json
 import math
@@ -23,6 +24,7 @@ from fastkd.cache import TeacherCache
 from fastkd.callback import KnowledgeDistillation
 from fastkd.hints import FitNet, Hint
 from fastkd.digits import digits_dls
+from fastkd.kd_find import TeacherAgreement
 
 STEPS, BS = 4, 16  # steps recorded, batch size of one process
 
@@ -128,14 +130,34 @@ def hinted(digits: Path, adapter: bool) -> dict:
     return dict(losses=learn.record_steps.losses, adapters=adapters(learn))
 
 
-def main(digits: Path, out: Path):
+def agreement_learner(digits: Path, trained_teacher: Path) -> Learner:
+    """The untrained student (it predicts one class), and `TeacherAgreement` with the trained `tiny_cnn(32)` whose
+    weights are at `trained_teacher`: their agreement differs from one part of the validation set to another"""
+    model = tiny_cnn(32)
+    model.load_state_dict(torch.load(trained_teacher, weights_only=True))
+    return Learner(digits_dls(digits, size=32, bs=BS, augment=False, num_workers=0), student(),
+                   metrics=TeacherAgreement(model))
+
+
+def agreement(digits: Path, trained_teacher: Path) -> float:
+    """`TeacherAgreement` after a `validate` in this process's share of a distributed run (359 validation items in
+    file order, by digit: each process gets half, process 1 the first item again as padding)"""
+    learn = agreement_learner(digits, trained_teacher)
+    learn.dls.loaders = [GlooDistributedDL(dl) for dl in learn.dls.loaders]
+    with learn.distrib_ctx(sync_bn=False, cpu=True), learn.no_bar(), learn.no_logging(): learn.validate()
+    return learn.metrics[0].value
+
+
+def main(digits: Path, out: Path, trained_teacher: Path):
     torch.set_num_threads(1)
     learn = learner(digits, BS)
     distributed_fit(learn, 1)
     record = learn.record_steps
     (out/f'rank{rank_distrib()}.json').write_text(json.dumps(dict(
         losses=record.losses, wrapped=sorted(record.wrapped), world_size=num_distrib(),
-        cached_items=cached_items(digits), stored_items=stored_items(digits, out/'store'), hinted=hinted(digits, adapter=True), lazy=hinted(digits, adapter=False))))
+        cached_items=cached_items(digits), stored_items=stored_items(digits, out/'store'),
+        hinted=hinted(digits, adapter=True), lazy=hinted(digits, adapter=False),
+        agreement=agreement(digits, trained_teacher))))
 
 
-if __name__ == '__main__': main(Path(sys.argv[1]), Path(sys.argv[2]))
+if __name__ == '__main__': main(*map(Path, sys.argv[1:4]))

@@ -8,18 +8,20 @@ from pathlib import Path
 import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 import numpy as np
 import pytest
+import torch
 
 import distributed_kd
-from distributed_kd import BS, STEPS, adapters, global_batches, hint, learner
+from distributed_kd import BS, STEPS, adapters, agreement_learner, global_batches, hint, learner
 
 pytest.importorskip('accelerate', reason="fastai's distrib_ctx needs accelerate (a dev requirement)")
 
 
-def test_two_processes_match_one_on_the_same_global_batches(digits_path, tmp_path):
+def test_two_processes_match_one_on_the_same_global_batches(digits_path, teacher, tmp_path):
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get('PYTHONPATH', '')]),
            'OMP_NUM_THREADS': '1'}
+    torch.save(teacher.model.state_dict(), tmp_path/'teacher.pth')
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-               distributed_kd.__file__, str(digits_path), str(tmp_path)]
+               distributed_kd.__file__, str(digits_path), str(tmp_path), str(tmp_path/'teacher.pth')]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     if 'terminate called without an active exception' in run.stderr:  # gloo's threads aborted a process (seen once
         run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)  # under load): once more
@@ -58,3 +60,13 @@ def test_two_processes_match_one_on_the_same_global_batches(digits_path, tmp_pat
     assert ranks[0]['hinted']['adapters'] == pytest.approx(adapters(single), rel=1e-4, abs=1e-6)
     # adapters made at the first step from each process's own random state: process 0's are taken by both
     assert ranks[0]['lazy']['adapters'] == ranks[1]['lazy']['adapters']
+
+    # TeacherAgreement counts the whole validation set once, as one process does: not each process's half (sorted by
+    # digit, the halves disagree), nor process 1's padding item twice
+    single = agreement_learner(digits_path, tmp_path/'teacher.pth')
+    with single.no_bar(): single.validate()
+    student_preds, _ = single.get_preds()
+    teacher_preds, _ = teacher.get_preds(dl=single.dls.valid)
+    whole = (student_preds.argmax(1) == teacher_preds.argmax(1)).float().mean().item()
+    assert single.metrics[0].value == pytest.approx(whole) and 0 < whole < 1
+    assert [rank['agreement'] for rank in ranks] == [pytest.approx(whole), pytest.approx(whole)]
