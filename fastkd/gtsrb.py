@@ -15,6 +15,7 @@ import csv
 import filecmp
 import hashlib
 import http.client
+import json
 import os
 import re
 import shutil
@@ -54,6 +55,7 @@ GTSRB_ZIPS = {  # name: (bytes, md5) of the official distribution
     'GTSRB_Final_Test_Images.zip': (88_978_620, 'c7e4e6327067d32654124b0fe9e82185'),
     'GTSRB_Final_Test_GT.zip': (99_620, 'fe31e9c9270bbcd7b84b7f21a9d9d9e5')}
 TEST_LABELS = 'labels.csv'  # `Filename;ClassId` of the images in `test/`
+SPLIT = 'split.json'  # in a prepared folder: the split seed and validation fraction that made train/ and valid/
 TARBALLS = ('.tar.gz', '.tgz', '.tar', '.tar.bz2', '.tar.xz')  # a GTSRB/ folder packed so, e.g. gtsrb32.tar.gz
 
 _CLASS_NAMES = (
@@ -222,8 +224,8 @@ def _check_no_strays(pairs: list[tuple[Path, Path]], keep: Iterable[str] = ()):
         if strays:
             raise FileExistsError(f'{folder} holds {strays[0].name} (and {len(strays) - 1} more) that this preparation '
                                   'does not put there: the destination holds another split (made with another '
-                                  'validation_fraction or seed) or other files. Nothing was changed: prepare into a '
-                                  'new folder, or delete the old one.')
+                                  'validation fraction or split seed) or other files. Nothing was changed: prepare '
+                                  'into a new folder, or delete the old one.')
 
 
 def _report(what: str, written: int, total: int):
@@ -489,14 +491,29 @@ def _test_labels_file(path: Path) -> Path | None:
     return found[0] if found else None
 
 
+def _check_split(path: Path, split: dict):
+    "An error when `path` was prepared with another split than `split` (its split seed and validation fraction)"
+    kept = json.loads((path/SPLIT).read_text()) if (path/SPLIT).is_file() else split
+    if kept != split:
+        raise FileExistsError(f'{path} was prepared with split seed {kept["split_seed"]} and validation fraction '
+                              f'{kept["validation_fraction"]} (its {SPLIT}), not {split["split_seed"]} and '
+                              f'{split["validation_fraction"]}. Nothing was changed: pass --split-seed '
+                              f'{kept["split_seed"]} --validation-fraction {kept["validation_fraction"]} (seed= and '
+                              'validation_fraction= in Python) to use its split, prepare into another folder, or '
+                              f'delete its train/, valid/ and {SPLIT} to split again.')
+
+
 def prepare_gtsrb(path: str | Path, classes: Iterable[int] | None = None, validation_fraction: float = 0.2,
                   link: bool = False, seed: int = 42, zips: dict[str, tuple[int, str]] = GTSRB_ZIPS) -> dict[str, Path]:
     """From the official zips in `path` (verified against `zips`, then unpacked), their unpacked `path/GTSRB` folder,
     or a tarball of that folder (such as the 32x32 copy `gtsrb32.tar.gz`, unpacked to `path/GTSRB`), make
     `path/train`, `path/valid` and `path/all` (one sub-folder per ClassId) and, when the test images and
-    `GT-final_test.csv` are there, `path/test`. Only reads the sources; a second run changes nothing.
-    Returns the paths by name (`test` is None without test data)."""
-    path = Path(path)
+    `GT-final_test.csv` are there, `path/test`. `seed` draws the validation tracks (the split seed, apart from any
+    training seed): it and `validation_fraction` are kept in `path/split.json`, and another split of the same folder is
+    refused. Only reads the sources; a second run changes nothing. Returns the paths by name (`test` is None without
+    test data)."""
+    path, split = Path(path), dict(split_seed=seed, validation_fraction=validation_fraction)
+    _check_split(path, split)
     for name, (size, md5) in zips.items():
         if (path/name).exists():
             _check_zip(path/name, size, md5)
@@ -514,6 +531,7 @@ def prepare_gtsrb(path: str | Path, classes: Iterable[int] | None = None, valida
     paths = {name: path/name for name in ('train', 'valid', 'all')}
     split_train_validation_sets(source, paths['train'], paths['valid'], paths['all'], classes, validation_fraction,
                                 link, seed)
+    if not (path/SPLIT).is_file(): atomic_write(path/SPLIT, lambda tmp: Path(tmp).write_text(json.dumps(split)))
     paths['test'] = path/'test' if test_images.is_dir() else None
     if paths['test']: copy_test_set(test_images, paths['test'], labels, classes, link)
     return paths

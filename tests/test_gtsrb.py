@@ -1,6 +1,8 @@
 "GTSRB preparation on the real data of ../shared/data/gtsrb: annotations, track-wise split, test set, DataLoaders."
 import csv
 import hashlib
+import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -163,6 +165,43 @@ def test_seed_draws_other_tracks(gtsrb32, tmp_path):
     split(1), split(2)
     assert names(tmp_path/'1'/'v'/'14') != names(tmp_path/'2'/'v'/'14')
     assert len(names(tmp_path/'1'/'v'/'14')) == len(names(tmp_path/'2'/'v'/'14')) == 150
+
+
+def source_states(root: Path) -> dict[str, tuple]:
+    "The bytes, mode and modification time of every file and folder under `root`"
+    return {str(p.relative_to(root)): (p.is_file() and hashlib.md5(p.read_bytes()).hexdigest(), p.stat().st_mode,
+                                       p.stat().st_mtime_ns) for p in root.rglob('*')}
+
+
+@pytest.mark.parametrize('link', [False, True])
+def test_sources_are_never_written_not_even_their_mode(sample, tmp_path, link):
+    "Read-only sources (0444 files in 0555 folders), copied or hard-linked: the links share the inode, not a chmod"
+    images = tmp_path/'data'/'GTSRB'/'Final_Training'/'Images'
+    for label in ('00000', '00001'): shutil.copytree(sample/label, images/label)
+    for path in sorted(images.rglob('*'), reverse=True): path.chmod(0o444 if path.is_file() else 0o555)
+    before = source_states(images)
+    try:
+        paths = prepare_gtsrb(tmp_path/'data', classes=[0, 1], link=link)
+        assert source_states(images) == before
+    finally:
+        for folder in images.iterdir(): folder.chmod(0o755)
+    copies = sorted(paths['all'].glob('*/*.ppm'))
+    assert len(copies) == len(list(images.glob('*/*.ppm'))) and all(
+        (c.stat().st_ino == (images/f'{int(c.parent.name):05d}'/c.name).stat().st_ino) == link for c in copies)
+
+
+def test_the_split_seed_is_kept_in_the_folder_and_another_is_refused(gtsrb32, tmp_path):
+    path = data_folder(gtsrb32, tmp_path/'data')
+    prepare_gtsrb(path, classes=[19])
+    assert json.loads((path/'split.json').read_text()) == {'split_seed': 42, 'validation_fraction': 0.2}
+    states = file_states(path)
+    with pytest.raises(FileExistsError, match=r'was prepared with split seed 42 and validation fraction 0\.2 \(its '
+                       r'split\.json\), not 7 and 0\.2\. Nothing was changed: pass --split-seed 42 '
+                       r'--validation-fraction 0\.2 '):
+        prepare_gtsrb(path, classes=[19, 41], seed=7)
+    assert file_states(path) == states
+    prepare_gtsrb(path, classes=[19, 41])  # the same split: more classes join it
+    assert json.loads((path/'split.json').read_text())['split_seed'] == 42 and names(path/'all') == {'19', '41'}
 
 
 def test_copy_test_set_adds_classes(gtsrb32, tmp_path):
