@@ -248,7 +248,7 @@ def _hash_value(digest, value):
     if isinstance(value, (tuple, list)):
         for part in value: _hash_value(digest, part)
         return
-    if hasattr(value, '__array_interface__') and (array := np.asarray(value)).dtype != object:  # numpy, PIL images
+    if hasattr(value, '__array_interface__') and (array := np.asarray(value)).dtype.kind in 'biufc':  # numpy, PIL
         value = torch.from_numpy(np.ascontiguousarray(array))
     if isinstance(value, Tensor): _hash_tensor(digest, type(value).__name__, value)
     else: digest.update(_ADDRESS.sub('', repr(value)).encode())
