@@ -8,9 +8,11 @@ task is one subclass added there (and the losses that serve it named in `fastkd.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from fastai.callback.mixup import MixHandler
 from fastai.losses import BaseLoss, FocalLoss, LabelSmoothingCrossEntropy
@@ -34,6 +36,7 @@ class Kind:
     def axis(self, func, given: int | None = None) -> int: return -1  # `given`: the axis of a fastai loss
     def items(self, logits: Tensor, axis: int) -> Tensor: return logits
     def targets(self, target: Tensor) -> Tensor: return target
+    def ignore_index(self, func) -> int | None: return None  # the target value of positions the loss leaves out
     def ensemble(self, logits: list[Tensor], axis: int) -> Tensor: return sum(logits) / len(logits)
 
 
@@ -45,9 +48,12 @@ class Categorical(Kind):
                '(cross-entropy).')
 
     def column(self, func) -> str: return 'train_ce'
-    def axis(self, func, given: int | None = None) -> int:
-        if given is not None: return given
-        return -1 if isinstance(func, LabelSmoothingCrossEntropy) else 1
+    def axis(self, func, given: int | None = None) -> int: return 1 if given is None else given  # torch's is dim 1
+
+    def ignore_index(self, func) -> int | None:
+        "Cross-entropy's void target (torch's default -100, fastai's CamVid convention 255); none for label smoothing"
+        if isinstance(func, LabelSmoothingCrossEntropy): return None  # it smooths over every position
+        return getattr(func, 'ignore_index', -100)
 
     def items(self, logits: Tensor, axis: int) -> Tensor:
         "Rows of classes: the class axis moved last, every other axis (batch, positions) flattened"
@@ -56,7 +62,9 @@ class Categorical(Kind):
     def targets(self, target: Tensor) -> Tensor: return target.reshape(-1)  # (B, 1) and (B, H, W): one per row
 
     def ensemble(self, logits: list[Tensor], axis: int) -> Tensor:
-        return sum(l.softmax(dim=axis) for l in logits).div(len(logits)).log()
+        "`log(mean softmax)`, in log space: finite for any finite logits, however confident"
+        log_probs = torch.stack([l.log_softmax(dim=axis) for l in logits])
+        return log_probs.logsumexp(dim=0) - math.log(len(logits))
 
 
 class Binary(Kind):
@@ -68,7 +76,9 @@ class Binary(Kind):
 
     def column(self, func) -> str: return 'train_bce'
     def ensemble(self, logits: list[Tensor], axis: int) -> Tensor:
-        return sum(l.sigmoid() for l in logits).div(len(logits)).logit()
+        "`logit(mean sigmoid)` = `log(mean p) - log(mean (1 - p))`, in log space: finite for any finite logits"
+        def log_mean(log_probs): return torch.stack(log_probs).logsumexp(dim=0) - math.log(len(logits))
+        return log_mean([F.logsigmoid(l) for l in logits]) - log_mean([F.logsigmoid(-l) for l in logits])
 
 
 class Regression(Kind):
@@ -100,6 +110,7 @@ class Task:
     kind: str
     axis: int = 1
     column: str = 'train_base'  # the Recorder column of the learner's own loss
+    ignore_index: int | None = None  # the target of void positions, which the loss leaves out
 
     @property
     def known(self) -> bool: return self.kind != 'unknown'
@@ -136,6 +147,13 @@ class Task:
         "Class-index targets as one entry per row of `items`: (B, 1) and (B, H, W) flattened"
         return KINDS[self.kind].targets(target)
 
+    def scored(self, target: Tensor) -> Tensor | None:
+        """For dense class targets (one per position, as in segmentation): which rows of `items` the loss scores, void
+        positions (`ignore_index`) left out; None where every row counts (one target per item: no void to drop)"""
+        if self.ignore_index is None or target.is_floating_point() or target.ndim < 2 or target.shape[1:] == (1,):
+            return None
+        return self.targets(target) != self.ignore_index
+
     def ensemble(self, logits: list[Tensor]) -> Tensor:
         "One prediction from several teachers': averaged probabilities (as logits) or averaged outputs"
         return logits[0] if len(logits) == 1 else KINDS[self.kind].ensemble(logits, self.axis)
@@ -148,4 +166,4 @@ def task_of(loss_func) -> Task:
     axis = loss_func.axis if isinstance(loss_func, BaseLoss) else None
     func = loss_func.func if isinstance(loss_func, BaseLoss) else loss_func
     kind = next(k for k in KINDS.values() if k.matches(func))
-    return Task(kind.name, kind.axis(func, axis), kind.column(func))
+    return Task(kind.name, kind.axis(func, axis), kind.column(func), kind.ignore_index(func))

@@ -14,7 +14,8 @@ from fastai.data.block import CategoryBlock, DataBlock, MultiCategoryBlock, Regr
 from fastai.data.transforms import FuncSplitter, get_image_files
 from fastai.layers import ConvLayer, NormType
 from fastai.learner import Callback, Learner
-from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, LabelSmoothingCrossEntropy, MSELossFlat
+from fastai.losses import (BCEWithLogitsLossFlat, CrossEntropyLossFlat, LabelSmoothingCrossEntropy,
+                           LabelSmoothingCrossEntropyFlat, MSELossFlat)
 from fastai.tabular.all import TabularDataLoaders, tabular_learner
 from fastai.text.all import AWD_LSTM, TextDataLoaders, text_classifier_learner
 from fastai.vision.all import ImageBlock, MaskBlock, PILImage, Resize
@@ -61,11 +62,12 @@ def fit_quietly(learn: Learner, epochs: int = 1, lr: float = 1e-2):
 # --- Task on its own: what a loss is given and what it is refused --------------------------------------------
 
 @pytest.mark.parametrize('loss_func,task', [
-    (CrossEntropyLossFlat(), Task('categorical', -1, 'train_ce')),
-    (CrossEntropyLossFlat(axis=1), Task('categorical', 1, 'train_ce')),
-    (torch.nn.CrossEntropyLoss(), Task('categorical', 1, 'train_ce')),
-    (F.cross_entropy, Task('categorical', 1, 'train_ce')),
-    (LabelSmoothingCrossEntropy(), Task('categorical', -1, 'train_ce')),
+    (CrossEntropyLossFlat(), Task('categorical', -1, 'train_ce', -100)),
+    (CrossEntropyLossFlat(axis=1, ignore_index=255), Task('categorical', 1, 'train_ce', 255)),
+    (torch.nn.CrossEntropyLoss(), Task('categorical', 1, 'train_ce', -100)),
+    (F.cross_entropy, Task('categorical', 1, 'train_ce', -100)),
+    (LabelSmoothingCrossEntropy(), Task('categorical', 1, 'train_ce')),  # its softmax is over dim 1; no void class
+    (LabelSmoothingCrossEntropyFlat(), Task('categorical', -1, 'train_ce')),
     (BCEWithLogitsLossFlat(), Task('binary', -1, 'train_bce')), (MSELossFlat(), Task('regression', -1, 'train_mse')),
     (torch.nn.SmoothL1Loss(), Task('regression', -1, 'train_smooth_l1')),
     (F.l1_loss, Task('regression', -1, 'train_l1')),
@@ -83,7 +85,7 @@ def test_the_task_is_read_through_the_mixed_loss_that_an_interrupted_mixup_fit_l
     learn = Learner(dls, tiny_cnn(8), loss_func=CrossEntropyLossFlat(), cbs=MixUp())
     with pytest.raises(RuntimeError, match='interrupted'): learn.fit(1, 1e-3, cbs=Interrupt())
     assert learn.loss_func == learn.mix_up.lf  # MixUp's mixed loss is still the learner's ...
-    assert task_of(learn.loss_func) == Task('categorical', -1, 'train_ce')  # ... and read as the loss it mixes
+    assert task_of(learn.loss_func) == Task('categorical', -1, 'train_ce', -100)  # ... and read as the loss it mixes
 
 
 def test_ensembles_of_two_copies_are_the_teacher_itself():
