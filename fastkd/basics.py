@@ -1,12 +1,14 @@
 """The small helpers fastkd's modules share, at the bottom of the package (it imports no other fastkd module):
-what a model predicts, a model briefly in eval mode, the loader a user made, a sample batch drawn without moving any
-random generator, a few items of a long list as text, and labels, class indices and masks as numpy arrays.
-Internal: `fastkd.all` does not export them."""
+what a model predicts, a model briefly in eval mode, a model's placement to put back, the loader a user made, a
+sample batch drawn without moving any random generator, a few items of a long list as text, and labels, class
+indices and masks as numpy arrays. Internal: `fastkd.all` does not export them."""
 from __future__ import annotations
 
 import random
 from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -14,7 +16,7 @@ from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from torch import Tensor, nn
 
-__all__ = ['first_output', 'evaluating', 'teacher_model', 'user_loader', 'inputs_of', 'random_state_kept',
+__all__ = ['first_output', 'evaluating', 'placement', 'teacher_model', 'user_loader', 'inputs_of', 'random_state_kept',
            'sample_batch', 'few', 'as_array', 'class_indices', 'mask_indices']
 
 
@@ -31,6 +33,16 @@ def evaluating(model: nn.Module):
     try: yield model
     finally:
         for module, mode in zip(model.modules(), modes): module.training = mode
+
+
+def placement(model: nn.Module) -> Callable[[], None]:
+    """A function that puts `model`'s parameters and buffers back on the device and in the dtype each has now (moving
+    a model to another device or dtype in between, as the callback does with a teacher, is then undone)"""
+    places = {name: (t.device, t.dtype) for name, t in chain(model.named_parameters(), model.named_buffers())}
+    def put_back():
+        for name, t in chain(model.named_parameters(), model.named_buffers()):
+            if places.get(name, (t.device, t.dtype)) != (t.device, t.dtype): t.data = t.data.to(*places[name])
+    return put_back
 
 
 def teacher_model(teacher) -> nn.Module:

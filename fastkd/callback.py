@@ -32,7 +32,7 @@ from fastcore.basics import patch_to, store_attr
 from fastcore.foundation import L
 from torch import Tensor, nn
 
-from .basics import evaluating, few, first_output, inputs_of, sample_batch, teacher_model, user_loader
+from .basics import evaluating, few, first_output, inputs_of, placement, sample_batch, teacher_model, user_loader
 from .cache import TeacherCache
 from .hints import Hint, HintHooks
 from .losses import loss_examples
@@ -91,8 +91,9 @@ class KnowledgeDistillation(Callback):
     `weight` is a number or a schedule of training progress (e.g. `SchedLin(0, 0.5)`).
     `hints` (a list of `Hint`) add `sum(hint.weight * hint.loss)` on the outputs of named layers; with `loss=None`
     the training loss is the learner's loss plus the hints (no logit term). Their adapters are the parameters of
-    `learn.knowledge_distillation.hints`: `torch.save(learn.knowledge_distillation.hints.state_dict(), path)` keeps
-    them.
+    `learn.knowledge_distillation.hints`, trained by an optimizer of their own (never the learner's):
+    `torch.save(learn.knowledge_distillation.hints.state_dict(), path)` keeps them, and a new callback's
+    `hints.load_state_dict(torch.load(path, weights_only=True))` takes them back.
     `cache=True` (or a `TeacherCache`) runs the teacher once per training item and reuses its outputs in later
     epochs: for training inputs without random augmentation; `cache='folder'` (`TeacherCache(path='folder')`) keeps
     them on disk, for later fits, processes, students and seeds with the same teacher and data.
@@ -133,6 +134,7 @@ class KnowledgeDistillation(Callback):
         self.hints = HintHooks(hints) if hints else None
         self.cache = (TeacherCache() if cache is True else TeacherCache(path=cache) if isinstance(cache, (str, Path))
                       else cache or None)
+        self.channels_last, self.put_back = [], []  # what `restore` puts back after a fit
         store_attr('weight,teacher_channels_last')
 
     def __repr__(self) -> str:
@@ -143,7 +145,7 @@ class KnowledgeDistillation(Callback):
 
     def __getstate__(self):
         "Leave the teachers out of pickles (`learn.export` leaves the whole callback out)"
-        return {**self.__dict__, 'teachers': None}
+        return {**self.__dict__, 'teachers': None, 'channels_last': [], 'put_back': []}
 
     def after_create(self):
         "Pick the loss as soon as the learner exists, so `repr` shows it (an unknown task is refused when a fit starts)"
@@ -165,7 +167,7 @@ class KnowledgeDistillation(Callback):
                              'before the distillation term is mixed in): remove one of them, e.g. use a smaller batch '
                              'size.')
         self._pick_loss()
-        self.smooth_parts, self.n_batches, self.checked, self.channels_last = 0., 0, False, []
+        self.smooth_parts, self.n_batches, self.checked, self.channels_last, self.put_back = 0., 0, False, [], []
         if hasattr(self.learn, 'recorder') and 'train_loss' in self.recorder.metric_names:
             names = self.recorder.metric_names
             at = names.index('train_loss') + 1
@@ -173,13 +175,17 @@ class KnowledgeDistillation(Callback):
             self.recorder.metric_names = names[:at] + parts + names[at:]
 
     def before_train(self):
-        """Move the teachers to the student's device and dtype; before the fit's first step, check them on a validation
-        batch; hook the hinted layers (here, not in `before_fit`, which `get_preds` and `validate` also call); prepare
-        the cache and lay the teachers out channels-last (by default on CPUs); pick the epoch's views"""
+        """Move the teachers to the student's device and dtype (put back after the fit); before the fit's first step,
+        check them on a validation batch; hook the hinted layers (here, not in `before_fit`, which `get_preds` and
+        `validate` also call); prepare the cache and lay the teachers out channels-last (by default on CPUs); pick the
+        epoch's views; start recurrent teachers from a fresh state, as `ModelResetter` starts the student"""
         param = next(self.model.parameters())
+        if not self.checked: self.put_back = [placement(teacher) for teacher in self.teachers]
         for teacher in self.teachers: teacher.to(device=param.device, dtype=param.dtype)
         if not self.checked:
-            if self.kd_loss is not None: self._check_on_validation_batch()
+            if self.kd_loss is not None:
+                self._check_on_validation_batch()
+                self._reset_recurrent(self.model)  # the check ran it: training starts from the state it was given
             if self.cache: self.cache.prepare(self.learn, self.teachers)
             if self.teacher_channels_last or (self.teacher_channels_last is None and param.device.type == 'cpu'):
                 self.channels_last = [t for m in self.teachers for t in _to_channels_last(m)]
@@ -187,6 +193,12 @@ class KnowledgeDistillation(Callback):
         if self.cache: self.cache.start_epoch(self.learn)  # with views: this epoch's view of each item
         if self.hints and not self.hints.attached:  # lr_find puts back what it explored with: so do the hints
             self.hints.attach(self.model, self.teachers[0], restore=any(isinstance(cb, LRFinder) for cb in self.cbs))
+        for teacher in self.teachers: self._reset_recurrent(teacher)
+        self.first_nonfinite = torch.tensor(-1, device=param.device)  # this epoch's first batch of non-finite teacher
+
+    def _reset_recurrent(self, model: nn.Module):
+        "Reset the hidden state of a recurrent model (fastai's text models have `reset`, which `ModelResetter` calls)"
+        if callable(getattr(model, 'reset', None)): model.reset()
 
     @torch.no_grad()
     def teacher_output(self, xb: tuple) -> Tensor:
@@ -207,12 +219,15 @@ class KnowledgeDistillation(Callback):
         yb = batch[len(xb):]
         teacher_pred = self.teacher_output(xb)
         with torch.no_grad(), evaluating(self.model): student_pred = first_output(self.model(*xb))
-        self._check_outputs(teacher_pred, student_pred, 'on a validation batch before training')
+        self._check_shapes(teacher_pred, student_pred)
+        if not torch.isfinite(teacher_pred).all(): self._refuse_nonfinite('on a validation batch before training')
         n_outputs = teacher_pred.shape[self.task.axis] if teacher_pred.ndim > 1 else 1
         if self.kd_loss is not None: self.task.check(self.kd_loss, n_outputs)
         if self.task.one_class_per_item and yb and not yb[0].is_floating_point():
             targets = self.task.targets(yb[0])
             predicted = self.task.items(teacher_pred).argmax(dim=-1)
+            if (scored := self.task.scored(yb[0])) is not None and predicted.shape == targets.shape:
+                targets, predicted = targets[scored], predicted[scored]  # void positions have no class
             if predicted.shape == targets.shape and targets.unique().numel() > 1:  # one class: no chance level to beat
                 accuracy = (predicted == targets).float().mean().item()
                 majority = targets.bincount().max().item() / len(targets)
@@ -222,8 +237,8 @@ class KnowledgeDistillation(Callback):
                                   'class): check that it was trained on these classes, in the same order, with the '
                                   'same input normalisation.')
 
-    def _check_outputs(self, teacher_pred: Tensor, student_pred: Tensor, where: str):
-        "Clear errors for outputs that cannot be compared: shapes that differ, non-finite teacher outputs"
+    def _check_shapes(self, teacher_pred: Tensor, student_pred: Tensor):
+        "A clear error for outputs that cannot be compared: shapes that differ (host data: no wait for the device)"
         if teacher_pred.shape != student_pred.shape:
             axis = self.task.axis if teacher_pred.ndim > 1 else -1
             n_teacher, n_student = teacher_pred.shape[axis], student_pred.shape[axis] if student_pred.ndim > 1 else 1
@@ -235,9 +250,16 @@ class KnowledgeDistillation(Callback):
                     else 'The data does not say how many classes it has (no dls.c)')
             raise ValueError(f'Teacher and student outputs differ: teacher {tuple(teacher_pred.shape)}, student '
                              f'{tuple(student_pred.shape)}. {data}, so {fix}.')
-        if not torch.isfinite(teacher_pred).all():
-            raise ValueError(f'The teacher gave non-finite logits (nan or inf) {where}: check its weights and the '
-                             'input normalisation.')
+
+    def _refuse_nonfinite(self, where: str):
+        raise ValueError(f'The teacher gave non-finite logits (nan or inf) {where}: check its weights and the input '
+                         'normalisation.')
+
+    def _check_finite(self):
+        """After training steps: the error for the first batch of the epoch whose teacher output was not finite (its
+        distillation term was left out). One wait for the device per epoch, not one per step"""
+        if (first := int(self.first_nonfinite)) >= 0:
+            self._refuse_nonfinite(f'at training batch {first} of epoch {self.epoch}')
 
     def after_loss(self):
         "Mix the distillation loss and the hints into the loss that is backpropagated"
@@ -246,37 +268,64 @@ class KnowledgeDistillation(Callback):
         else: teacher_pred = self.teacher_output(self.xb)
         student_pred = first_output(self.pred)  # hints captured the teachers' features during its forward
         base_loss = self.learn.loss  # the loss function's value: what callbacks added since (AR/TAR) keeps its weight
-        parts = [base_loss]
+        parts, scored = [base_loss], self.task.scored(self.yb[0])
         if self.kd_loss is not None:
-            self._check_outputs(teacher_pred, student_pred, f'at training batch {self.iter} of epoch {self.epoch}')
-            targets = [self.task.targets(self.yb[0])] if self.kd_loss_takes_target else []  # it takes one target
-            kd_loss = self.kd_loss(self.task.items(student_pred), self.task.items(teacher_pred), *targets)
+            self._check_shapes(teacher_pred, student_pred)
+            finite = torch.isfinite(teacher_pred).all()  # stays on the device: checked once per epoch
+            self.first_nonfinite = torch.where(finite | (self.first_nonfinite >= 0), self.first_nonfinite, self.iter)
+            rows = [self.task.items(student_pred), self.task.items(teacher_pred.nan_to_num(0., 0., 0.))]
+            if self.kd_loss_takes_target: rows.append(self.task.targets(self.yb[0]))  # it takes one target
+            kd_loss = self.kd_loss(*rows) if scored is None else self._without_void(rows, scored)
             weight = self.weight(self.pct_train) if callable(self.weight) else self.weight
-            self.learn.loss_grad = self.loss_grad + weight * (kd_loss - base_loss)
+            self.learn.loss_grad = self.loss_grad + weight * finite * (kd_loss - base_loss)
             parts.append(kd_loss)
         if self.hints:
+            if scored is not None and not scored.all():
+                raise ValueError(f'Training batch {self.iter} has void positions (target {self.task.ignore_index}, '
+                                 "the loss function's ignore_index), and hints compare whole feature maps, void "
+                                 'included: distil the logits alone (no hints) for data with void positions.')
             parts.append(self.hints.loss(self.opt))
             self.learn.loss_grad = self.loss_grad + parts[-1]
         self.learn.loss = self.loss_grad.clone()
         self.n_batches += 1  # debiased moving average of the parts, as Recorder smooths train_loss
         self.smooth_parts = self.beta * self.smooth_parts + (1 - self.beta) * torch.stack(parts).detach().float()
 
+    def _without_void(self, rows: list[Tensor], scored: Tensor) -> Tensor:
+        "The distillation loss on the `scored` rows only: void positions leave it (0 for a batch of void alone)"
+        return torch.where(scored.any(), self.kd_loss(*[r[scored] for r in rows]), 0.)
+
     def after_backward(self):
         "Under DDP, average the hint adapters' gradients across processes (DDP averages only the student's)"
         if self.hints: self.hints.average_gradients()
 
+    def before_step(self):
+        """Step the hint adapters' own optimizer with the learner's hyper-parameters (after `MixedPrecision`, whose
+        scaler unscales their gradients; a step it skips skips them too)"""
+        if self.hints: self.hints.step(self.opt, getattr(self.learn, 'scaler', None))
+
     def after_train(self):
-        "Log the smoothed loss parts next to `train_loss`"
+        "Refuse a teacher that gave non-finite outputs; log the smoothed loss parts right after `train_loss`"
+        self._check_finite()
         if hasattr(self.learn, 'recorder') and not self.recorder.cancel_train and self.n_batches:
-            self.recorder.log += (self.smooth_parts / (1 - self.beta**self.n_batches)).tolist()
+            at = self.recorder.metric_names.index('train_loss') + 1  # before the training metrics (train_metrics)
+            log = self.recorder.log
+            self.recorder.log = log[:at] + (self.smooth_parts / (1 - self.beta**self.n_batches)).tolist() + log[at:]
 
     def after_fit(self):
-        """Remove the hint hooks and take the adapters out of the optimizer (before `lr_find` reloads it); give the
-        teachers back their memory layout and the training loader its own items (after views)"""
+        """Refuse non-finite teacher outputs of a fit cut short (`lr_find`); put everything back (`restore`)"""
+        try:
+            if self.checked: self._check_finite()
+        finally: self.restore()
+
+    def restore(self):
+        """Remove the hint hooks (after `lr_find`, the adapters are put back as it puts the model back); give the
+        teachers back their memory layout, device and dtype, and the training loader its own items (after views).
+        `Learner.fit` calls it however a fit ends (fastai skips `after_fit` when a fit raises)"""
         if self.hints: self.hints.detach()
         if self.cache: self.cache.release()
         for t in self.channels_last: t.data = t.data.contiguous()
-        self.channels_last = []
+        for put_back in self.put_back: put_back()
+        self.channels_last, self.put_back = [], []
 
 
 def _fastai_original(name: str) -> Callable:
@@ -315,9 +364,7 @@ def fit(self: Learner, *args, **kwargs):
     distillers = [cb for cb in L(self.cbs) + L(fit_cbs) if isinstance(cb, KnowledgeDistillation)]
     try: return _fastai_fit(self, *args, **kwargs)
     finally:
-        for cb in distillers:
-            if cb.hints: cb.hints.detach()
-            if cb.cache: cb.cache.release()
+        for cb in distillers: cb.restore()
 
 
 Learner.export.fastkd_patch = Learner.fit.fastkd_patch = True  # `_fastai_original` finds fastai's beneath them

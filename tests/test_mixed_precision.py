@@ -136,13 +136,17 @@ class DoubleImages(Transform):
 
 
 def test_the_teacher_computes_in_the_students_dtype(digits_path):
-    "A float64 student on float64 images: the float32 teacher is cast to float64 before the first step"
+    """A float64 student on float64 images: the float32 teacher is cast to float64 before the first step, and is
+    float32 again after the fit (left as it was given)"""
     dls = digits_dls(digits_path, size=32, bs=64, augment=False, num_workers=0)
     for dl in dls.loaders: dl.after_batch.add(DoubleImages())
     set_seed(1, reproducible=True)
     teacher = tiny_cnn(16).eval()
+    dtypes = []
+    teacher.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
     steps = FirstSteps()
     learn = Learner(dls, tiny_cnn(8).double(), cbs=[KnowledgeDistillation(teacher, SoftTarget(T=1)), steps])
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
-    assert {p.dtype for p in teacher.parameters()} == {torch.float64}
+    assert dtypes and set(dtypes) == {torch.float64}
+    assert {p.dtype for p in teacher.parameters()} == {torch.float32}
     assert len(steps.losses) == 3 and all(torch.isfinite(torch.tensor(steps.losses)))
