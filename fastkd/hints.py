@@ -13,20 +13,23 @@ How `HintHooks` works with fastai:
   created at their first call from the shapes of the first training batch (no extra forward), on the feature's device,
   in float32 (or the feature's dtype if wider), drawn without moving the random generator (a seed's batches and
   augmentations stay those of the student alone). `HintHooks` is an `nn.Module` holding a copy of each hint's loss: its
-  parameters are the adapters and its `state_dict` saves them. The student never holds them: its `state_dict` keys and
-  `export` are those of the student alone.
-- fastai builds the optimizer in `Learner.fit` before `before_fit`, and anew in `create_opt` (`export`, `reset_opt`).
-  So `loss(opt)` puts the adapters into the last parameter group of the optimizer it is given (they follow that group's
-  learning rate, momentum and weight-decay schedule), and `detach` takes them and their state out again. No group is
-  added, so slices of learning rates and saved optimizer states keep their group count; between fits the optimizer is
-  the student's alone, so `freeze_to`/`unfreeze`, `learn.save`/`load` and `export` only ever see the student's
-  parameters, and no `freeze_to` ever freezes an adapter (while joined they sit in the last group, never frozen).
+  parameters are the adapters and its `state_dict` saves them; `load_state_dict` takes them back into a new
+  `HintHooks` (adapters not made yet are made from the saved weights' shapes, then moved to the student's device at
+  `attach`). The student never holds them: its `state_dict` keys and `export` are those of the student alone.
+- The adapters never join the learner's optimizer, so no checkpoint of a fit (`learn.save(with_opt=True)`,
+  `SaveModelCallback`) holds them, and its reload fits the student's optimizer. `loss(opt)`, given the learner's
+  optimizer, gives them one of their own of the same kind (fastai's step functions, or the same torch optimizer class
+  in an `OptimWrapper`), made again when they change, and zeroes their gradients before the backward; the callback's
+  `before_step` calls `step(opt)`, which copies the hyper-parameters the last parameter group of `opt` has at that step
+  (its learning rate, momentum and weight-decay schedule; never frozen) and steps them, through fp16's `GradScaler`
+  where `MixedPrecision` uses one (a step it skips skips them too). Their optimizer state lives as long as the
+  `HintHooks`: `state_dict` saves the adapters, not their optimizer state.
 - `lr_find` trains at growing learning rates, then reloads the model and optimizer as they were; `attach(restore=True)`
-  does the same for the adapters: `detach` puts them back as they were at `attach` (those created meanwhile are dropped
-  and created again at the next fit's first batch).
+  does the same for the adapters and their optimizer: `detach` puts them back as they were at `attach` (those created
+  meanwhile are dropped and created again at the next fit's first batch).
 - Under DDP (`learn.distrib_ctx()`) the adapters stay the same in every process, as DDP keeps the student: when they
-  join an optimizer each process takes process 0's (`torch.distributed.broadcast`), and the callback's `after_backward`
-  averages their gradients across processes (`average_gradients`) before the step.
+  get their optimizer each process takes process 0's (`torch.distributed.broadcast`), and the callback's
+  `after_backward` averages their gradients across processes (`average_gradients`) before the step.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from fastai.learner import Learner
-from fastai.optimizer import OptimWrapper
+from fastai.optimizer import Optimizer, OptimWrapper
 from fastai.torch_core import get_model, to_device
 from torch import Tensor, nn
 
@@ -93,10 +96,19 @@ def _common_size(s: Tensor, t: Tensor) -> list[int]:
 
 
 class _Adapted(nn.Module):
-    "A feature loss that may need an adapter from the student's channels to the teacher's, made at its first call"
+    """A feature loss that may need an adapter from the student's channels to the teacher's, made at its first call,
+    or by `load_state_dict` from the shapes of saved adapter weights"""
     def __init__(self):
         super().__init__()
         self.adapter = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        weight = state_dict.get(f'{prefix}adapter.weight')
+        if self.adapter is None and weight is not None:
+            n_out, n_in, *kernel = weight.shape
+            layer = _CONVS[len(kernel)](n_in, n_out, kernel_size=1) if kernel else nn.Linear(n_in, n_out)
+            self.adapter = layer.to(device=weight.device, dtype=weight.dtype)  # its values: loaded next
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class FitNet(_Adapted):
@@ -182,15 +194,15 @@ def _layer(model: nn.Module, name: str, role: str) -> nn.Module:
 
 
 class HintHooks(nn.Module):
-    """Forward hooks on the layers `hints` name, and a copy of each hint's loss: its parameters are the adapters.
-    `attach` at the start of a fit, `loss(opt)` after each training forward of student and teacher, `detach` at its
-    end."""
+    """Forward hooks on the layers `hints` name, and a copy of each hint's loss: its parameters are the adapters, which
+    `opt` (their own optimizer) trains. `attach` at the start of a fit, `loss(opt)` after each training forward of
+    student and teacher, `step(opt)` at each step, `detach` at its end."""
     def __init__(self, hints: Sequence[Hint]):
         super().__init__()
         self.hints = list(hints)
         self.losses = nn.ModuleList(deepcopy(hint.loss) for hint in self.hints)
         self.handles, self.student_features, self.teacher_features = [], {}, {}
-        self.opt, self.n_joined, self.saved = None, 0, None
+        self.opt, self.saved = None, None  # the adapters' optimizer; what `detach` puts back
 
     @property
     def attached(self) -> bool: return bool(self.handles)
@@ -205,7 +217,9 @@ class HintHooks(nn.Module):
         for i, (student_layer, teacher_layer) in enumerate(layers):
             self.handles.append(student_layer.register_forward_hook(partial(self._keep_student, i)))
             self.handles.append(teacher_layer.register_forward_hook(partial(self._keep_teacher, i)))
-        self.saved = deepcopy(list(self.losses)) if restore else None  # a list: not a submodule
+        parameter = next(student.parameters(), None)
+        if parameter is not None: self.to(parameter.device)  # adapters loaded on another device (their dtype kept)
+        self.saved = deepcopy((list(self.losses), self.opt)) if restore else None  # not a submodule
 
     def _keep_student(self, i: int, module: nn.Module, inputs, output):
         if torch.is_grad_enabled(): self.student_features[i] = first_output(output)
@@ -215,7 +229,8 @@ class HintHooks(nn.Module):
 
     def loss(self, opt=None) -> Tensor:
         """The weighted sum of the hint losses on the features of the last training forward of student and teacher,
-        which it then forgets. Adapters (created at the first call) join the last parameter group of `opt`."""
+        which it then forgets. Given the learner's optimizer `opt`, the adapters (created at the first call) get an
+        optimizer of its kind, and their gradients are zeroed for the backward to come."""
         student, teacher = self.student_features, self.teacher_features
         self.student_features, self.teacher_features = {}, {}
         terms = []
@@ -226,23 +241,32 @@ class HintHooks(nn.Module):
                                    f'attached, and did the {role} run this layer in its last training forward?')
             try: terms.append(hint.weight * loss(student[i], teacher[i]))
             except ValueError as e: raise ValueError(f'{hint}: {e}') from None
-        if opt is not None: self._join(opt)
+        if opt is not None: self._optimize_like(opt)
+        if self.opt is not None: self.opt.zero_grad()
         return torch.stack(terms).sum()
 
-    def _join(self, opt):
-        "Put the adapters that are not in `opt` yet into its last parameter group"
+    def _optimize_like(self, opt):
+        """Give the adapters an optimizer of the kind of `opt` (the same step and hyper-parameters), a new one when they
+        changed (made at the first step, put back by `detach`)"""
         params = list(self.parameters())
-        if opt is self.opt and len(params) == self.n_joined: return
-        if self.opt is not None and opt is not self.opt: self._leave()
-        joined = {id(p) for group in opt.param_lists for p in group}
-        for p in params:
-            if id(p) in joined: continue
-            opt.param_lists[-1].append(p)
-            opt.state.setdefault(p, {})  # a fastai Optimizer's state is a plain dict after `load_state_dict`
-        if _world_size() > 1:  # every process starts from process 0's adapters (all join at the same step)
+        if not params or (self.opt is not None and _ids(params) == _ids(_params_of(self.opt))): return
+        self.opt = _optimizer_like(opt, params)
+        self._take_hypers(opt)
+        if _world_size() > 1:  # every process starts from process 0's adapters (all make them at the same step)
             with torch.no_grad():
                 for p in params: dist.broadcast(p, src=0)
-        self.opt, self.n_joined = opt, len(params)
+
+    def step(self, opt, scaler=None):
+        """Step the adapters with the hyper-parameters that the last parameter group of the learner's optimizer `opt`
+        has now (its schedule), through `scaler` (fp16's `GradScaler`, which unscales their gradients) if given"""
+        if self.opt is None: return
+        self._take_hypers(opt)
+        if scaler is None: self.opt.step()
+        else: scaler.step(self.opt)
+
+    def _take_hypers(self, opt):
+        "The hyper-parameters of the last parameter group of `opt`, for the adapters' optimizer (one group)"
+        for name, value in opt.hypers[-1].items(): self.opt.set_hyper(name, [value])
 
     def average_gradients(self):
         "Under DDP, the mean of the adapters' gradients across processes in each process, as DDP does for the student's"
@@ -253,23 +277,28 @@ class HintHooks(nn.Module):
             dist.all_reduce(p.grad)
             p.grad /= n_processes
 
-    def _leave(self):
-        "Take the adapters and their state out of the optimizer they joined"
-        ids = {id(p) for p in self.parameters()}
-        for group in self.opt.param_lists:
-            for i in reversed(range(len(group))):
-                if id(group[i]) in ids: del group[i]
-        state = self.opt.opt.state if isinstance(self.opt, OptimWrapper) else self.opt.state
-        for p in self.parameters(): state.pop(p, None)
-        self.opt, self.n_joined = None, 0
-
     def detach(self):
-        """Remove the hooks, take the adapters out of the optimizer, forget the features; restore the adapters if asked
-        at `attach`"""
+        """Remove the hooks and forget the features; put the adapters and their optimizer back as they were at
+        `attach` if it was asked to"""
         for handle in self.handles: handle.remove()
         self.handles, self.student_features, self.teacher_features = [], {}, {}
-        if self.opt is not None: self._leave()
-        if self.saved is not None: self.losses, self.saved = nn.ModuleList(self.saved), None
+        if self.saved is not None:
+            losses, self.opt = self.saved
+            self.losses, self.saved = nn.ModuleList(losses), None
+
+
+def _ids(params) -> set[int]: return {id(p) for p in params}
+
+
+def _params_of(opt) -> list[Tensor]:
+    "Every parameter `opt` (a fastai `Optimizer` or `OptimWrapper`) updates"
+    return [p for group in opt.param_lists for p in group]
+
+
+def _optimizer_like(opt, params: list[Tensor]):
+    "An optimizer of the kind of `opt` (fastai's, or a torch optimizer in an `OptimWrapper`) over `params`"
+    if isinstance(opt, OptimWrapper): return OptimWrapper(opt=type(opt.opt)(params), hp_map=opt.fwd_map)
+    return Optimizer(params, opt.cbs)  # its hyper-parameters: `HintHooks._take_hypers`, at each step
 
 
 def _map_shapes(model: nn.Module, xb: tuple, depth: int) -> dict[str, tuple]:

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from fastai.callback.mixup import MixUp
+from fastai.callback.tracker import SaveModelCallback
 from fastai.callback.training import ShortEpochCallback
 from fastai.learner import Callback, Learner, load_learner
 from fastai.metrics import accuracy
@@ -21,7 +22,7 @@ from torch import nn
 from torchvision.models import resnet18, resnet34
 
 from conftest import assert_same_state, eval_logits, first_batch, state, student, tiny_cnn, whole
-from fastkd.callback import KnowledgeDistillation
+from fastkd.callback import _OPTIMIZER_STATE_GLOBALS, KnowledgeDistillation
 from fastkd.hints import AttentionTransfer, CosineHint, FitNet, Hint, HintHooks, match_layers
 from fastkd.losses import SoftTarget
 from fastkd.split import default_split
@@ -296,33 +297,36 @@ def param_ids(params) -> set:
     return {id(p) for p in params}
 
 
+def all_params(opt) -> list:
+    return [p for group in opt.param_lists for p in group]
+
+
 @pytest.mark.parametrize('opt_func', [None, partial(OptimWrapper, opt=torch.optim.AdamW)], ids=['fastai', 'torch'])
-def test_adapters_join_the_last_parameter_group_and_leave_with_their_state(dls, images, opt_func):
+def test_adapters_get_an_optimizer_of_the_learners_kind_that_follows_its_last_group(dls, images, opt_func):
     learn = student_learner(dls, opt_func)
     learn.create_opt()
-    keys, n_groups = learn.model.state_dict().keys(), len(learn.opt.param_lists)
+    n_student, n_groups = len(all_params(learn.opt)), len(learn.opt.param_lists)
     teacher = hinted_pair()[1]
     hooks = HintHooks([Hint('0.1', '0.1', FitNet()), Hint('0.2', '0.2', CosineHint())])
     hooks.attach(learn.model, teacher)
     learn.model(images)
     with torch.no_grad(): teacher(images)
-    adapter_ids = param_ids(hooks.parameters())
-    assert not adapter_ids  # created at the first loss, from the features' shapes
+    assert not param_ids(hooks.parameters())  # created at the first loss, from the features' shapes
     hooks.loss(learn.opt).backward()
     adapters = list(hooks.parameters())
     assert len(adapters) == 4 and all(p.device == images.device and p.dtype == torch.float32 for p in adapters)
-    assert len(learn.opt.param_lists) == n_groups and param_ids(adapters) <= param_ids(learn.opt.param_lists[-1])
+    assert type(hooks.opt) is type(learn.opt) and param_ids(all_params(hooks.opt)) == param_ids(adapters)
+    if opt_func: assert type(hooks.opt.opt) is torch.optim.AdamW
+    assert len(all_params(learn.opt)) == n_student and len(learn.opt.param_lists) == n_groups  # the learner's alone
+    learn.opt.set_hyper('lr', slice(1e-4, 0.123))  # a schedule moves it: the adapters take the last group's
     before = [p.detach().clone() for p in adapters]
-    learn.opt.step()
+    hooks.step(learn.opt)
     assert all(not torch.equal(p, b) for p, b in zip(adapters, before))
+    assert hooks.opt.hypers == [learn.opt.hypers[-1]] and hooks.opt.hypers[0]['lr'] == pytest.approx(0.123)
     hooks.detach()
-    assert not param_ids(adapters) & param_ids(p for group in learn.opt.param_lists for p in group)
-    opt_state = learn.opt.opt.state if opt_func else learn.opt.state
-    assert not param_ids(adapters) & param_ids(opt_state)
     fresh = student_learner(dls, opt_func)
     fresh.create_opt()
     fresh.opt.load_state_dict(learn.opt.state_dict())  # the student's optimizer state alone: fits a plain learner
-    assert learn.model.state_dict().keys() == keys
 
 
 def test_adapters_take_a_float64_students_dtype(images):
@@ -458,13 +462,14 @@ def test_no_hook_remains_after_any_learner_call(dls, teacher, tmp_path):
 
 
 class RecordAdapters(Callback):
-    "Whether the adapters were in the optimizer's last group at each step, and their values at the first step"
+    "Whether the adapters were in their own optimizer, not the learner's, at each step; their values at the first step"
     order = KnowledgeDistillation.order + 1
     def __init__(self, hints: HintHooks): self.hints, self.in_opt, self.first = hints, [], None
     def after_loss(self):
         if self.first is None: self.first = [p.detach().clone() for p in self.hints.parameters()]
     def before_step(self):
-        self.in_opt.append(param_ids(self.hints.parameters()) <= param_ids(self.opt.param_lists[-1]))
+        adapters, learners = param_ids(self.hints.parameters()), param_ids(all_params(self.opt))
+        self.in_opt.append(adapters == param_ids(all_params(self.hints.opt)) and not adapters & learners)
 
     def changed(self) -> bool:
         return all(not torch.equal(p, f) for p, f in zip(self.hints.parameters(), self.first))
@@ -481,7 +486,7 @@ def test_adapters_train_across_fits_freeze_and_lr_find_and_never_join_the_studen
         record = RecordAdapters(hints)
         with learn.no_bar(), learn.no_logging(): run(cbs=[record, ShortEpochCallback(pct=0.1)])
         assert record.in_opt and all(record.in_opt) and record.changed()
-        assert sum(len(group) for group in learn.opt.param_lists) == n_student_params  # they left with the fit
+        assert len(all_params(learn.opt)) == n_student_params  # the learner's optimizer: the student's alone
     fit(partial(learn.fit, 1, 1e-2))
     learn.freeze_to(1)
     fit(partial(learn.fit, 1, 1e-2))
@@ -509,6 +514,52 @@ def test_export_holds_the_student_alone_and_loads_to_predict(dls, teacher, tmp_p
     assert forward_hooks(loaded.model) == 0 and loaded.model.state_dict().keys() == tiny_cnn(8).state_dict().keys()
     image = PILImage.create(dls.valid_ds.items[0])
     torch.testing.assert_close(loaded.predict(image)[2], learn.predict(image)[2])
+
+
+def test_saved_adapters_load_into_a_fresh_callback_and_train_on(dls, teacher, tmp_path):
+    "Resuming feature distillation: a new callback takes the saved adapters (made from their shapes) and trains them"
+    learn = student(dls, teacher, hints=two_hints())
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2, cbs=ShortEpochCallback(pct=0.2))
+    torch.save(learn.knowledge_distillation.hints.state_dict(), tmp_path/'adapters.pth')
+    saved = state(learn.knowledge_distillation.hints)
+    resumed = student(dls, teacher, hints=two_hints())
+    hints = resumed.knowledge_distillation.hints
+    hints.load_state_dict(torch.load(tmp_path/'adapters.pth', weights_only=True))
+    assert_same_state(hints, saved)
+    assert [type(loss.adapter) for loss in hints.losses] == [nn.Conv2d, nn.Conv2d]
+    adapters = list(hints.parameters())
+    with resumed.no_bar(), resumed.no_logging(): resumed.fit(1, 1e-2, cbs=ShortEpochCallback(pct=0.2))
+    assert param_ids(hints.parameters()) == param_ids(adapters)  # trained on, not made anew
+    assert not any(torch.equal(p, saved[k]) for k, p in hints.state_dict().items())
+
+
+class SaveMidFit(Callback):
+    "`learn.save(name, with_opt=True)` at the second training step, while the adapters train"
+    def after_batch(self):
+        if self.training and self.iter == 1: self.learn.save('mid_fit', with_opt=True)
+
+
+def optimizer_state(path) -> dict:
+    with torch.serialization.safe_globals(_OPTIMIZER_STATE_GLOBALS): return torch.load(path, weights_only=True)['opt']
+
+
+@pytest.mark.parametrize('with_opt', [True, False])
+def test_checkpoints_taken_during_a_fit_hold_the_students_optimizer_state_alone(dls, teacher, tmp_path, with_opt):
+    learn = student(dls, teacher, hints=two_hints())
+    learn.path = tmp_path
+    n_student = len(list(learn.model.parameters()))
+    with warnings.catch_warnings(record=True) as caught, learn.no_bar(), learn.no_logging():
+        warnings.simplefilter('always')
+        learn.fit(1, 1e-2, cbs=[SaveModelCallback(with_opt=with_opt), SaveMidFit()])
+    assert not [w for w in caught if 'optimizer state' in str(w.message)]  # the reload at the end took it
+    checkpoints = ['mid_fit', 'model'] if with_opt else ['mid_fit']
+    for name in checkpoints: assert len(optimizer_state(tmp_path/'models'/f'{name}.pth')['state']) == n_student
+    plain = student_learner(dls)
+    plain.path = tmp_path
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        plain.load('mid_fit', with_opt=True)
+    assert not [w for w in caught if 'optimizer state' in str(w.message)]  # a learner without hints takes it whole
 
 
 def test_a_bad_layer_name_fails_as_the_fit_starts_with_the_closest_names_of_that_model(dls, teacher):
