@@ -37,7 +37,7 @@ from fastcore.foundation import L
 from fastprogress.fastprogress import progress_bar
 from torch import Tensor, nn
 
-from .basics import evaluating, first_output, inputs_of, random_state_kept, teacher_model, user_loader
+from .basics import evaluating, first_output, inputs_of, placement, random_state_kept, teacher_model, user_loader
 from .memory import InMemoryDL
 from .store import TeacherStore
 
@@ -571,12 +571,15 @@ def fill_teacher_cache(teacher, dls: DataLoaders | DataLoader, path: str | Path,
     replay = None if views is None else _ViewReplay(plain, view_seed, len(dl.dataset))
     def forward(xb: tuple) -> Tensor:
         with torch.no_grad(), evaluating(model): return first_output(model(*xb)).float()
-    for view in range(views or 1):
-        if replay is not None:
-            replay.views.fill_(view)
-            replay.install()
-        for i, batch in enumerate(progress_bar(plain, leave=False)):
-            xb = inputs_of(plain, batch)
-            model.to(xb[0].device)
-            cache._lookup(cache.keys(_batch_items(plain, i, find_bs(xb)), view), xb, forward)
+    put_back = placement(model)  # the teacher runs where the inputs are, and is left where it was given
+    try:
+        for view in range(views or 1):
+            if replay is not None:
+                replay.views.fill_(view)
+                replay.install()
+            for i, batch in enumerate(progress_bar(plain, leave=False)):
+                xb = inputs_of(plain, batch)
+                model.to(xb[0].device)
+                cache._lookup(cache.keys(_batch_items(plain, i, find_bs(xb)), view), xb, forward)
+    finally: put_back()
     return cache.folder

@@ -27,7 +27,7 @@ from fastprogress.fastprogress import progress_bar
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from .basics import evaluating, first_output, inputs_of, teacher_model
+from .basics import evaluating, first_output, inputs_of, placement, teacher_model
 from .callback import KnowledgeDistillation
 from .hints import FitNet, Hint, match_layers
 from .losses import DIST, DKD, SoftTarget
@@ -61,8 +61,11 @@ class TeacherAgreement(Metric):
     def accumulate(self, learn: Learner):
         if learn.training: return
         student = first_output(learn.pred)
+        put_back = placement(self.teacher)  # it runs on the student's device and is left where it was
         self.teacher.to(student.device)
-        with torch.no_grad(), evaluating(self.teacher): teacher = first_output(self.teacher(*learn.xb))
+        try:
+            with torch.no_grad(), evaluating(self.teacher): teacher = first_output(self.teacher(*learn.xb))
+        finally: put_back()
         gather = partial(learn.to_detach, cpu=False)  # under DDP: all processes' items, without the padding
         same, total = _agreement(student, teacher, task_of(learn.loss_func).axis, gather)
         self.same, self.total = self.same + same, self.total + total
@@ -256,11 +259,13 @@ def _scores(learn: Learner, teacher_logits: Tensor, metric: Callable) -> tuple[f
 @torch.no_grad()
 def _teacher_logits(teacher: nn.Module, learn: Learner) -> Tensor:
     "The teacher's logits for every validation batch, on the CPU"
-    device = next(learn.model.parameters()).device
+    device, put_back = next(learn.model.parameters()).device, placement(teacher)
     teacher.to(device)
-    with evaluating(teacher):
-        return torch.cat([first_output(teacher(*to_device(inputs_of(learn.dls.valid, b), device))).float().cpu()
-                          for b in learn.dls.valid])
+    try:
+        with evaluating(teacher):
+            return torch.cat([first_output(teacher(*to_device(inputs_of(learn.dls.valid, b), device))).float().cpu()
+                              for b in learn.dls.valid])
+    finally: put_back()  # the teacher is left where it was given
 
 
 def _table(trials: pd.DataFrame) -> pd.DataFrame:

@@ -35,6 +35,7 @@ from fastai.vision.all import ImageBlock, MaskBlock, Resize
 from PIL import Image
 from torch import nn
 
+from fastkd.basics import placement
 from fastkd.cache import TeacherCache
 from fastkd.digits import digits_dls
 from fastkd.callback import KnowledgeDistillation
@@ -235,6 +236,18 @@ def test_the_teacher_gets_its_dtype_back_even_when_the_fit_raises(digits_path):
     with pytest.raises(KeyboardInterrupt): quietly(learn, 'fit', 1, 1e-3, cbs=Interrupt())
     assert {p.dtype for p in teacher.parameters()} == {torch.float32}
     assert all(p.is_contiguous() for p in teacher.parameters())
+
+
+def test_placement_puts_every_parameter_and_buffer_back():
+    "What the callback, kd_find, TeacherAgreement and fill_teacher_cache use to leave a teacher where it was given"
+    model = tiny_cnn(8)
+    model[1].half()  # a teacher of mixed dtypes comes back mixed, not cast to one
+    dtypes = {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    put_back = placement(model)
+    model.double()
+    put_back()
+    assert {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]} == dtypes
+    assert model[1].weight.dtype == torch.float16 and model[0][0][1].running_mean.dtype == torch.float32
 
 
 class NanAtStep(nn.Module):
