@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import platform
+import warnings
 from pathlib import Path
 
 import torch
@@ -51,11 +53,15 @@ class RunStore:
     def __init__(self, path: str | Path, settings: dict):
         self.path, self.settings = Path(path), settings
         file = self.path/'settings.json'
+        stored = json.loads(json.dumps(settings))  # as settings.json keeps them: tuples as lists
         if file.exists():
-            kept = json.loads(file.read_text())
-            differ = sorted(k for k in {*kept, *settings} if kept.get(k) != settings.get(k))
+            try: kept = json.loads(file.read_text())
+            except ValueError as e:
+                raise ValueError(f'{file} is not readable JSON ({e}), so the settings of the runs kept in {self.path} '
+                                 f'are unknown: delete {self.path} to start again.') from None
+            differ = sorted(k for k in {*kept, *stored} if kept.get(k) != stored.get(k))
             if differ:
-                changes = '; '.join(f'{k}: {kept.get(k)!r} then, {settings.get(k)!r} now' for k in differ)
+                changes = '; '.join(f'{k}: {kept.get(k)!r} then, {stored.get(k)!r} now' for k in differ)
                 raise FileExistsError(f'{self.path.parent} holds runs of a job with other settings ({changes}). Run '
                                       f'again with the same settings to resume it, pass another --out for this job, '
                                       f'or delete {self.path} to start again.')
@@ -67,12 +73,19 @@ class RunStore:
         return self.path/f'{name.replace(" ", "-")}-seed{seed}{suffix}'
 
     def load(self, name: str, seed: int, model: nn.Module | None = None) -> dict | None:
-        "The record of `name` at `seed`, its weights loaded into `model` when given; None when that run has not ended"
-        record = self._file(name, seed, '.json')
+        """The record of `name` at `seed`, its weights loaded into `model` when given; None when that run has not
+        ended, or when its record or weights are missing or cut short (a crash while writing them): it trains again"""
+        record, weights = self._file(name, seed, '.json'), self._file(name, seed, '.pth')
         if not record.exists(): return None
-        if model is not None:
-            model.load_state_dict(torch.load(self._file(name, seed, '.pth'), map_location='cpu', weights_only=True))
-        return json.loads(record.read_text())
+        try:
+            kept = json.loads(record.read_text())
+            state = torch.load(weights, map_location='cpu', weights_only=True) if model is not None else None
+        except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            warnings.warn(f'The {name} of seed {seed} kept in {self.path} is incomplete ({type(e).__name__}: {e}): '
+                          'training it again.')
+            return None
+        if model is not None: model.load_state_dict(state)
+        return kept
 
     def save(self, name: str, seed: int, record: dict, model: nn.Module | None = None):
         "Keep a finished run: the weights first, then the record that says the run is complete"

@@ -1,6 +1,7 @@
 """The main job never misleads: a teacher checked before anything trains, a report that says what made it, and a job
 killed at any moment that resumes where it stopped and reports what an uninterrupted one does."""
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -11,6 +12,7 @@ import torch
 
 from conftest import GTSRB_DATA, data_folder
 from fastkd.cli import main
+from fastkd.runs import RunStore
 from test_cli import FASTKD, TINY
 
 TEACHER_32PX = GTSRB_DATA/'teachers'/'resnet34-gtsrb32.pth'
@@ -72,15 +74,22 @@ def test_weights_the_job_writes_say_what_they_were_trained_for(tmp_path, few_dig
     assert (results.job_seed == 42).all() and (results['size'] == 16).all() and (results.fastai != '').all()
 
 
+@pytest.fixture(scope='module')
+def whole_job(few_digits, tmp_path_factory):
+    "The report folder of JOB run without interruption"
+    out = tmp_path_factory.mktemp('whole')/'report'
+    assert main([*JOB, '--data', str(few_digits), '--out', str(out)]) == 0
+    return out
+
+
 def _runs(out) -> dict:
     "The finished runs kept in `out`: their record files and when each was written"
     return {f.name: f.stat().st_mtime_ns for f in (out/'runs').glob('*.json') if f.name != 'settings.json'}
 
 
-def test_a_killed_job_resumes_without_retraining_and_reports_as_an_uninterrupted_one(few_digits, tmp_path):
+def test_a_killed_job_resumes_without_retraining_and_reports_as_an_uninterrupted_one(whole_job, few_digits, tmp_path):
     job = [str(FASTKD), *JOB, '--data', str(few_digits), '--out']
-    whole, killed = tmp_path/'whole', tmp_path/'killed'
-    subprocess.run([*job, str(whole)], check=True, capture_output=True)
+    whole, killed = whole_job, tmp_path/'killed'
     process = subprocess.Popen([*job, str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not (killed/'runs'/'student-seed42.json').exists() and process.poll() is None and time.monotonic() < deadline:
@@ -120,3 +129,56 @@ def test_other_settings_in_the_same_folder_are_refused_with_the_fix(few_digits, 
     assert main([*JOB, '--data', str(few_digits), '--out', str(out)]) == 0  # more seeds: the same job, one seed more
     assert all(_runs(out)[name] == written for name, written in kept.items())
     assert set(_runs(out)) - set(kept) == {'student-seed43.json', 'distilled-student-seed43.json'}
+
+
+def test_settings_equal_as_json_resume_and_others_are_refused(tmp_path):
+    "settings.json gives tuples back as lists: (32, 32) then is [32, 32] now"
+    RunStore(tmp_path/'runs', {'size': (32, 32), 'data': 'digits'})
+    assert RunStore(tmp_path/'runs', {'size': (32, 32), 'data': 'digits'}).settings['size'] == (32, 32)
+    with pytest.raises(FileExistsError, match=r'other settings \(size: \[32, 32\] then, \[16, 16\] now\)'):
+        RunStore(tmp_path/'runs', {'size': (16, 16), 'data': 'digits'})
+
+
+def test_the_same_job_from_another_folder_resumes(few_digits, tmp_path, monkeypatch, capsys):
+    "--data ./digits from one folder, ../digits from another: the same data, the same job"
+    (tmp_path/'digits').symlink_to(few_digits, target_is_directory=True)
+    (tmp_path/'elsewhere').mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main([*JOB, '--seeds', '1', '--data', './digits', '--out', 'report']) == 0
+    kept = _runs(tmp_path/'report')
+    monkeypatch.chdir(tmp_path/'elsewhere')
+    capsys.readouterr()
+    assert main([*JOB, '--seeds', '1', '--data', '../digits', '--out', '../report']) == 0
+    assert ('Reused the runs kept in ../report/runs: teacher seed 42, student seed 42, distilled student seed 42.'
+            in capsys.readouterr().out)
+    assert _runs(tmp_path/'report') == kept
+
+
+def _cut(path):
+    "What a crash can leave at `path`: its first half"
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def test_runs_a_crash_left_half_written_train_again_and_whole_ones_are_reused(whole_job, few_digits, tmp_path):
+    """A job killed or powered off at any point: between a run's weights and its record, while writing a record
+    (a temporary file), or before a rename reached the disk (a file cut short or empty, as writes without fsync could
+    leave it). Resumed, it retrains those runs, reuses the whole one and reports as an uninterrupted job."""
+    out = tmp_path/'crashed'
+    shutil.copytree(whole_job, out)
+    runs = out/'runs'
+    _cut(runs/'teacher-seed42.pth')  # weights cut short under a whole record
+    _cut(runs/'student-seed42.json')  # a record cut short
+    (runs/'student-seed43.pth').write_bytes(b'')  # weights renamed into place, their data lost
+    (runs/'distilled-student-seed43.json').unlink()  # killed between the weights and the record...
+    (runs/'.distilled-student-seed43.json.0123abcd.tmp').write_text('{"row": {"mod')  # ...while writing it
+    with pytest.warns(UserWarning, match='is incomplete .*training it again') as warned:
+        assert main([*JOB, '--data', str(few_digits), '--out', str(out)]) == 0
+    assert sorted(str(w.message).split(' kept in ')[0] for w in warned if 'is incomplete' in str(w.message)) == [
+        'The student of seed 42', 'The student of seed 43', 'The teacher of seed 42']
+    assert _runs(out).keys() == _runs(whole_job).keys()
+    assert _runs(out)['distilled-student-seed42.json'] == _runs(whole_job)['distilled-student-seed42.json']  # reused
+    expected, resumed = (pd.read_csv(folder/'results.csv', index_col='model') for folder in (whole_job, out))
+    pd.testing.assert_frame_equal(resumed[SCORES], expected[SCORES])
+    for name in ('teacher-seed42.pth', 'student-seed43.pth'):
+        weights = [torch.load(folder/'runs'/name, weights_only=True) for folder in (whole_job, out)]
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
