@@ -24,6 +24,7 @@ AUTO = 'auto'  # --method auto: kd_find chooses
 BY_HAND = ('temperature', 'standardize', 'mix', 'mix_alpha', 'weight')  # what --method auto leaves to kd_find
 DEFAULT_WEIGHT = 0.5
 DEFAULT_SIZE = 96  # the reference notebook's, for the official full-size images
+DEFAULT_TEACHER = 'resnet34'  # of fastkd gtsrb and fill-cache, when the teacher weights do not say
 SIDECAR = '.json'  # beside weights fastkd writes (student.pth, student.json): what they were trained for
 USER_ERRORS = (OSError, ValueError)  # missing or clashing files, downloads, unreadable images, bad values
 
@@ -51,7 +52,8 @@ def _schedule_args(parser: argparse.ArgumentParser, size: int, epochs: int, bs: 
                         f'{lr or "0"})')
     parser.add_argument('--lr-find-iters', type=int, default=lr_find_iters,
                         help='steps of lr_find when --lr is 0 (default: %(default)s)')
-    parser.add_argument('--teacher', choices=ARCHS, default=teacher, help='teacher architecture (default: %(default)s)')
+    parser.add_argument('--teacher', choices=ARCHS, default=teacher, help='teacher architecture (default: ' + (
+        f'{teacher})' if teacher else f"the one in the teacher weights' {SIDECAR} file, else {DEFAULT_TEACHER})"))
     parser.add_argument('--student', choices=ARCHS, default=student, help='student architecture (default: %(default)s)')
     parser.add_argument('--method', choices=[*KD_METHODS, AUTO], default=method,
                         help='distillation loss: ' + '; '.join(f'{name}: {entry.about}' for name, entry in
@@ -72,14 +74,23 @@ def _schedule_args(parser: argparse.ArgumentParser, size: int, epochs: int, bs: 
                         help=f'weight of the distillation loss, between 0 and 1 (default: {DEFAULT_WEIGHT})')
     parser.add_argument('--n-augs', type=int, nargs='+', default=[4, 8],
                         help='numbers of augmented TTA passes to score, besides plain predictions (default: 4 8)')
-    parser.add_argument('--seed', type=int, default=42, help='random seed of every model (default: %(default)s)')
+    parser.add_argument('--seed', type=int, default=42,
+                        help='random seed of every model; the data split has its own, --split-seed (default: '
+                        '%(default)s)')
     parser.add_argument('--seeds', type=int, default=seeds,
                         help='students trained alone and distilled from seeds SEED, SEED+1, ...; the report gives '
                         'mean and spread and says whether the 95%% confidence interval of the mean gain lies above '
                         'zero (default: %(default)s)')
+    _split_seed_arg(parser)
     _threads_arg(parser)
     parser.add_argument('--out', type=Path, default=Path('fastkd-report'),
                         help='report folder (default: %(default)s)')
+
+
+def _split_seed_arg(parser: argparse.ArgumentParser):
+    parser.add_argument('--split-seed', type=int, default=42,
+                        help='random seed of the validation split, apart from the seeds of the models; kept in the '
+                        'prepared folder, which refuses another (default: %(default)s)')
 
 
 def _threads_arg(parser: argparse.ArgumentParser):
@@ -115,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     gtsrb.add_argument('--teacher-weights', type=Path, default=None,
                        help='state dict of a trained teacher (skips training the teacher)')
     gtsrb.add_argument('--validation-fraction', type=float, default=0.2, help='share of tracks held out (default: 0.2)')
-    _schedule_args(gtsrb, size=None, epochs=4, bs=64, lr_find_iters=100, teacher='resnet34', student='resnet18',
+    _schedule_args(gtsrb, size=None, epochs=4, bs=64, lr_find_iters=100, teacher=None, student='resnet18',
                    seeds=1,
                    method='dist')  # DIST paid on GTSRB 32x32 (bench/accuracy.py); SoftTarget T=4 slowed small students
     prepare = commands.add_parser('prepare', help='GTSRB zips or folders to train/valid/all/test folders',
@@ -127,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
                          help='share of tracks held out (default: 0.2)')
     prepare.add_argument('--link', action='store_true',
                          help='hard-link instead of copying where the file system allows')
+    _split_seed_arg(prepare)
     evaluate = commands.add_parser('evaluate', help='TTA sweep, per-class table and confusion matrix of saved weights',
                                    description='Score a model\'s saved state dict on the prepared GTSRB test set.')
     _data_args(evaluate)
@@ -147,7 +159,9 @@ def _parser() -> argparse.ArgumentParser:
                                'cache=CACHE) on gtsrb_dls(DATA, size=SIZE, augment=False) reuses them.')
     _data_args(fill)
     fill.add_argument('--teacher-weights', type=Path, required=True, help='state dict of the trained teacher')
-    fill.add_argument('--teacher', choices=ARCHS, default='resnet34', help='its architecture (default: %(default)s)')
+    fill.add_argument('--teacher', choices=ARCHS, default=None,
+                      help=f"its architecture (default: the one in the weights' {SIDECAR} file, else "
+                      f'{DEFAULT_TEACHER})')
     fill.add_argument('--size', type=int, default=None,
                       help=f"image size in pixels (default: the one in the weights' {SIDECAR} file, else "
                       f'{DEFAULT_SIZE})')
@@ -161,6 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     fill.add_argument('--validation-fraction', type=float, default=0.2,
                       help='share of tracks held out when --data is not prepared yet (default: 0.2)')
     fill.set_defaults(download=False)
+    _split_seed_arg(fill)
     _threads_arg(fill)
     return parser
 
@@ -180,6 +195,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be at least 1')
     if getattr(args, 'freeze_epochs', 0) < 0: parser.error('--freeze-epochs must be 0 or more')
+    if getattr(args, 'split_seed', 0) < 0: parser.error('--split-seed must be 0 or more')
     if (getattr(args, 'lr', None) or 0) < 0: parser.error('--lr must be above 0 (or 0 to find it with lr_find)')
     for name in ('temperature', 'mix_alpha'):
         if getattr(args, name, None) is not None and getattr(args, name) <= 0:
@@ -211,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.command_line = shlex.join(['fastkd', *argv])
     _check(parser, args)
+    if getattr(args, 'data', None): args.data = args.data.resolve()  # the same data from any folder: the same job
     if getattr(args, 'threads', None): torch.set_num_threads(args.threads)
     commands = {'demo': _demo, 'gtsrb': _gtsrb, 'prepare': _prepare, 'evaluate': _evaluate, 'fill-cache': _fill_cache}
     try: return commands[args.command](args) or 0
@@ -250,15 +267,53 @@ def _job(args, dls, test_dl, y_true, teacher=None, mask=None, title: str = ''):
     if job['reused']: print(f'Reused the runs kept in {args.out/"runs"}: {", ".join(job["reused"])}.')
     if job['kd_find']: print(f'kd_find: {job["kd_find"]["message"]}')
     report = write_report(job, args.out, title)
+    if teacher is None: _save_teacher(job['learners']['teacher'].model, args)
     print(job['table'].to_string(float_format='{:.4g}'.format))
     print(job['verdict'])
     print(f'Report written to {report}')
 
 
+def _save_teacher(model, args):
+    "The teacher the job trained as OUT/teacher.pth with its sidecar, ready for --teacher-weights"
+    from .files import atomic_write
+    atomic_write(args.out/'teacher.pth', lambda tmp: torch.save(model.state_dict(), tmp))
+    classes = getattr(args, 'classes', None)
+    trained_for = dict(arch=args.teacher, size=args.size, **({'classes': classes} if classes else {}))
+    atomic_write(args.out/f'teacher{SIDECAR}', lambda tmp: Path(tmp).write_text(json.dumps(trained_for)))
+
+
 def _trained_for(weights: Path | None) -> dict:
-    "What `weights` were trained for (architecture, size, classes), from the file fastkd writes beside them, if any"
+    """What `weights` were trained for (`arch`, `size`, `classes`), from the file fastkd writes beside them (such as
+    student.json beside student.pth), if any; an error when that file holds something else"""
     sidecar = weights.with_suffix(SIDECAR) if weights else None
-    return json.loads(sidecar.read_text()) if sidecar and sidecar.is_file() else {}
+    if sidecar is None or sidecar == weights or not sidecar.is_file(): return {}
+    try: kept = json.loads(sidecar.read_text())
+    except ValueError as e: kept = f'no JSON ({e})'
+    classes = kept.get('classes') or [] if isinstance(kept, dict) else None
+    if not (isinstance(classes, list) and all(c in range(43) for c in classes) and
+            kept.get('arch') in (None, *ARCHS) and isinstance(kept.get('size', 1), int)):
+        raise ValueError(f'{sidecar}, beside {weights}, is not what fastkd writes there (the architecture, size and '
+                         f'classes they were trained for): it holds {str(kept)[:200]}. Fix or delete it, and pass '
+                         '--size and --classes by hand.')
+    return {k: kept[k] for k in ('arch', 'size', 'classes') if kept.get(k)}
+
+
+def _take_trained_for(args, weights: Path, arch: str, default_arch: str):
+    """Fill the options `arch` (`teacher` or `arch`), `size` and `classes` not given from what `weights` were trained
+    for; refuse another architecture, or classes the weights never learned"""
+    trained_for, given = _trained_for(weights), getattr(args, arch)
+    kept, option = trained_for.get('arch'), f'--{arch}'
+    if given and kept and given != kept:
+        raise ValueError(f'{weights} holds a {kept} ({weights.with_suffix(SIDECAR)}), not a {given}: drop {option} '
+                         f'{given} or pass {option} {kept}.')
+    learned = trained_for.get('classes')
+    unknown = sorted(set(args.classes or []) - set(learned or args.classes or []))
+    if unknown:
+        raise ValueError(f'{weights} learned classes {learned} only ({weights.with_suffix(SIDECAR)}), not {unknown} '
+                         f'of --classes {" ".join(map(str, args.classes))}: pass --classes among '
+                         f'{" ".join(map(str, learned))} (or none, for all of them), or weights trained on these.')
+    setattr(args, arch, given or kept or default_arch)
+    args.size, args.classes = args.size or trained_for.get('size') or DEFAULT_SIZE, args.classes or learned
 
 
 def _checked(model, dls, args, name: str, size: int):
@@ -273,10 +328,10 @@ def _demo(args):
     from .digits import digits_dls, write_digits
     # 30% of the 1,797 digits to test (539 images), 10% to validate: at 359 test images one seed's score moved by about
     # a point from which images it happened to miss, as much as the gain the demo measures
-    try: data = write_digits(args.data or args.out/'digits', size=args.size, valid_fraction=0.1, test_fraction=0.3,
-                             seed=args.seed)
+    try: data = write_digits(args.data or (args.out/'digits').resolve(), size=args.size, valid_fraction=0.1,
+                             test_fraction=0.3, seed=args.split_seed)
     except FileExistsError as error: sys.exit(f'fastkd: {error}')
-    dls = digits_dls(data, size=args.size, bs=args.bs, seed=args.seed)
+    dls = digits_dls(data, size=args.size, bs=args.bs, seed=args.split_seed)
     test_files = sorted((data/'test').glob('*/*.png'))
     y_true = [dls.vocab.o2i[f.parent.name] for f in test_files]
     _job(args, dls, dls.test_dl(test_files), y_true, title='fastkd demo: distillation on scikit-learn digits')
@@ -287,7 +342,7 @@ def _prepared(args) -> dict:
     from .gtsrb import download_gtsrb, prepare_gtsrb
     if args.download: download_gtsrb(args.data)
     return prepare_gtsrb(args.data, classes=args.classes, validation_fraction=args.validation_fraction,
-                         link=getattr(args, 'link', False), seed=getattr(args, 'seed', 42))
+                         link=getattr(args, 'link', False), seed=args.split_seed)
 
 
 def _gtsrb_test(args, dls):
@@ -304,12 +359,11 @@ def _gtsrb_test(args, dls):
 def _gtsrb(args):
     from .callback import load_teacher
     from .gtsrb import gtsrb_dls
+    _take_trained_for(args, args.teacher_weights, 'teacher', DEFAULT_TEACHER)
+    teacher = load_teacher(args.teacher_weights, ARCHS[args.teacher], 43) if args.teacher_weights else None
     _prepared(args)
-    args.size = args.size or _trained_for(args.teacher_weights).get('size') or DEFAULT_SIZE
     dls = gtsrb_dls(args.data, size=args.size, bs=args.bs, classes=args.classes)
-    teacher = None
-    if args.teacher_weights:
-        teacher = load_teacher(args.teacher_weights, ARCHS[args.teacher], 43)
+    if teacher is not None:
         _checked(teacher, dls, args, f'the teacher ({args.teacher} from {args.teacher_weights})', args.size)
     test_dl, y_true, mask = _gtsrb_test(args, dls)
     _job(args, dls, test_dl, y_true, teacher=teacher, mask=mask, title='fastkd: distillation on GTSRB')
@@ -326,10 +380,7 @@ def _evaluate(args):
     from .gtsrb import gtsrb_class_names, gtsrb_dls
     from .report import per_class_table, plot_confusion
     from .tta import plot_tta, test_time_aug
-    trained_for = _trained_for(args.weights)
-    args.arch = args.arch or trained_for.get('arch', 'resnet18')
-    args.size = args.size or trained_for.get('size', DEFAULT_SIZE)
-    args.classes = args.classes or trained_for.get('classes')
+    _take_trained_for(args, args.weights, 'arch', 'resnet18')
     dls = gtsrb_dls(args.data, size=args.size, bs=args.bs, classes=args.classes)
     learn = scratch_learner(dls, ARCHS[args.arch])
     load_teacher(args.weights, learn.model)
@@ -354,10 +405,10 @@ def _fill_cache(args):
     from .cache import fill_teacher_cache
     from .callback import load_teacher
     from .gtsrb import gtsrb_dls
-    _prepared(args)
-    args.size = args.size or _trained_for(args.teacher_weights).get('size') or DEFAULT_SIZE
-    dls = gtsrb_dls(args.data, size=args.size, bs=args.bs, classes=args.classes, augment=False)
+    _take_trained_for(args, args.teacher_weights, 'teacher', DEFAULT_TEACHER)
     teacher = load_teacher(args.teacher_weights, ARCHS[args.teacher], 43)
+    _prepared(args)
+    dls = gtsrb_dls(args.data, size=args.size, bs=args.bs, classes=args.classes, augment=False)
     folder = fill_teacher_cache(teacher, dls, args.cache, dtype=getattr(torch, args.dtype), top_k=args.top_k)
     classes = f', classes={args.classes}' if args.classes else ''
     print(f'Teacher outputs for the {len(dls.train.dataset)} training images stored in {folder}. Reuse them with '

@@ -168,7 +168,9 @@ def write_report(job: dict, dest: str | Path, title: str = 'fastkd distillation 
         f'- test_f1: weighted F1 on the test set without TTA; {tta_column}: with that many augmented passes. Mean and '
         'sample standard deviation (std) over the seeds; the teacher is trained or loaded once '
         f'(its validation accuracy: {teacher_accuracy:.4f}).',
-        f'- {compression_summary(job["sizes"])}', '',
+        f'- {compression_summary(job["sizes"])}',
+        *([f'- The data was split with split seed {settings["split_seed"]} (--split-seed), apart from the seeds of the '
+           'models.'] if 'split_seed' in settings else []), '',
         *(_kd_find_lines(chosen) if chosen else []),
         '## Per model', '', _markdown(job['summary']), '',
         '## Every run', '', _markdown(table), '',

@@ -23,12 +23,13 @@ def test_console_script_is_installed_and_lists_commands():
 
 @pytest.mark.parametrize('command,options', [
     ('demo', ['--size', '--epochs', '--teacher-epochs', '--freeze-epochs', '--teacher', '--student', '--temperature', '--weight', '--out',
-              '--seeds', '--method', '--mix', 'auto: kd_find']),
+              '--seeds', '--method', '--mix', 'auto: kd_find', '--split-seed']),
     ('gtsrb', ['--data', '--download', '--classes', '--size', '--epochs', '--teacher-weights', '--seeds', '--method',
-               '--standardize', '--mix-alpha']),
-    ('prepare', ['--data', '--download', '--classes', '--validation-fraction', '--link']),
+               '--standardize', '--mix-alpha', '--split-seed']),
+    ('prepare', ['--data', '--download', '--classes', '--validation-fraction', '--link', '--split-seed']),
     ('evaluate', ['--data', '--weights', '--arch', '--n-augs', '--classes']),
-    ('fill-cache', ['--data', '--teacher-weights', '--teacher', '--size', '--cache', '--dtype', '--top-k', '--classes'])])
+    ('fill-cache', ['--data', '--teacher-weights', '--teacher', '--size', '--cache', '--dtype', '--top-k', '--classes',
+                    '--split-seed'])])
 def test_every_help_is_complete(capsys, command, options):
     with pytest.raises(SystemExit) as exit_info: main([command, '--help'])
     assert exit_info.value.code == 0
@@ -47,6 +48,7 @@ def test_every_help_is_complete(capsys, command, options):
     (['demo', '--teacher', 'vgg99'], "invalid choice: 'vgg99'"),
     (['demo', '--n-augs', '-1'], '--n-augs must be 0 or more'),
     (['demo', '--seeds', '0'], '--seeds must be at least 1'),
+    (['prepare', '--data', 'DATA', '--split-seed', '-1'], '--split-seed must be 0 or more'),
     (['demo', '--method', 'fitnet'], "invalid choice: 'fitnet'"),
     (['demo', '--temperature', '0'], '--temperature must be above 0'),
     (['demo', '--mix', 'cutmix'], '--mix and --mix-alpha set the augmentation of function matching: add --method fm'),
@@ -189,5 +191,74 @@ def test_prepare_from_the_32px_tarball_alone(gtsrb_data, tmp_path, capsys):
     (data/'gtsrb32.tar.gz').symlink_to(gtsrb_data/'gtsrb32.tar.gz')
     assert main(['prepare', '--data', str(data), '--classes', '19']) == 0
     assert 'Unpacking gtsrb32.tar.gz: 43042 of 43042 files written' in capsys.readouterr().out
-    assert sorted(p.name for p in data.iterdir()) == ['GTSRB', 'all', 'gtsrb32.tar.gz', 'test', 'train', 'valid']
+    assert sorted(p.name for p in data.iterdir()) == ['GTSRB', 'all', 'gtsrb32.tar.gz', 'split.json', 'test', 'train',
+                                                   'valid']
     assert len(list((data/'all'/'19').iterdir())) == 210 and len(list((data/'test').glob('*.ppm'))) > 0
+
+
+@pytest.mark.parametrize('kind', ['json', 'exported learner', 'truncated'])
+def test_a_bad_weights_file_is_one_line_naming_it_and_what_it_holds(tmp_path, digits_path, capsys, kind):
+    from test_load_teacher import bad_weights
+    (tmp_path/'data').mkdir()
+    weights, holds = bad_weights(kind, tmp_path, digits_path)
+    assert main(['gtsrb', '--data', str(tmp_path/'data'), '--teacher-weights', str(weights)]) == 1
+    printed = capsys.readouterr().err
+    assert printed.startswith(f'fastkd: {weights} {holds}') and len(printed.strip().splitlines()) == 1
+    assert 'Traceback' not in printed and not (tmp_path/'data'/'split.json').exists()  # refused before preparing
+
+
+def weights_trained_for(folder: Path, **trained_for) -> Path:
+    "A weights file (its content is not read before the checks) with `trained_for` in its sidecar"
+    torch.save({}, folder/'student.pth')
+    (folder/'student.json').write_text(json.dumps(trained_for))
+    return folder/'student.pth'
+
+
+@pytest.mark.parametrize('options,message', [
+    (['--classes', '0', '1'], '{w} learned classes [0, 19, 37] only ({w.parent}/student.json), not [1] of --classes '
+     '0 1: pass --classes among 0 19 37 (or none, for all of them), or weights trained on these.'),
+    (['--teacher', 'resnet34'], '{w} holds a xresnet18-quarter ({w.parent}/student.json), not a resnet34: drop '
+     '--teacher resnet34 or pass --teacher xresnet18-quarter.')])
+def test_teacher_weights_that_learned_other_classes_or_are_another_architecture_are_refused(tmp_path, capsys, options,
+                                                                                            message):
+    weights = weights_trained_for(tmp_path, arch='xresnet18-quarter', size=16, classes=[0, 19, 37])
+    (tmp_path/'data').mkdir()
+    for command in ('gtsrb', 'fill-cache'):
+        cache = ['--cache', str(tmp_path/'cache')] if command == 'fill-cache' else []
+        assert main([command, '--data', str(tmp_path/'data'), '--teacher-weights', str(weights), *options, *cache]) == 1
+        assert capsys.readouterr().err == f'fastkd: {message.format(w=weights)}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['data', 'student.json', 'student.pth']
+
+
+def test_a_sidecar_that_is_not_what_fastkd_writes_is_named(tmp_path, capsys):
+    weights = weights_trained_for(tmp_path, arch='vgg99', size=16)
+    (tmp_path/'data').mkdir()
+    assert main(['gtsrb', '--data', str(tmp_path/'data'), '--teacher-weights', str(weights)]) == 1
+    assert capsys.readouterr().err.startswith(f"fastkd: {tmp_path/'student.json'}, beside {weights}, is not what "
+                                              "fastkd writes there (the architecture, size and classes they were "
+                                              "trained for): it holds {'arch': 'vgg99', 'size': 16}.")
+
+
+def test_another_training_seed_on_a_prepared_folder_and_the_jobs_teacher_reused_by_its_sidecar(gtsrb32, tmp_path,
+                                                                                                 capsys):
+    """--seed is the models' seed only: `gtsrb --seed 7` takes the folder `prepare` split with the default split seed.
+    The job's teacher comes with a sidecar: fill-cache reads its architecture, size and classes, and --split-seed"""
+    data, out, classes = data_folder(gtsrb32, tmp_path/'data'), tmp_path/'report', ['0', '19', '37']
+    assert main(['prepare', '--data', str(data), '--classes', *classes]) == 0
+    assert main(['gtsrb', '--data', str(data), '--classes', *classes, '--out', str(out), *TINY, '--seed', '7']) == 0
+    report = (out/'report.md').read_text()
+    assert '| seed | 7 |' in report and '| split_seed | 42 |' in report
+    assert '- The data was split with split seed 42 (--split-seed), apart from the seeds of the models.' in report
+    assert json.loads((out/'teacher.json').read_text()) == {'arch': 'xresnet18-quarter', 'size': 16,
+                                                            'classes': [0, 19, 37]}
+    teacher = torch.load(out/'teacher.pth', weights_only=True)
+    kept = torch.load(out/'runs'/'teacher-seed7.pth', weights_only=True)
+    assert teacher.keys() == kept.keys() and all(torch.equal(teacher[k], kept[k]) for k in kept)
+    fill = ['fill-cache', '--data', str(data), '--teacher-weights', str(out/'teacher.pth'), '--cache',
+            str(tmp_path/'cache')]
+    assert main([*fill, '--split-seed', '7']) == 1
+    assert f'fastkd: {data} was prepared with split seed 42 and validation fraction 0.2' in capsys.readouterr().err
+    assert main(fill) == 0
+    printed, n_train = capsys.readouterr().out, len(list((data/'train').glob('*/*.ppm')))
+    assert f'Teacher outputs for the {n_train} training images stored in ' in printed
+    assert 'size=16, augment=False, classes=[0, 19, 37]).' in printed
