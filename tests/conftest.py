@@ -5,6 +5,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from fastai.callback.core import CancelFitException
@@ -97,6 +98,29 @@ def gtsrb32(gtsrb_data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp('gtsrb32')
     subprocess.run(['tar', 'xzf', str(gtsrb_data/'gtsrb32.tar.gz'), '-C', str(root)], check=True)  # 10x Python's tarfile
     return root/'GTSRB'
+
+
+SEGMENTATION_CODES = ['background', 'even stroke', 'odd stroke']
+
+
+def stroke_masks(digits_path: Path, masks: Path, every: int, size: int = 16, void: int | None = None):
+    """Segmentation loaders of every `every`-th digit of train/valid: a mask per image, stroke pixels labelled by the
+    digit's parity, the rest background; with `void`, the top-left 12x12 corner of every 32 px mask holds that value
+    (6x6 once resized to 16 px)"""
+    from fastai.data.block import DataBlock
+    from fastai.data.transforms import FuncSplitter, get_image_files
+    from fastai.vision.all import ImageBlock, MaskBlock, Resize
+    from PIL import Image
+    files = [f for f in get_image_files(digits_path) if f.parent.parent.name in ('train', 'valid')][::every]
+    for f in files:
+        stroke = np.asarray(Image.open(f).convert('L')) > 96
+        mask = (stroke * (1 + int(f.parent.name) % 2)).astype(np.uint8)
+        if void is not None: mask[:12, :12] = void
+        Image.fromarray(mask).save(masks/f'{f.parent.parent.name}_{f.stem}.png')
+    block = DataBlock(blocks=(ImageBlock, MaskBlock(SEGMENTATION_CODES)), get_items=lambda _: files,
+                      get_y=lambda f: masks/f'{f.parent.parent.name}_{f.stem}.png',
+                      splitter=FuncSplitter(lambda f: f.parent.parent.name == 'valid'), item_tfms=Resize(size))
+    return block.dataloaders(digits_path, bs=16, num_workers=0)
 
 
 def data_folder(gtsrb32: Path, dest: Path) -> Path:

@@ -21,7 +21,7 @@ from fastai.callback.core import CancelFitException
 from fastai.callback.mixup import MixUp
 from fastai.callback.tracker import SaveModelCallback
 from fastai.data.block import CategoryBlock, DataBlock, MultiCategoryBlock
-from fastai.data.transforms import (ColReader, ColSplitter, FuncSplitter, GrandparentSplitter, get_image_files,
+from fastai.data.transforms import (ColReader, ColSplitter, GrandparentSplitter, get_image_files,
                                     parent_label)
 from fastai.layers import ConvLayer
 from fastai.learner import Callback, Learner
@@ -31,8 +31,7 @@ from fastai.metrics import accuracy, accuracy_multi, error_rate
 from fastai.tabular.all import RegressionBlock
 from fastai.text.all import AWD_LSTM, TextDataLoaders, language_model_learner
 from fastai.torch_core import set_seed
-from fastai.vision.all import ImageBlock, MaskBlock, Resize
-from PIL import Image
+from fastai.vision.all import ImageBlock, Resize
 from torch import nn
 
 from fastkd.basics import placement
@@ -45,7 +44,7 @@ from fastkd.losses import DIST, DKD, SoftTarget
 from fastkd.split import default_split
 from fastkd.tasks import Task, task_of
 
-from conftest import assert_same_state, state, tiny_cnn, whole
+from conftest import SEGMENTATION_CODES, assert_same_state, state, stroke_masks, tiny_cnn, whole
 from test_mixed_precision import DoubleImages
 
 
@@ -118,24 +117,14 @@ def test_label_smoothing_that_is_not_flat_distils_over_its_class_axis():
     assert task_of(LabelSmoothingCrossEntropyFlat()).items(torch.randn(2, 3, 5)).shape == (6, 5)
 
 
-CODES = ['background', 'even stroke', 'odd stroke']
+CODES = SEGMENTATION_CODES
 VOID = 255
 
 
 @pytest.fixture(scope='module')
 def void_dls(digits_path, tmp_path_factory):
     "Digits with a mask per image (stroke parity), whose top-left 6x6 corner is void (255, fastai's CamVid convention)"
-    masks = tmp_path_factory.mktemp('void_masks')
-    files = [f for f in get_image_files(digits_path) if f.parent.parent.name in ('train', 'valid')][::12]
-    for f in files:
-        stroke = np.asarray(Image.open(f).convert('L').resize((16, 16))) > 96
-        mask = (stroke * (1 + int(f.parent.name) % 2)).astype(np.uint8)
-        mask[:6, :6] = VOID
-        Image.fromarray(mask).save(masks/f'{f.parent.parent.name}_{f.stem}.png')
-    block = DataBlock(blocks=(ImageBlock, MaskBlock(CODES)), get_items=lambda _: files,
-                      get_y=lambda f: masks/f'{f.parent.parent.name}_{f.stem}.png',
-                      splitter=FuncSplitter(lambda f: f.parent.parent.name == 'valid'), item_tfms=Resize(16))
-    return block.dataloaders(digits_path, bs=16, num_workers=0)
+    return stroke_masks(digits_path, tmp_path_factory.mktemp('void_masks'), every=12, void=VOID)
 
 
 def fcn(width: int) -> nn.Sequential:

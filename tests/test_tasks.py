@@ -18,15 +18,14 @@ from fastai.losses import (BCEWithLogitsLossFlat, CrossEntropyLossFlat, LabelSmo
                            LabelSmoothingCrossEntropyFlat, MSELossFlat)
 from fastai.tabular.all import TabularDataLoaders, tabular_learner
 from fastai.text.all import AWD_LSTM, TextDataLoaders, text_classifier_learner
-from fastai.vision.all import ImageBlock, MaskBlock, PILImage, Resize
-from PIL import Image
+from fastai.vision.all import ImageBlock, Resize
 from sklearn.datasets import load_diabetes, load_wine
 
 from fastkd.callback import KnowledgeDistillation
 from fastkd.losses import DIST, DKD, BinarySoftTarget, LogitMSE, SoftTarget
 from fastkd.tasks import Task, task_of
 
-from conftest import tiny_cnn, whole
+from conftest import SEGMENTATION_CODES, stroke_masks, tiny_cnn, whole
 
 
 class Record(Callback):
@@ -115,22 +114,13 @@ def test_probability_losses_are_refused_for_any_regression_and_for_a_single_outp
 
 # --- segmentation: (B, C, H, W) outputs, CrossEntropyLossFlat(axis=1) ------------------------------------------
 
-CODES = ['background', 'even stroke', 'odd stroke']
+CODES = SEGMENTATION_CODES
 
 
 @pytest.fixture(scope='module')
 def segmentation_dls(digits_path, tmp_path_factory):
     "The digits with a mask per image: stroke pixels labelled by the digit's parity, the rest background"
-    masks = tmp_path_factory.mktemp('masks')
-    files = [f for f in get_image_files(digits_path) if f.parent.parent.name in ('train', 'valid')][::6]
-    for f in files:
-        stroke = np.asarray(Image.open(f).convert('L')) > 96
-        mask = stroke * (1 + int(f.parent.name) % 2)
-        Image.fromarray(mask.astype(np.uint8)).save(masks/f'{f.parent.parent.name}_{f.stem}.png')
-    block = DataBlock(blocks=(ImageBlock, MaskBlock(CODES)), get_items=lambda _: files,
-                      get_y=lambda f: masks/f'{f.parent.parent.name}_{f.stem}.png',
-                      splitter=FuncSplitter(lambda f: f.parent.parent.name == 'valid'), item_tfms=Resize(16))
-    return block.dataloaders(digits_path, bs=16)
+    return stroke_masks(digits_path, tmp_path_factory.mktemp('masks'), every=6)
 
 
 def fcn(width: int, norm_type=NormType.Batch) -> torch.nn.Sequential:
