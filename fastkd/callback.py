@@ -2,9 +2,9 @@
 
 Importing this module wraps two methods of fastai's `Learner` (fastcore `patch_to`; fastai's own stay reachable as
 `Learner.fit.__wrapped__` and `Learner.export.__wrapped__`, and importing it again does not wrap them twice):
-`export` leaves `KnowledgeDistillation` out of the exported file, which then loads without fastkd, and `fit` removes
-the callback's hint hooks and a cache's view replay however the fit ends (fastai skips `after_fit` when a fit
-raises)."""
+`export` leaves `KnowledgeDistillation` and fastkd's metrics (`TeacherAgreement`) out of the exported file, which then
+loads without fastkd, and `fit` puts back what the callback changed (hint hooks, a cache's view replay, the teachers'
+device, dtype and layout) however the fit ends (fastai skips `after_fit` when a fit raises)."""
 from __future__ import annotations
 
 import inspect
