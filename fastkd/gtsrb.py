@@ -495,12 +495,12 @@ def _check_split(path: Path, split: dict):
     "An error when `path` was prepared with another split than `split` (its split seed and validation fraction)"
     kept = json.loads((path/SPLIT).read_text()) if (path/SPLIT).is_file() else split
     if kept != split:
-        raise FileExistsError(f'{path} was prepared with split seed {kept["split_seed"]} and validation fraction '
-                              f'{kept["validation_fraction"]} (its {SPLIT}), not {split["split_seed"]} and '
-                              f'{split["validation_fraction"]}. Nothing was changed: pass --split-seed '
-                              f'{kept["split_seed"]} --validation-fraction {kept["validation_fraction"]} (seed= and '
-                              'validation_fraction= in Python) to use its split, prepare into another folder, or '
-                              f'delete its train/, valid/ and {SPLIT} to split again.')
+        raise FileExistsError(f'{path} holds another split, prepared with split seed {kept["split_seed"]} and '
+                              f'validation fraction {kept["validation_fraction"]} (its {SPLIT}), not '
+                              f'{split["split_seed"]} and {split["validation_fraction"]}. Nothing was changed: pass '
+                              f'--split-seed {kept["split_seed"]} --validation-fraction {kept["validation_fraction"]} '
+                              '(seed= and validation_fraction= in Python) to use its split, prepare into another '
+                              f'folder, or delete its train/, valid/ and {SPLIT} to split again.')
 
 
 def prepare_gtsrb(path: str | Path, classes: Iterable[int] | None = None, validation_fraction: float = 0.2,

@@ -257,7 +257,7 @@ def test_another_training_seed_on_a_prepared_folder_and_the_jobs_teacher_reused_
     fill = ['fill-cache', '--data', str(data), '--teacher-weights', str(out/'teacher.pth'), '--cache',
             str(tmp_path/'cache')]
     assert main([*fill, '--split-seed', '7']) == 1
-    assert f'fastkd: {data} was prepared with split seed 42 and validation fraction 0.2' in capsys.readouterr().err
+    assert f'fastkd: {data} holds another split, prepared with split seed 42 and validation fraction 0.2' in capsys.readouterr().err
     assert main(fill) == 0
     printed, n_train = capsys.readouterr().out, len(list((data/'train').glob('*/*.ppm')))
     assert f'Teacher outputs for the {n_train} training images stored in ' in printed

@@ -195,8 +195,8 @@ def test_the_split_seed_is_kept_in_the_folder_and_another_is_refused(gtsrb32, tm
     prepare_gtsrb(path, classes=[19])
     assert json.loads((path/'split.json').read_text()) == {'split_seed': 42, 'validation_fraction': 0.2}
     states = file_states(path)
-    with pytest.raises(FileExistsError, match=r'was prepared with split seed 42 and validation fraction 0\.2 \(its '
-                       r'split\.json\), not 7 and 0\.2\. Nothing was changed: pass --split-seed 42 '
+    with pytest.raises(FileExistsError, match=r'holds another split, prepared with split seed 42 and validation '
+                       r'fraction 0\.2 \(its split\.json\), not 7 and 0\.2\. Nothing was changed: pass --split-seed 42 '
                        r'--validation-fraction 0\.2 '):
         prepare_gtsrb(path, classes=[19, 41], seed=7)
     assert file_states(path) == states

@@ -221,7 +221,8 @@ def test_tarball_is_unpacked_and_prepared_as_its_folder(source, tmp_path):
     prepare_gtsrb(packed, classes=[0, 1])
     prepare_gtsrb(source.parents[2], classes=[0, 1])
     assert snapshot(packed/'GTSRB') == snapshot(source.parents[2]/'GTSRB')
-    assert sorted(p.name for p in packed.iterdir()) == ['GTSRB', 'all', 'gtsrb32.tar.gz', 'train', 'valid']
+    assert sorted(p.name for p in packed.iterdir()) == ['GTSRB', 'all', 'gtsrb32.tar.gz', 'split.json', 'train',
+                                                       'valid']
     for folder in ('train', 'valid', 'all'): assert snapshot(packed/folder) == snapshot(source.parents[2]/folder)
     before = {str(p): p.stat().st_mtime_ns for p in packed.rglob('*')}
     prepare_gtsrb(packed, classes=[0, 1])
