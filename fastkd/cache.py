@@ -21,6 +21,7 @@ import json
 import math
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +31,7 @@ from fastai.callback.mixup import MixHandler
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
+from fastai.text.data import LMDataLoader
 from fastai.torch_core import find_bs
 from fastai.vision.augment import RandTransform, Resize
 from fastcore.basics import store_attr
@@ -469,6 +471,10 @@ class TeacherCache:
         if not dl.indexed or dl.bs is None:
             raise ValueError('The teacher cache keys outputs by dataset index: it needs a training DataLoader over an '
                              'indexed dataset, with a batch size. Use cache=False for iterable or pre-batched data.')
+        if isinstance(dl, LMDataLoader):
+            raise ValueError("The teacher cache keys outputs by dataset item, and a language model's loader cuts its "
+                             'texts into sequences that change at every epoch (shuffled and joined anew): no item '
+                             'keeps its input. Use cache=False for language models.')
         if self.views is not None and dl.fake_l.num_workers > 0 and dl.fake_l.persistent_workers:
             raise ValueError(f'TeacherCache(views={self.views}) picks new views at each epoch, which persistent '
                              'workers would not see: pass persistent_workers=False to the DataLoaders.')
@@ -510,6 +516,14 @@ class TeacherCache:
     def keys(self, items: Tensor | int, views: Tensor | int) -> Tensor | int:
         "Where the outputs of `items` in `views` are stored: `item * views + view`, or the item itself without views"
         return self.keying.rows(items, views)
+
+    def lookup(self, items: Tensor, xb: tuple, forward: Callable[[tuple], Tensor], n_items: int | None = None) -> Tensor:
+        "Deprecated: the cache is sized when `prepare` attaches it, so `n_items` is not needed; call the cache instead"
+        warnings.warn('TeacherCache.lookup is deprecated and its n_items is ignored (the cache is sized by prepare): '
+                      'call the cache, cache(learn, xb, forward).', DeprecationWarning, stacklevel=2)
+        if self.rows.source is None:
+            raise RuntimeError('TeacherCache.prepare must run before the cache is used.')
+        return self._lookup(items, xb, forward)
 
     def _lookup(self, rows: Tensor, xb: tuple, forward: Callable[[tuple], Tensor]) -> Tensor:
         """The outputs of `rows` (dataset indices, with views `item * views + view`) whose inputs are `xb`, in float32:

@@ -56,13 +56,16 @@ class TeacherAgreement(Metric):
     items of every process (each once, as fastai's metrics do). `learn.export()` leaves it out: it holds the teacher."""
     def __init__(self, teacher): self.teacher = teacher_model(teacher)
 
-    def reset(self): self.same, self.total = 0, 0
+    def reset(self):
+        "Before each validation: no count yet, and a recurrent teacher (with `reset`) from a fresh state"
+        self.same, self.total = 0, 0
+        if callable(getattr(self.teacher, 'reset', None)): self.teacher.reset()
 
     def accumulate(self, learn: Learner):
         if learn.training: return
         student = first_output(learn.pred)
-        put_back = placement(self.teacher)  # it runs on the student's device and is left where it was
-        self.teacher.to(student.device)
+        put_back = placement(self.teacher)  # it runs on the student's device, in its dtype, and is left as it was
+        self.teacher.to(device=student.device, dtype=next(learn.model.parameters()).dtype)
         try:
             with torch.no_grad(), evaluating(self.teacher): teacher = first_output(self.teacher(*learn.xb))
         finally: put_back()
@@ -259,8 +262,9 @@ def _scores(learn: Learner, teacher_logits: Tensor, metric: Callable) -> tuple[f
 @torch.no_grad()
 def _teacher_logits(teacher: nn.Module, learn: Learner) -> Tensor:
     "The teacher's logits for every validation batch, on the CPU"
-    device, put_back = next(learn.model.parameters()).device, placement(teacher)
-    teacher.to(device)
+    param, put_back = next(learn.model.parameters()), placement(teacher)
+    device = param.device
+    teacher.to(device=device, dtype=param.dtype)
     try:
         with evaluating(teacher):
             return torch.cat([first_output(teacher(*to_device(inputs_of(learn.dls.valid, b), device))).float().cpu()

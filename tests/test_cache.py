@@ -238,3 +238,22 @@ def test_memory_bound_and_pickles(dls, teacher):
     assert cache.rows.stored.any()
     copy = pickle.loads(pickle.dumps(cache))
     assert copy.rows.arrays is None and copy.rows.stored is None and copy.allow_random is False
+
+
+def test_lookup_is_kept_for_older_code_with_a_deprecation_warning(dls, teacher):
+    "The public `lookup(items, xb, forward, n_items)` of earlier versions: it warns, and reads what the fit stored"
+    learn, _ = distilled(dls, teacher)
+    cache, model = learn.knowledge_distillation.cache, getattr(teacher, 'model', teacher)
+    with pytest.warns(DeprecationWarning, match='TeacherCache.lookup is deprecated'):
+        with pytest.raises(RuntimeError, match='TeacherCache.prepare must run before the cache is used.'):
+            TeacherCache().lookup(torch.arange(2), (torch.zeros(2, 3, 32, 32),), model, 2)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    xb, _ = dls.train.new(shuffle=False).one_batch()
+    computed = []
+    def forward(x):
+        computed.append(len(x))
+        with torch.no_grad(): return model.eval()(*x)
+    with pytest.warns(DeprecationWarning):
+        got = cache.lookup(torch.arange(len(xb)), (xb,), forward, len(dls.train.dataset))
+    assert sum(computed) < len(xb) / 4  # the items the epoch saw were read from the cache (drop_last skips a few)
+    with torch.no_grad(): torch.testing.assert_close(got, model.eval()(xb), rtol=1e-4, atol=1e-4)

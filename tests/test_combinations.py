@@ -215,6 +215,29 @@ def test_language_models_start_every_epoch_from_a_fresh_state(lm_dls):
     assert all(math.isfinite(v) for v in columns(learn).values())
 
 
+def test_a_language_model_is_refused_by_the_cache_naming_why(lm_dls):
+    set_seed(0, reproducible=True)
+    teacher = language_model_learner(lm_dls, AWD_LSTM, pretrained=False, config=dict(TINY_AWD))
+    learn = language_model_learner(lm_dls, AWD_LSTM, pretrained=False, config=dict(TINY_AWD),
+                                   cbs=KnowledgeDistillation(teacher, cache=True))
+    with pytest.raises(ValueError, match=whole(
+            "The teacher cache keys outputs by dataset item, and a language model's loader cuts its texts into "
+            'sequences that change at every epoch (shuffled and joined anew): no item keeps its input. Use '
+            'cache=False for language models.')):
+        quietly(learn, 'fit', 1, 1e-3)
+
+
+def test_teacher_agreement_and_kd_find_run_a_half_precision_teacher_in_the_students_dtype(dls, teacher):
+    "Outside a distillation fit too (validate, kd_find's teacher logits), and the teacher stays in float16"
+    from fastkd.kd_find import _teacher_logits
+    half = copy.deepcopy(teacher.model).half()
+    learn = Learner(dls, tiny_cnn(8), metrics=TeacherAgreement(half))
+    agreement = quietly(learn, 'validate')[1]
+    assert 0 <= agreement <= 1 and {p.dtype for p in half.parameters()} == {torch.float16}
+    logits = _teacher_logits(half, learn)
+    assert logits.shape == (len(dls.valid_ds), 10) and {p.dtype for p in half.parameters()} == {torch.float16}
+
+
 def test_the_teacher_gets_its_dtype_back_even_when_the_fit_raises(digits_path):
     class Interrupt(Callback):
         def after_step(self): raise KeyboardInterrupt
