@@ -517,7 +517,8 @@ class TeacherCache:
         "Where the outputs of `items` in `views` are stored: `item * views + view`, or the item itself without views"
         return self.keying.rows(items, views)
 
-    def lookup(self, items: Tensor, xb: tuple, forward: Callable[[tuple], Tensor], n_items: int | None = None) -> Tensor:
+    def lookup(self, items: Tensor, xb: tuple, forward: Callable[[tuple], Tensor], n_items: int | None = None
+               ) -> Tensor:
         "Deprecated: the cache is sized when `prepare` attaches it, so `n_items` is not needed; call the cache instead"
         warnings.warn('TeacherCache.lookup is deprecated and its n_items is ignored (the cache is sized by prepare): '
                       'call the cache, cache(learn, xb, forward).', DeprecationWarning, stacklevel=2)
