@@ -29,7 +29,8 @@ from fastai.vision.data import ImageBlock, ImageDataLoaders
 from fastcore.xtras import Path
 from torch import nn
 
-from conftest import assert_same_state, eval_logits, first_batch, ready_made, state, student, tiny_cnn, whole
+from conftest import (assert_same_state, eval_logits, first_batch, ready_made, same_batches, state, student, tiny_cnn,
+                      whole)
 from fastkd.basics import sample_batch
 from fastkd.cache import TeacherCache
 from fastkd.callback import KnowledgeDistillation
@@ -150,6 +151,7 @@ class Permuted(torch.nn.Module):
 def test_with_weight_1_the_student_follows_a_teacher_that_disagrees_with_the_labels(dls, teacher):
     permuted = Permuted(teacher.model)
     set_seed(2, reproducible=True)
+    same_batches(dls)
     learn = student(dls, permuted, loss=SoftTarget(T=2), weight=1.0)
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter('ignore')  # it is worse than chance on the labels, on purpose

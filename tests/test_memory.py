@@ -10,7 +10,7 @@ from fastkd.callback import KnowledgeDistillation
 from fastkd.digits import digits_dls
 from fastkd.memory import InMemoryDL, in_memory
 
-from conftest import tiny_cnn
+from conftest import same_batches, tiny_cnn
 
 
 @pytest.fixture(scope='module')
@@ -57,6 +57,7 @@ def test_batch_augmentation_still_runs_every_batch(plain_and_memory):
 def distilled(dls, teacher, **kwargs) -> Learner:
     "The same student, seed and recipe on `dls`: distilled for 4 epochs"
     set_seed(42, reproducible=True)
+    same_batches(dls)
     learn = Learner(dls, tiny_cnn(8), metrics=accuracy, cbs=KnowledgeDistillation(teacher, weight=0.5), **kwargs)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(4, 3e-2)
     return learn
