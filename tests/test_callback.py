@@ -160,9 +160,7 @@ def test_with_weight_1_the_student_follows_a_teacher_that_disagrees_with_the_lab
     with torch.no_grad():
         taught = torch.cat([permuted.eval()(xb) for xb, _ in dls.valid]).argmax(-1).cpu()
     agreement, accuracy = (preds.argmax(-1) == taught).float().mean(), (preds.argmax(-1) == labels).float().mean()
-    # it learnt the teacher's classes, not the labels': 0.44 and 0.05 alone, 0.295 after the whole suite's earlier
-    # tests (chance: 0.10)
-    assert agreement > 0.25 > accuracy
+    assert agreement > 0.3 > accuracy  # it learnt the teacher's classes, not the labels' (about 0.44 and 0.05)
 
 
 def kd_without_target(student_logits, teacher_logits):
