@@ -41,7 +41,10 @@ def digits_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope='session')
 def dls(digits_path):
-    return digits_dls(digits_path, size=32, bs=64)
+    "The digits' loaders, their batch order seeded: the same whichever test makes them first"
+    loaders = digits_dls(digits_path, size=32, bs=64)
+    same_batches(loaders)
+    return loaders
 
 
 @pytest.fixture(scope='session')
