@@ -232,3 +232,24 @@ def test_what_cannot_be_replayed_is_refused_by_name(few_digits, teacher, tmp_pat
     with pytest.raises(ValueError, match=whole("allow_random=True reuses each item's first output for all its views and "
                                                'views=K stores the output of each of K views: pass one of them.')):
         TeacherCache(views=2, allow_random=True)
+
+
+def generator_states() -> tuple:
+    return random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+
+
+def test_a_replayed_epoch_moves_no_random_generator_and_keeps_them_once_per_batch(few_digits):
+    """The replay seeds each item, and keeps Python's and numpy's states (and torch's) around each batch rather than
+    each item: a replayed epoch leaves them as it found them (torch's DataLoader itself draws a base seed from torch's)"""
+    dls = augmented_dls(few_digits, more_tfms=[Jitter()])
+    cache = TeacherCache(views=2)
+    learn = Learner(dls, tiny_cnn(8))
+    learn.epoch = 0  # as a fit sets it before its first training epoch
+    cache.start_epoch(learn)
+    set_seed(3)
+    before = generator_states()
+    assert len([xb for xb, _ in dls.train]) == len(dls.train)
+    after = generator_states()
+    assert before[0] == after[0] and np.array_equal(before[1], after[1])
+    cache.release()
+    assert 'do_item' not in vars(dls.train) and 'chunkify' not in vars(dls.train)
