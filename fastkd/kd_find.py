@@ -2,9 +2,10 @@
 
 Every candidate (a set of `KnowledgeDistillation` arguments, plus callbacks such as `MixUp`) and the student alone
 train from the learner's current weights on the same batches (`Reseed`), and are scored on the validation set only.
-Successive halving spends the budget where it matters: all candidates at a short schedule, the better half at twice
-as many epochs, ..., the last rung at the planned schedule with a second seed. `TeacherAgreement` is the metric of
-how often student and teacher predict the same class."""
+Successive halving spends the budget where it matters: all candidates at a short schedule, the best `keep` share
+(at least two) at the next, ..., the last rung at the planned schedule on every seed. A positive gain means better
+under any metric: lower-is-better ones (mse, error_rate, names with 'loss' or 'error') count a fall as a gain.
+`TeacherAgreement` is the metric of how often student and teacher predict the same class."""
 from __future__ import annotations
 
 import time
@@ -14,6 +15,7 @@ from functools import partial
 from typing import Callable, Sequence
 
 import fastai.callback.schedule  # noqa: F401  (adds lr_find and fit_one_cycle to Learner)
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -23,6 +25,7 @@ from fastai.learner import Learner, Metric
 from fastai.metrics import accuracy
 from fastai.torch_core import to_device
 from fastcore.basics import noop, patch
+from fastcore.meta import delegates
 from fastprogress.fastprogress import progress_bar
 from matplotlib.figure import Figure
 from torch import Tensor, nn
@@ -38,6 +41,27 @@ __all__ = ['TeacherAgreement', 'kd_candidates', 'kd_find', 'KDFindResult', 'froz
            'kd_find_for_job']
 
 Fit = Callable[[Learner, int, float, list], None]
+_LOWER_IS_BETTER = ('mse', 'rmse', 'mae', 'msle', 'exp_rmspe', 'error_rate')  # fastai's metrics that fall as they learn
+_UNBOUNDED = ('mse', 'rmse', 'mae', 'msle', 'exp_rmspe')  # in the targets' units, not a share in [0, 1]
+
+
+def _metric_name(metric) -> str:
+    "The name of `metric` (a function, a fastai `Metric` such as `rmse`, or a name), without a leading underscore"
+    name = metric if isinstance(metric, str) else getattr(metric, 'name', None) or getattr(metric, '__name__', 'score')
+    return name.lstrip('_')
+
+
+def _lower_is_better(metric) -> bool:
+    """Whether `metric` falls as the model gets better: fastai's regression metrics and `error_rate`, and, by the rule
+    of fastai's trackers (`TrackerCallback`), any name holding 'loss' or 'error'"""
+    name = _metric_name(metric)
+    return name in _LOWER_IS_BETTER or 'loss' in name or 'error' in name
+
+
+def _in_points(metric, scores: pd.Series) -> bool:
+    "Whether gains read in points (100 x the score): shares in [0, 1] as accuracy, not losses or the targets' units"
+    name = _metric_name(metric)
+    return name not in _UNBOUNDED and 'loss' not in name and bool(scores.between(0, 1).all())
 
 
 def _agreement(student_logits: Tensor, teacher_logits: Tensor, axis: int = 1,
@@ -180,9 +204,10 @@ class _Restored:
 @dataclass
 class KDFindResult:
     """What `kd_find` measured: `trials` (one row per training run), `table` (one row per candidate at the last rung it
-    reached, best first), `best` (a candidate name, or None when none beat the student alone beyond the seed-to-seed
-    spread), `candidates` and `teacher` (to build `callback()`), `seconds` and `runs` (the cost, in student-alone runs
-    of the planned schedule)"""
+    reached, best first, its `stage`: 'final' or the rung it was dropped at), `best` (a candidate name, or None when
+    none beat the student alone beyond the seed-to-seed spread), `candidates` and `teacher` (to build `callback()`),
+    `seconds` and `runs` (the cost, in student-alone runs of the planned schedule), whether the metric is
+    `lower_is_better` (gains are then falls of the metric) and whether its changes read in `points` (of 100)"""
     trials: pd.DataFrame
     table: pd.DataFrame
     best: str | None
@@ -193,6 +218,8 @@ class KDFindResult:
     runs: float
     lr: float
     message: str = field(default='')
+    lower_is_better: bool = False
+    points: bool = True
 
     @property
     def top(self) -> str:
@@ -211,36 +238,43 @@ class KDFindResult:
         extra = [_fresh(cb) for cb in kwargs.pop('cbs', [])]
         return [KnowledgeDistillation(self.teacher, **kwargs), *extra]
 
-    def plot(self) -> Figure:
-        "Gain over the student alone per candidate (the mean over the seeds of its last rung; bars: their std)"
+    @property
+    def figsize(self) -> tuple[float, float]: return 7, 0.45 * (len(self.table) - 1) + 1.5
+
+    def plot(self, ax=None) -> Figure:
+        """Gain over the student alone per candidate (the mean over the seeds of its last rung; bars: their std; rows
+        dropped early hatched), on `ax` (default: a new figure); returns the figure"""
         rows = self.table.drop(index='alone')
-        fig = Figure(figsize=(7, 0.45 * len(rows) + 1.5))
-        ax = fig.subplots()
+        if ax is None: ax = Figure(figsize=self.figsize).subplots()
         colors = ['tab:green' if name == self.best else 'tab:blue' if gain > 0 else 'tab:red'
                   for name, gain in rows.gain.items()]
-        labels = [f'{name} ({int(e)} ep, {int(s)} seed{"s" * (s > 1)})' for name, e, s in
-                  zip(rows.index, rows.epochs, rows.seeds)]
-        ax.barh(labels[::-1], rows.gain[::-1], xerr=rows.gain_std.fillna(0)[::-1], color=colors[::-1], capsize=3)
+        labels = [f'{name} ({int(e)} ep, {int(s)} seed{"s" * (s > 1)}{", dropped" * (stage != "final")})'
+                  for name, e, s, stage in zip(rows.index, rows.epochs, rows.seeds, rows.stage)]
+        bars = ax.barh(labels[::-1], rows.gain[::-1], xerr=rows.gain_std.fillna(0)[::-1], color=colors[::-1], capsize=3)
+        for bar, stage in zip(bars, rows.stage[::-1]): bar.set_hatch('//' if stage != 'final' else None)
         ax.axvline(0, color='black', lw=1)
-        ax.set(xlabel=f'gain over the student alone ({self.metric}, validation)', title='kd_find')
-        fig.tight_layout()
-        return fig
+        ax.set(xlabel=f'gain over the student alone (validation {self.metric}; right is better)', title='kd_find')
+        ax.figure.tight_layout()
+        return ax.figure
 
     def record(self) -> dict:
         "What `from_record` rebuilds this result from without training, as JSON-able values: trials, verdict, cost"
         return dict(trials=self.trials.to_dict('list'), best=self.best, metric=self.metric, seconds=self.seconds,
-                    runs=self.runs, lr=self.lr, message=self.message)
+                    runs=self.runs, lr=self.lr, message=self.message, lower_is_better=self.lower_is_better,
+                    points=self.points)
 
     @classmethod
     def from_record(cls, record: dict, candidates: dict, teacher) -> KDFindResult:
-        "The result `record()` kept, with the `candidates` (the same names) and `teacher` that `callback()` builds from"
+        """The result `record()` kept, with the `candidates` (the same names) and `teacher` that `callback()` builds
+        from; records kept before the metric's direction was recorded are of higher-is-better metrics"""
         trials = pd.DataFrame(record['trials'])
         unknown = sorted(set(trials.name) - {'alone', *candidates})
         if unknown:
             raise ValueError(f'The kept kd_find result tried {", ".join(unknown)}, which the candidates lack: pass the '
                              'candidates it was measured with, or measure again.')
-        return cls(trials, _table(trials), record['best'], candidates, teacher, record['metric'], record['seconds'],
-                   record['runs'], record['lr'], record['message'])
+        lower, points = record.get('lower_is_better', False), record.get('points', True)
+        return cls(trials, _table(trials, lower), record['best'], candidates, teacher, record['metric'],
+                   record['seconds'], record['runs'], record['lr'], record['message'], lower, points)
 
     def __repr__(self) -> str: return f'{self.message}\n{self.table.to_string(float_format="{:.4g}".format)}'
 
@@ -256,7 +290,7 @@ def _scores(learn: Learner, teacher_logits: Tensor, metric: Callable) -> tuple[f
     "The learner's `metric` on the validation set, and its agreement with the teacher's logits there"
     preds, targs = learn.get_preds(dl=learn.dls.valid)
     same, total = _agreement(preds, teacher_logits, task_of(learn.loss_func).axis)
-    return float(metric(preds, targs)), same / total
+    return float(metric(preds, targs)), same / total  # an AccumMetric (rmse) computes on the whole set when called
 
 
 @torch.no_grad()
@@ -272,40 +306,48 @@ def _teacher_logits(teacher: nn.Module, learn: Learner) -> Tensor:
     finally: put_back()  # the teacher is left where it was given
 
 
-def _table(trials: pd.DataFrame) -> pd.DataFrame:
-    "Per candidate, its last rung: mean score and agreement over seeds, gain over the student alone of that rung"
-    rows = {}
+def _sign(lower_is_better: bool) -> int: return -1 if lower_is_better else 1
+
+
+def _table(trials: pd.DataFrame, lower_is_better: bool = False) -> pd.DataFrame:
+    """Per candidate, its last rung: mean score and agreement over seeds, gain over the student alone of that rung
+    (positive: better) and its std over the seeds, and its `stage`: 'final', or the rung where it was dropped"""
+    rows, n_rungs = {}, trials.rung.max() + 1
     for name, runs in trials.groupby('name', sort=False):
         rung = runs.rung.max()
         last = runs[runs.rung == rung].set_index('seed')
         alone = trials[(trials.name == 'alone') & (trials.rung == rung)].set_index('seed').score
-        gains = last.score - alone.reindex(last.index)
+        gains = _sign(lower_is_better) * (last.score - alone.reindex(last.index))
         rows[name] = dict(score=last.score.mean(), epochs=last.epochs.iloc[0], seeds=len(last), gain=gains.mean(),
-                          gain_std=gains.std(), agreement=last.agreement.mean(), seconds=runs.seconds.sum(), rung=rung)
+                          gain_std=gains.std(), agreement=last.agreement.mean(), seconds=runs.seconds.sum(), rung=rung,
+                          stage='final' if rung == n_rungs - 1 else f'dropped at rung {rung + 1} of {n_rungs}')
     table = pd.DataFrame.from_dict(rows, orient='index')
     table.index.name = 'candidate'
     return table.sort_values(['rung', 'gain'], ascending=False)
 
 
-def _survivors(trials: pd.DataFrame, rung: int, n: int) -> list[str]:
+def _survivors(trials: pd.DataFrame, rung: int, n: int, lower_is_better: bool = False) -> list[str]:
     "The `n` candidates with the highest gain over the student alone at `rung` (ties in the candidates' order)"
-    here = trials[trials.rung == rung].groupby('name', sort=False).score.mean()
+    here = _sign(lower_is_better) * trials[trials.rung == rung].groupby('name', sort=False).score.mean()
     gains = here.drop(index='alone') - here['alone']
     return list(gains.sort_values(ascending=False, kind='stable').index[:n])
 
 
-def _verdict(trials: pd.DataFrame, table: pd.DataFrame, metric: str) -> tuple[str | None, str]:
-    "The best finalist if its per-seed gains beat the seed-to-seed spread (`seed_gain`'s rule), and why, in words"
-    rung = trials.rung.max()
+def _verdict(trials: pd.DataFrame, table: pd.DataFrame, metric: str, lower_is_better: bool = False,
+             points: bool = True) -> tuple[str | None, str]:
+    """The best finalist if its per-seed gains beat the seed-to-seed spread (`seed_gain`'s rule), and why, in words:
+    the change of the metric itself, in points (of 100) for shares in [0, 1], else in the metric's units"""
+    rung, sign = trials.rung.max(), _sign(lower_is_better)
     final = trials[trials.rung == rung]
-    alone = final[final.name == 'alone'].set_index('seed').score
+    alone = sign * final[final.name == 'alone'].set_index('seed').score
     finalists = [name for name in table.index if name != 'alone' and table.rung[name] == rung]
     if not finalists: return None, 'No candidate reached the last rung.'
     name = finalists[0]
-    gain = seed_gain(alone, final[final.name == name].set_index('seed').score)
-    epochs, seeds = int(table.epochs[name]), gain['seeds']
-    said = (f'{name} changed validation {metric} by {gain["mean"]:+.1f} +- {gain["std"]:.1f} points over {seeds} '
-            f'seed{"s" * (seeds > 1)} at {epochs} epochs (student alone: +- {gain["alone_std"]:.1f})')
+    gain = seed_gain(alone, sign * final[final.name == name].set_index('seed').score, scale=100 if points else 1)
+    epochs, seeds, form = int(table.epochs[name]), gain['seeds'], '.1f' if points else '.3g'
+    units = f'{"points" if points else metric}{" (lower is better)" * lower_is_better}'
+    said = (f'{name} changed validation {metric} by {sign * gain["mean"]:+{form}} +- {gain["std"]:{form}} {units} over '
+            f'{seeds} seed{"s" * (seeds > 1)} at {epochs} epochs (student alone: +- {gain["alone_std"]:{form}})')
     if gain['beyond_spread']: return name, f'Distil with {said}.'
     if seeds < 2:
         return None, f'No verdict: {said}; one seed has no seed-to-seed spread to compare with (seeds=(0, 1)).'
@@ -315,7 +357,7 @@ def _verdict(trials: pd.DataFrame, table: pd.DataFrame, metric: str) -> tuple[st
 def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, epochs: int = 4,
             lr: float | None = None, seeds: Sequence[int] = (0, 1), metric: Callable = accuracy,
             fit: Fit | None = None, rungs: Sequence[int] | None = None, keep: float = 0.25, early_seeds: int = 1,
-            show_progress: bool = True) -> KDFindResult:
+            show_progress: bool = True, lower_is_better: bool | None = None, show_plot: bool = True) -> KDFindResult:
     """Which way of distilling `teacher` (a model or a `Learner`) into `learn`'s model pays, measured on the validation
     set. `candidates`: name -> `KnowledgeDistillation` keyword arguments (default: `kd_candidates(learn, teacher)`),
     e.g. `{'soft T4': dict(loss=SoftTarget(T=4)), 'dist': dict(loss=DIST(), weight=0.8)}`; a candidate's `cbs` entry
@@ -325,12 +367,14 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     the batches of its seed (`Reseed`); it trains with `fit(learn, epochs, lr, cbs)` (default: `fit_one_cycle`;
     `frozen_first(1)` trains as the main job) at `lr` (default: `lr_find`'s valley for the student alone, found once).
     Successive halving: rungs of `rungs` epochs (default: half of `epochs`, then `epochs`) on the first `early_seeds`
-    of `seeds` (gains averaged), the best `keep` share of the candidates (at least one) going on to the next, and the
-    last rung (`epochs`, the planned schedule) on every seed in `seeds`. Scores are `metric(preds, targets)` (higher
-    is better); `gain` is the candidate's score minus the student alone's, same rung and seeds, in the metric's units.
-    `best` follows `seed_gain`'s rule. Seeds change the batches and augmentations, not the starting weights, so the
-    spread is that of the data order. The learner is left as it was: weights, trainability, optimizer, callbacks, modes
-    and the Recorder's history."""
+    of `seeds` (gains averaged), the best `keep` share of the candidates (at least two, where there are two) going on
+    to the next, and the last rung (`epochs`, the planned schedule) on every seed in `seeds`. Scores are
+    `metric(preds, targets)`; lower is better for fastai's `mse`, `rmse`, `mae`, `msle`, `exp_rmspe`, `error_rate` and
+    names holding 'loss' or 'error' (as fastai's trackers decide), else higher, unless `lower_is_better` says. `gain` is
+    the candidate's improvement over the student alone, same rung and seeds, in the metric's units: positive is
+    better. `best` follows `seed_gain`'s rule. Seeds change the batches and augmentations, not the starting weights, so
+    the spread is that of the data order. `show_plot` draws `plot()` on a pyplot figure, as `lr_find` does. The learner
+    is left as it was: weights, trainability, optimizer, callbacks, modes and the Recorder's history."""
     candidates = kd_candidates(learn, teacher) if candidates is None else dict(candidates)
     if 'alone' in candidates: raise ValueError("'alone' is the student without a teacher, always measured: rename it.")
     if not candidates: raise ValueError('No candidates to try: pass a dict name -> KnowledgeDistillation arguments.')
@@ -339,7 +383,8 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
         raise ValueError(f'rungs are epochs per rung, at least 1 and increasing, got {rungs}.')
     if not 0 < keep < 1: raise ValueError(f'keep is the share of candidates kept at each rung, in (0, 1), got {keep}.')
     sizes = [len(candidates)]
-    for _ in rungs[1:]: sizes.append(max(1, int(sizes[-1] * keep)))
+    lower = _lower_is_better(metric) if lower_is_better is None else lower_is_better
+    for _ in rungs[1:]: sizes.append(max(min(2, sizes[-1]), int(sizes[-1] * keep)))  # two finalists to compare
     rung_seeds = [seeds[:early_seeds]] * (len(rungs) - 1) + [seeds]
     n_trials = sum((size + 1) * len(rung_seed) for size, rung_seed in zip(sizes, rung_seeds))
     frozen_teacher, rows, start = teacher_model(teacher), [], time.perf_counter()
@@ -368,18 +413,21 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
                                      seconds=seconds))
                     bar.comment = f'{name}, {rung} epochs, seed {seed}'
                     bar.update(len(rows))
-            if not last: names = _survivors(pd.DataFrame(rows), i, sizes[i + 1])
+            if not last: names = _survivors(pd.DataFrame(rows), i, sizes[i + 1], lower)
         bar.on_iter_end()
-    trials = pd.DataFrame(rows)
-    table = _table(trials)
-    best, message = _verdict(trials, table, getattr(metric, '__name__', 'score'))
+    trials, name = pd.DataFrame(rows), _metric_name(metric)
+    table, points = _table(trials, lower), _in_points(metric, trials.score)
+    best, message = _verdict(trials, table, name, lower, points)
     alone_seconds = trials[(trials.name == 'alone') & (trials.rung == trials.rung.max())].seconds.mean()
     seconds = time.perf_counter() - start
-    return KDFindResult(trials, table, best, candidates, teacher, getattr(metric, '__name__', 'score'), seconds,
-                        seconds / alone_seconds, lr, message)
+    res = KDFindResult(trials, table, best, candidates, teacher, name, seconds, seconds / alone_seconds, lr, message,
+                       lower, points)
+    if show_plot: res.plot(ax=plt.subplots(figsize=res.figsize)[1])
+    return res
 
 
 @patch
+@delegates(kd_find)
 def kd_find(self: Learner, teacher, candidates: dict[str, dict] | None = None, epochs: int = 4,
             lr: float | None = None, **kwargs) -> KDFindResult:
     "`kd_find(learn, teacher, ...)`: which way of distilling `teacher` pays for this learner (`fastkd.kd_find.kd_find`)"
@@ -401,7 +449,7 @@ def kd_find_for_job(dls, student_arch: Callable, teacher, schedule: Schedule, me
     learn = scratch_learner(dls, student_arch, schedule.seed)
     if record is None:
         res = kd_find(learn, teacher, candidates, epochs=schedule.epochs, lr=schedule.lr, seeds=seeds, metric=metric,
-                      fit=frozen_at(schedule.epochs, schedule.freeze_epochs), **kwargs)
+                      fit=frozen_at(schedule.epochs, schedule.freeze_epochs), **{'show_plot': False, **kwargs})
     else:
         candidates = kd_candidates(learn, teacher) if candidates is None else dict(candidates)
         res = KDFindResult.from_record(record, candidates, teacher)

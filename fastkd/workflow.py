@@ -313,14 +313,14 @@ SPREAD_RULE = ('Rule for "beyond spread": the mean of the per-seed gains is abov
                'standard deviations).')
 
 
-def seed_gain(alone: pd.Series, distilled: pd.Series, confidence: float = 0.95) -> dict:
-    """The gain of distillation in points (100 x the score) over seeds: `alone` and `distilled` hold one score per
-    seed (indexed by seed), paired by seed. Returns the number of seeds, the mean and sample standard deviation of the
-    per-seed gains, the student alone's standard deviation, the `confidence` interval of the mean gain (`ci_low`,
-    `ci_high`), whether it lies above zero (`shown`, `VERDICT_RULE`) and whether the gain is `beyond_spread`
-    (`SPREAD_RULE`)."""
-    gains = 100 * (distilled - alone.reindex(distilled.index))
-    n, mean, std, alone_std = len(gains), gains.mean(), gains.std(), 100 * alone.std()
+def seed_gain(alone: pd.Series, distilled: pd.Series, confidence: float = 0.95, scale: float = 100.) -> dict:
+    """The gain of distillation in points (`scale` x the score; `scale=1`: in the score's units) over seeds: `alone`
+    and `distilled` hold one score per seed (indexed by seed), paired by seed. Returns the number of seeds, the mean
+    and sample standard deviation of the per-seed gains, the student alone's standard deviation, the `confidence`
+    interval of the mean gain (`ci_low`, `ci_high`), whether it lies above zero (`shown`, `VERDICT_RULE`) and whether
+    the gain is `beyond_spread` (`SPREAD_RULE`)."""
+    gains = scale * (distilled - alone.reindex(distilled.index))
+    n, mean, std, alone_std = len(gains), gains.mean(), gains.std(), scale * alone.std()
     half = t_distribution.ppf((1 + confidence) / 2, n - 1) * std / math.sqrt(n) if n > 1 else math.nan
     return dict(seeds=n, mean=mean, std=std, alone_std=alone_std, ci_low=mean - half, ci_high=mean + half,
                 shown=bool(mean - half > 0), beyond_spread=bool(n > 1 and mean > 0 and mean > std and mean > alone_std))

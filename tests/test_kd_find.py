@@ -55,11 +55,12 @@ def away_from_teacher(student_logits, teacher_logits):
 
 @pytest.fixture(scope='module')
 def ranked(few_dls, teacher, warm_student) -> KDFindResult:
-    "kd_find with a helpful and a harmful candidate: rungs of 1 and 2 epochs, the last on two seeds"
+    "kd_find with two helpful candidates and a harmful one: rungs of 1 and 2 epochs, the last on two seeds"
     set_seed(42, reproducible=True)
     learn = student_learner(few_dls, warm_student)
     return learn.kd_find(teacher, {'soft T4': dict(loss=SoftTarget(T=4), weight=0.5),
-                                   'away': dict(loss=away_from_teacher, weight=0.5)}, epochs=2, lr=LR)
+                                   'soft T2': dict(loss=SoftTarget(T=2), weight=0.5),
+                                   'away': dict(loss=away_from_teacher, weight=0.5)}, epochs=2, lr=LR, show_plot=False)
 
 
 def test_a_harmful_candidate_ranks_below_the_student_alone_and_is_never_picked(ranked):
@@ -69,7 +70,7 @@ def test_a_harmful_candidate_ranks_below_the_student_alone_and_is_never_picked(r
     assert table.loc['soft T4', 'epochs'] == 2 and table.loc['soft T4', 'seeds'] == 2
     assert ranked.best != 'away'
     assert table.loc['away', 'agreement'] < table.loc['alone', 'agreement']  # pushed away from the teacher's classes
-    assert set(ranked.trials.name[ranked.trials.rung == 1]) == {'alone', 'soft T4'}
+    assert set(ranked.trials.name[ranked.trials.rung == 1]) == {'alone', 'soft T4', 'soft T2'}  # two finalists
 
 
 def test_the_table_gain_is_the_score_over_the_student_alone_of_the_same_rung_and_seeds(ranked):
@@ -199,7 +200,7 @@ def test_a_kept_result_is_rebuilt_as_it_was_without_training(ranked, teacher):
         (ranked.best, ranked.message, ranked.seconds, ranked.runs, ranked.lr)
     assert isinstance(rebuilt.callback('soft T4')[0].kd_loss, SoftTarget)
     with pytest.raises(ValueError, match='tried away, which the candidates lack'):
-        KDFindResult.from_record(record, {'soft T4': ranked.candidates['soft T4']}, teacher)
+        KDFindResult.from_record(record, {k: ranked.candidates[k] for k in ('soft T4', 'soft T2')}, teacher)
 
 
 def test_the_learning_rate_it_finds_does_not_depend_on_what_ran_before(few_dls, teacher, warm_student):
@@ -213,3 +214,120 @@ def test_the_learning_rate_it_finds_does_not_depend_on_what_ran_before(few_dls, 
                     show_progress=False)
     assert again.lr == first.lr
     pd.testing.assert_frame_equal(again.trials.drop(columns='seconds'), first.trials.drop(columns='seconds'))
+
+
+@pytest.fixture(scope='module')
+def line_dls():
+    "A regression: y = x . w for 8 features, 256 items to train and 64 to validate (an epoch takes milliseconds)"
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    generator = torch.Generator().manual_seed(0)
+    x, w = torch.randn(320, 8, generator=generator), torch.randn(8, 1, generator=generator)
+    items = list(zip(x, x @ w))
+    return DataLoaders(DataLoader(items[:256], bs=32, shuffle=True), DataLoader(items[256:], bs=64))
+
+
+def opposite_teacher(line_dls) -> torch.nn.Linear:
+    "A teacher that predicts minus the truth: distilling from it can only make the student worse"
+    x, y = map(torch.stack, zip(*line_dls.train.dataset))
+    teacher = torch.nn.Linear(8, 1, bias=False)
+    with torch.no_grad(): teacher.weight.copy_(-torch.linalg.lstsq(x, y).solution.T)
+    return teacher
+
+
+@pytest.mark.parametrize('metric', ['mse', 'rmse'])
+def test_a_harmful_teacher_is_not_picked_under_a_lower_is_better_regression_metric(line_dls, metric):
+    "mse and rmse (an AccumMetric) fall when the student gets better: the teacher's pull up is a loss, not a gain"
+    from fastai.losses import MSELossFlat
+    from fastai import metrics
+    set_seed(0, reproducible=True)
+    learn = Learner(line_dls, torch.nn.Linear(8, 1), loss_func=MSELossFlat())
+    res = learn.kd_find(opposite_teacher(line_dls), {'auto': dict(loss='auto', weight=0.5)}, epochs=2, lr=1e-1,
+                        metric=getattr(metrics, metric), show_progress=False, show_plot=False)
+    alone, distilled = res.table.score['alone'], res.table.score['auto']
+    assert distilled > alone  # the teacher's pull made the student's error larger ...
+    assert res.table.gain['auto'] == pytest.approx(alone - distilled) and res.best is None  # ... so no gain
+    assert res.lower_is_better and 'points' not in res.message and '(lower is better)' in res.message
+    assert f'auto changed validation {metric} by +' in res.message  # the change of the metric itself, in its units
+
+
+def test_a_teacher_with_rolled_classes_is_not_picked_under_error_rate(few_dls, teacher, warm_student):
+    "error_rate, lower is better (fastai trackers' rule: 'error' in the name): a teacher one class off raises it"
+    from fastai.metrics import error_rate
+    rolled = torch.nn.Sequential(teacher.model, Roll())
+    learn = student_learner(few_dls, warm_student)
+    res = learn.kd_find(rolled, {'soft T4': dict(loss=SoftTarget(T=4), weight=0.9)}, epochs=2, lr=LR,
+                        metric=error_rate, show_progress=False, show_plot=False)
+    assert res.table.score['soft T4'] > res.table.score['alone'] + 0.05
+    assert res.best is None and res.table.gain['soft T4'] < -0.05
+    assert 'soft T4 changed validation error_rate by +' in res.message and 'points (lower is better)' in res.message
+
+
+class Roll(torch.nn.Module):
+    "Logits moved one class on: the teacher then predicts the next class"
+    def forward(self, logits): return logits.roll(1, dims=1)
+
+
+def test_the_direction_follows_fastais_trackers_and_can_be_given():
+    from fastai import metrics
+    from fastkd.kd_find import _lower_is_better
+    assert all(_lower_is_better(m) for m in (metrics.mse, metrics.rmse, metrics.mae, metrics.msle, metrics.exp_rmspe,
+                                             metrics.error_rate, 'valid_loss', 'my_error'))
+    assert not any(_lower_is_better(m) for m in (metrics.accuracy, metrics.F1Score(), metrics.R2Score(), 'score'))
+
+
+def test_a_metric_of_another_direction_can_be_given(line_dls):
+    "A metric whose name says nothing: lower_is_better=True makes a harmful teacher a loss"
+    from fastai.losses import MSELossFlat
+    def deviation(preds, targs): return (preds.flatten() - targs.flatten()).abs().max()
+    set_seed(0, reproducible=True)
+    learn = Learner(line_dls, torch.nn.Linear(8, 1), loss_func=MSELossFlat())
+    candidates = {'auto': dict(loss='auto', weight=0.5)}
+    kwargs = dict(epochs=2, lr=1e-1, metric=deviation, show_progress=False, show_plot=False)
+    told = learn.kd_find(opposite_teacher(line_dls), candidates, lower_is_better=True, **kwargs)
+    assert told.best is None and told.table.gain['auto'] < 0
+    untold = learn.kd_find(opposite_teacher(line_dls), candidates, **kwargs)
+    assert untold.table.gain['auto'] == pytest.approx(-told.table.gain['auto'])  # higher is better unless told
+
+
+def test_at_least_two_candidates_reach_the_last_rung(few_dls, teacher, warm_student):
+    "keep=0.25 of 3 candidates would leave one: the last rung compares two, not one with the student alone"
+    candidates = {f'soft T{t}': dict(loss=SoftTarget(T=t), weight=0.5) for t in (1, 2, 4)}
+    res = kd_find(student_learner(few_dls, warm_student), teacher, candidates, rungs=[1, 1], seeds=(0,), lr=LR,
+                  show_progress=False, show_plot=False)
+    finals = set(res.table.index[res.table.stage == 'final'])
+    assert finals == set(res.trials.name[res.trials.rung == 1]) and len(finals) == 3  # two and the student alone
+    assert (res.table.stage == 'dropped at rung 1 of 2').sum() == 1
+
+
+def test_the_table_shows_the_seeds_spread_and_rung_of_every_row(ranked):
+    "A row dropped after a short rung on one seed says so: its gain is not a final one"
+    table = ranked.table
+    assert table.loc['away', 'stage'] == 'dropped at rung 1 of 2' and table.loc['away', 'seeds'] == 1
+    assert pd.isna(table.loc['away', 'gain_std'])  # one seed: no spread
+    assert table.loc['soft T4', 'stage'] == table.loc['alone', 'stage'] == 'final'
+    trials = ranked.trials[ranked.trials.rung == 1].pivot(index='seed', columns='name', values='score')
+    assert table.loc['soft T4', 'gain_std'] == pytest.approx((trials['soft T4'] - trials['alone']).std())
+    assert 'dropped at rung 1 of 2' in repr(ranked) and '| stage |' in ranked._repr_markdown_()
+
+
+def test_plots_draw_on_a_given_axis_and_show_plot_draws_as_lr_find(ranked, few_dls, teacher, warm_student):
+    import inspect
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    assert ranked.plot(ax=ax) is fig and len(ax.patches) == 3  # one bar per candidate, on the axis given
+    plt.close('all')
+    kd_find(student_learner(few_dls, warm_student), teacher, {'soft T4': dict(loss=SoftTarget(T=4))}, epochs=1,
+            seeds=(0,), lr=LR, show_progress=False)
+    assert plt.get_fignums() and len(plt.gcf().axes[0].patches) == 1  # drawn on pyplot's figure, as lr_find draws
+    plt.close('all')
+    shown = set(inspect.signature(Learner.kd_find).parameters)  # what a notebook's tab completion and ? show
+    assert {'seeds', 'metric', 'keep', 'show_plot', 'lower_is_better'} <= shown
+
+
+def test_a_record_kept_before_the_direction_was_recorded_still_loads(ranked, teacher):
+    record = json.loads(json.dumps(ranked.record()))
+    record = {k: v for k, v in record.items() if k not in ('lower_is_better', 'points')}
+    rebuilt = KDFindResult.from_record(record, ranked.candidates, teacher)
+    assert not rebuilt.lower_is_better and rebuilt.best == ranked.best
+    pd.testing.assert_frame_equal(rebuilt.table, ranked.table)
