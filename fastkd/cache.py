@@ -32,7 +32,7 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.text.data import LMDataLoader
-from fastai.torch_core import find_bs
+from fastai.torch_core import find_bs, to_device
 from fastai.vision.augment import RandTransform, Resize
 from fastcore.basics import store_attr
 from fastcore.foundation import L
@@ -139,6 +139,13 @@ class _ViewReplay:
                 finally: self.in_batch = False
             if batch is None: return
             yield batch
+
+    def batch(self, items: list[int]) -> tuple:
+        "The batch the training loader makes of `items` in their views, as a training batch would hold them"
+        with random_state_kept():
+            self.in_batch = True
+            try: return self.dl.after_batch(self.dl.do_batch([self(s) for s in items]))
+            finally: self.in_batch = False
 
     def install(self):
         "Make `dl`'s items through this replay (`do_item` and `chunkify` are not copied by `dl.new`)"
@@ -515,9 +522,21 @@ class TeacherCache:
         whole batches of new views, and each view is used as often as the others."""
         return self.keying.epoch_views(epoch, n_items)
 
-    def start_epoch(self, learn: Learner):
-        "Before a training epoch, with views: pick each item's view and have the training loader make it"
-        if self.views is not None: self.keying.start_epoch(user_loader(learn.dls.train), learn.epoch)
+    def start_epoch(self, learn: Learner, forward: Callable[[tuple], Tensor] | None = None):
+        """Before a training epoch, with views: pick each item's view and have the training loader make it. From the
+        second cycle of K epochs on, the few (item, view) outputs still missing (the first cycle's dropped last
+        batches) are computed here with `forward`, in whole batches, rather than a few items in every training step"""
+        if self.views is None: return
+        dl = user_loader(learn.dls.train)
+        self.keying.start_epoch(dl, learn.epoch)
+        if forward is None or learn.epoch < self.views or self.rows.stored is None: return
+        items = torch.arange(len(dl.dataset))
+        rows = self.keying.batch_rows(items)
+        missing = items[~self.rows.stored[rows]].tolist()
+        for start in range(0, len(missing), dl.bs):
+            chunk = missing[start:start + dl.bs]
+            xb = to_device(inputs_of(dl, self.keying.replay.batch(chunk)), learn.dls.device)
+            self._lookup(self.keying.batch_rows(torch.tensor(chunk)), xb, forward)
 
     def release(self):
         "After a fit: the training loader makes its items as it did before `start_epoch` (random draws included)"

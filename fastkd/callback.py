@@ -190,7 +190,7 @@ class KnowledgeDistillation(Callback):
             if self.teacher_channels_last or (self.teacher_channels_last is None and param.device.type == 'cpu'):
                 self.channels_last = [t for m in self.teachers for t in _to_channels_last(m)]
             self.checked = True
-        if self.cache: self.cache.start_epoch(self.learn)  # with views: this epoch's view of each item
+        if self.cache: self.cache.start_epoch(self.learn, self.teacher_output)  # with views: each item's view
         if self.hints and not self.hints.attached:  # lr_find puts back what it explored with: so do the hints
             self.hints.attach(self.model, self.teachers[0], restore=any(isinstance(cb, LRFinder) for cb in self.cbs))
         for teacher in self.teachers: self._reset_recurrent(teacher)

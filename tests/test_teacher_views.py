@@ -38,22 +38,22 @@ class Jitter(RandTransform):
 
 class Steps(Callback):
     """Each training step's epoch, dataset items, views, inputs and the teacher outputs the loss was handed, and how
-    many items the teacher ran on in training steps (not the check before the first one)"""
+    many items the teacher ran on in training (its steps, and the missing views filled as an epoch starts), not in the
+    check before the first step (the fit's first teacher forward)"""
     order = KnowledgeDistillation.order + 1
     def __init__(self, teacher: torch.nn.Module):
-        self.steps, self.teacher_items, self.in_step = [], 0, False
+        self.steps, self.forwards = [], []
         teacher.register_forward_hook(self.count)
-    def count(self, module, inputs, output):
-        if self.in_step: self.teacher_items += len(inputs[0])
-    def before_batch(self): self.in_step = self.training
+    def count(self, module, inputs, output): self.forwards.append(len(inputs[0]))
+    @property
+    def teacher_items(self) -> int: return sum(self.forwards[1:])
     def after_loss(self):
         if not self.training: return
         cache = self.learn.knowledge_distillation.cache
         items = cache.batch_items(self.learn, len(self.xb[0]))
         self.steps.append(dict(epoch=self.epoch, items=items, views=cache.keying.replay.views[items].clone(),
                                inputs=self.xb[0].detach().clone(), targets=self.yb[0].clone(),
-                               handed=self.loss_func_kd.handed))
-        self.in_step = False
+                               handed=self.loss_func_kd.handed, forwards=len(self.forwards)))
 
 
 class HandedLoss(SoftTarget):
@@ -96,6 +96,11 @@ def test_views_run_the_teacher_once_per_item_and_view_and_augment_every_epoch(fe
     stored = int(cache.rows.stored.sum())
     assert cache.rows.stored.shape == (n_items * views,) and record.teacher_items == stored <= n_items * views
     assert stored > n_items * 1.5  # the views of later epochs were stored too, not only the first epoch's
+    # after the first K epochs, the views their dropped last batches missed are filled as the epoch starts, in whole
+    # batches: no training step of epoch K runs the teacher
+    last_cycle = [step['forwards'] for step in record.steps if step['epoch'] == views]
+    before = [step['forwards'] for step in record.steps if step['epoch'] == views - 1][-1]
+    assert last_cycle[0] > before and len(set(last_cycle)) == 1
     assert len(record.steps) == 4 * len(dls.train)
     assert_handed_live_outputs(record.steps, teacher.model)
     labels = torch.tensor([int(label) for _, label in dls.train.dataset])
@@ -240,7 +245,7 @@ def generator_states() -> tuple:
 
 def test_a_replayed_epoch_moves_no_random_generator_and_keeps_them_once_per_batch(few_digits):
     """The replay seeds each item, and keeps Python's and numpy's states (and torch's) around each batch rather than
-    each item: a replayed epoch leaves them as it found them (torch's DataLoader itself draws a base seed from torch's)"""
+    each item: a replayed epoch leaves them as it found them (torch's DataLoader draws a base seed from torch's)"""
     dls = augmented_dls(few_digits, more_tfms=[Jitter()])
     cache = TeacherCache(views=2)
     learn = Learner(dls, tiny_cnn(8))
