@@ -13,11 +13,16 @@ alone. Each is timed from building its learner to the end of its fit (wall and C
 machine other work loads, both move with that load, CPU seconds too: idle OpenMP threads spin), and scored on the
 shared test
 part (`gtsrb_test_dl`) of the same classes. Writes bench/results/teacher_views.md.
-Run: `python bench/teacher_views.py [--seeds 1] [--epochs 8] [--views 4]`.
+`--teacher resnet50` times a heavier teacher instead: a ResNet-50 with random weights (seeded), for cost only (its
+runs' accuracies mean nothing); its table goes to bench/results/teacher_views-resnet50.md.
+The report also gives the replay's own cost: the views run's time less the student alone's and less the share of the
+live teacher's extra time that the teacher's items with views make up.
+Run: `python bench/teacher_views.py [--seeds 1] [--epochs 8] [--views 4] [--teacher resnet50]`.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +33,8 @@ from fastai.learner import Learner
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastai.vision.augment import RandomResizedCrop
+from fastai.vision.learner import create_vision_model
+from torchvision.models import resnet50
 
 from accuracy import student_model
 from fastkd.cache import TeacherCache
@@ -41,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT/'bench'/'results'/'teacher_views.md'
 LR, BS = 3e-3, 64
 RUNS = ('live teacher', 'views', 'alone')
+TEACHERS = {'resnet34': 'ResNet-34 (shared weights)', 'resnet50': 'ResNet-50, random weights (timing only)'}
 
 
 def augmented(classes: list[int]):
@@ -71,16 +79,25 @@ def one_run(run: str, seed: int, args, teacher: torch.nn.Module) -> dict:
                 teacher_items=sum(calls), n_items=len(dls.train.dataset), n_test=len(labels))
 
 
+def heavy_teacher() -> torch.nn.Module:
+    "A ResNet-50 with random weights (seed 0): a heavier teacher, for timing only"
+    set_seed(0, reproducible=True)
+    return create_vision_model(resnet50, 43, pretrained=False).eval().requires_grad_(False)
+
+
 def main(args):
     check_data()
-    begin, teacher, rows = time.perf_counter(), gtsrb_teacher(), []
+    args.load_at_start = os.getloadavg()
+    teacher = heavy_teacher() if args.teacher == 'resnet50' else gtsrb_teacher()
+    begin, rows = time.perf_counter(), []
     for seed in range(args.seeds):
         order = RUNS if seed % 2 == 0 else RUNS[::-1]
         row = {run: one_run(run, seed, args, teacher) for run in order}
         rows.append(row)
         print(f'seed {seed}:', {run: (round(r['accuracy'], 3), round(r['seconds'], 1), round(r['cpu'], 1))
                                  for run, r in row.items()}, flush=True)
-    write_results(RESULTS, report(args, rows, time.perf_counter() - begin))
+    results = RESULTS if args.teacher == 'resnet34' else RESULTS.with_name(f'teacher_views-{args.teacher}.md')
+    write_results(results, report(args, rows, time.perf_counter() - begin))
 
 
 def report(args, rows: list[dict], seconds: float) -> str:
@@ -89,10 +106,11 @@ def report(args, rows: list[dict], seconds: float) -> str:
     command = 'python bench/teacher_views.py ' + ' '.join(sys.argv[1:])
     lines = ['# Augmentation at the cost of K teacher passes: TeacherCache(views=K)', '',
              f'- `{command.strip()}`',
-             f'- {machine_line(torch.get_num_threads())}',
+             f'- {machine_line(torch.get_num_threads())}; at the start {args.load_at_start[0]:.1f} (1 min), '
+             f'{args.load_at_start[2]:.1f} (15 min)',
              f'- GTSRB 32x32, classes {args.classes}: {n_items} training images, {n_test} test images (the shared '
              'test part); augmentation: `RandomResizedCrop(32, min_scale=0.75, ratio=(0.9, 1.1))`, an item transform '
-             f'of the training loader; batch {BS}; teacher ResNet-34 (shared weights); student '
+             f'of the training loader; batch {BS}; teacher {TEACHERS[args.teacher]}; student '
              f'`accuracy.student_model` (width 24); DIST (T=1), weight 0.5; `fit_one_cycle({args.epochs}, {LR:g})`; '
              f'{args.seeds} seed(s), the three runs of a seed side by side in one process',
              f'- whole benchmark {seconds / 60:.1f} minutes', '',
@@ -117,6 +135,12 @@ def report(args, rows: list[dict], seconds: float) -> str:
               f'The teacher ran on {mean("views", "teacher_items") / n_items:.2f}x the training set with views '
               f'(at most {args.views}x, plus one check batch), {mean("live teacher", "teacher_items") / n_items:.2f}x '
               'live.']
+    share = mean('views', 'teacher_items') / mean('live teacher', 'teacher_items')
+    replay = views - alone - share * (live - alone)
+    lines += ['', f'The replay\'s own cost: (b) less (c) less {share:.0%} (the teacher\'s items with views over '
+              f'live) of (a) - (c): {replay:+.1f} s, **{replay / alone:+.1%} of the student alone** (target at most 5%). '
+              f'Views cost the student alone plus **{(views - alone) / (live - alone):.0%}** of the live teacher\'s '
+              'extra time (target for a heavy teacher: at most 60%).']
     return '\n'.join(lines) + '\n'
 
 
@@ -126,6 +150,7 @@ if __name__ == '__main__':
     parser.add_argument('--epochs', type=int, default=8)
     parser.add_argument('--views', type=int, default=4)
     parser.add_argument('--classes', type=int, nargs='+', default=SMALLEST)
+    parser.add_argument('--teacher', choices=list(TEACHERS), default='resnet34')
     args = parser.parse_args()
     torch.set_num_threads(2)
     main(args)
