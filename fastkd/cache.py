@@ -141,11 +141,18 @@ class _ViewReplay:
             yield batch
 
     def batch(self, items: list[int]) -> tuple:
-        "The batch the training loader makes of `items` in their views, as a training batch would hold them"
+        """The batch the training loader makes of `items` in their views, as a training batch holds them: collated, on
+        the loader's device, then through its batch transforms (whose parameters, `Normalize`'s, live there)"""
         with random_state_kept():
             self.in_batch = True
-            try: return self.dl.after_batch(self.dl.do_batch([self(s) for s in items]))
+            try: batch = self.dl.do_batch([self(s) for s in items])
             finally: self.in_batch = False
+        return self.dl.after_batch(batch if self.dl.device is None else to_device(batch, self.dl.device))
+
+    @property
+    def draws_every_item(self) -> bool:
+        "Whether each epoch of the loader is a shuffle of its whole dataset (not `PartialDL`, `WeightedDL`, ...)"
+        return self.dl.n == len(self.dl.dataset) and type(self.dl).get_idxs is DataLoader.get_idxs
 
     def install(self):
         "Make `dl`'s items through this replay (`do_item` and `chunkify` are not copied by `dl.new`)"
@@ -530,12 +537,12 @@ class TeacherCache:
         dl = user_loader(learn.dls.train)
         self.keying.start_epoch(dl, learn.epoch)
         if forward is None or learn.epoch < self.views or self.rows.stored is None: return
+        if not self.keying.replay.draws_every_item: return  # others would pay for views the epoch never draws
         items = torch.arange(len(dl.dataset))
-        rows = self.keying.batch_rows(items)
-        missing = items[~self.rows.stored[rows]].tolist()
+        missing = items[~self.rows.stored[self.keying.batch_rows(items)]].tolist()
         for start in range(0, len(missing), dl.bs):
             chunk = missing[start:start + dl.bs]
-            xb = to_device(inputs_of(dl, self.keying.replay.batch(chunk)), learn.dls.device)
+            xb = inputs_of(dl, self.keying.replay.batch(chunk))
             self._lookup(self.keying.batch_rows(torch.tensor(chunk)), xb, forward)
 
     def release(self):

@@ -9,6 +9,7 @@ under any metric: lower-is-better ones (mse, error_rate, names with 'loss' or 'e
 from __future__ import annotations
 
 import time
+import warnings
 from copy import deepcopy
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,6 +23,7 @@ import torch
 from fastai.callback.core import Callback
 from fastai.callback.mixup import MixUp
 from fastai.learner import Learner, Metric
+from fastai.losses import BaseLoss
 from fastai.metrics import accuracy
 from fastai.torch_core import to_device
 from fastcore.basics import noop, patch
@@ -41,27 +43,38 @@ __all__ = ['TeacherAgreement', 'kd_candidates', 'kd_find', 'KDFindResult', 'froz
            'kd_find_for_job']
 
 Fit = Callable[[Learner, int, float, list], None]
-_LOWER_IS_BETTER = ('mse', 'rmse', 'mae', 'msle', 'exp_rmspe', 'error_rate')  # fastai's metrics that fall as they learn
-_UNBOUNDED = ('mse', 'rmse', 'mae', 'msle', 'exp_rmspe')  # in the targets' units, not a share in [0, 1]
+# Parts of names of what falls as a model learns: fastai's trackers' rule ('loss', 'error'), fastai's regression
+# metrics, and other errors and losses by their usual names
+_FALLING = ('loss', 'error', 'mse', 'rmse', 'mae', 'msle', 'rmspe', 'perplexity', 'cross_entropy', 'kl_div')
+_SHARES = ('accuracy', 'error_rate', 'f1', 'fbeta', 'precision', 'recall', 'roc_auc', 'rocauc', 'dice', 'jaccard',
+           'matthews', 'kappa', 'agreement', 'top_k')  # scores that are shares in [0, 1]: their gains read in points
 
 
 def _metric_name(metric) -> str:
-    "The name of `metric` (a function, a fastai `Metric` such as `rmse`, or a name), without a leading underscore"
-    name = metric if isinstance(metric, str) else getattr(metric, 'name', None) or getattr(metric, '__name__', 'score')
-    return name.lstrip('_')
+    """The name of `metric` in lower case, without a leading underscore: a fastai `Metric`'s `name`, a function's (or a
+    partial's function's) `__name__`, a loss object's class (`CrossEntropyLossFlat`), or the name given"""
+    while isinstance(metric, partial): metric = metric.func
+    if isinstance(metric, str): name = metric
+    elif isinstance(metric, nn.Module) or isinstance(metric, BaseLoss): name = type(metric).__name__
+    else: name = getattr(metric, 'name', None) or getattr(metric, '__name__', None) or type(metric).__name__
+    return name.lstrip('_').lower()
 
 
-def _lower_is_better(metric) -> bool:
-    """Whether `metric` falls as the model gets better: fastai's regression metrics and `error_rate`, and, by the rule
-    of fastai's trackers (`TrackerCallback`), any name holding 'loss' or 'error'"""
+def _lower_is_better(metric) -> bool | None:
+    """Whether `metric` falls as the model gets better, by its name: fastai's trackers' rule (names holding 'loss' or
+    'error'), fastai's regression metrics, perplexity and cross-entropy; a share such as accuracy rises; None for a
+    name that says neither (a lambda, 'score')"""
     name = _metric_name(metric)
-    return name in _LOWER_IS_BETTER or 'loss' in name or 'error' in name
+    if any(part in name for part in _FALLING): return True
+    if any(part in name for part in _SHARES): return False
+    return None
 
 
 def _in_points(metric, scores: pd.Series) -> bool:
-    "Whether gains read in points (100 x the score): shares in [0, 1] as accuracy, not losses or the targets' units"
+    "Whether gains read in points (100 x the score): known shares in [0, 1], such as accuracy or error_rate"
     name = _metric_name(metric)
-    return name not in _UNBOUNDED and 'loss' not in name and bool(scores.between(0, 1).all())
+    return (name == 'error_rate' or not any(part in name for part in _FALLING)) and \
+        any(part in name for part in _SHARES) and bool(scores.between(0, 1).all())
 
 
 def _agreement(student_logits: Tensor, teacher_logits: Tensor, axis: int = 1,
@@ -266,13 +279,14 @@ class KDFindResult:
     @classmethod
     def from_record(cls, record: dict, candidates: dict, teacher) -> KDFindResult:
         """The result `record()` kept, with the `candidates` (the same names) and `teacher` that `callback()` builds
-        from; records kept before the metric's direction was recorded are of higher-is-better metrics"""
+        from; for records kept before the metric's direction was recorded, it is read from the metric's name"""
         trials = pd.DataFrame(record['trials'])
         unknown = sorted(set(trials.name) - {'alone', *candidates})
         if unknown:
             raise ValueError(f'The kept kd_find result tried {", ".join(unknown)}, which the candidates lack: pass the '
                              'candidates it was measured with, or measure again.')
-        lower, points = record.get('lower_is_better', False), record.get('points', True)
+        lower = record.get('lower_is_better', _lower_is_better(record['metric']) or False)  # older records: by name
+        points = record.get('points', _in_points(record['metric'], trials.score))
         return cls(trials, _table(trials, lower), record['best'], candidates, teacher, record['metric'],
                    record['seconds'], record['runs'], record['lr'], record['message'], lower, points)
 
@@ -384,6 +398,11 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     if not 0 < keep < 1: raise ValueError(f'keep is the share of candidates kept at each rung, in (0, 1), got {keep}.')
     sizes = [len(candidates)]
     lower = _lower_is_better(metric) if lower_is_better is None else lower_is_better
+    if lower is None:
+        warnings.warn(f'kd_find cannot tell from its name whether {_metric_name(metric)!r} rises or falls as the '
+                      'student gets better, and takes higher as better: pass lower_is_better=True for an error or a '
+                      'loss (lower_is_better=False says higher is better and silences this).')
+        lower = False
     for _ in rungs[1:]: sizes.append(max(min(2, sizes[-1]), int(sizes[-1] * keep)))  # two finalists to compare
     rung_seeds = [seeds[:early_seeds]] * (len(rungs) - 1) + [seeds]
     n_trials = sum((size + 1) * len(rung_seed) for size, rung_seed in zip(sizes, rung_seeds))

@@ -3,6 +3,7 @@ leaves the learner as it was; TeacherAgreement as a metric"""
 import json
 import subprocess
 import sys
+from functools import partial
 
 import pandas as pd
 import pytest
@@ -274,6 +275,32 @@ def test_the_direction_follows_fastais_trackers_and_can_be_given():
     assert all(_lower_is_better(m) for m in (metrics.mse, metrics.rmse, metrics.mae, metrics.msle, metrics.exp_rmspe,
                                              metrics.error_rate, 'valid_loss', 'my_error'))
     assert not any(_lower_is_better(m) for m in (metrics.accuracy, metrics.F1Score(), metrics.R2Score(), 'score'))
+
+
+def test_losses_partials_and_other_errors_fall_and_only_shares_read_in_points():
+    "A loss object, a partial, perplexity, a scikit-learn error and a named AccumMetric fall; unknown names say nothing"
+    from fastai import metrics
+    from fastai.losses import CrossEntropyLossFlat, MSELossFlat
+    from sklearn.metrics import mean_squared_error
+    from fastkd.kd_find import _in_points, _lower_is_better
+    falling = (MSELossFlat(), torch.nn.CrossEntropyLoss(), CrossEntropyLossFlat(), partial(metrics.mse),
+               partial(metrics.error_rate), metrics.Perplexity(), metrics.skm_to_fastai(mean_squared_error),
+               metrics.AccumMetric(lambda p, t: (p - t).pow(2).mean(), name='my_mse'))
+    assert all(_lower_is_better(m) is True for m in falling)
+    assert _lower_is_better(lambda p, t: p.mean()) is None and _lower_is_better('score') is None
+    shares, in_unit = pd.Series([0.2, 0.9]), pd.Series([0.2, 0.9])  # scores in [0, 1] either way
+    assert _in_points(metrics.accuracy, shares) and _in_points(metrics.error_rate, shares)
+    assert not any(_in_points(m, in_unit) for m in (metrics.skm_to_fastai(mean_squared_error), 'score', 'my_mse'))
+
+
+def test_a_loss_object_as_the_metric_does_not_pick_a_harmful_teacher(line_dls):
+    "The learner's own loss given as the metric (MSELossFlat) falls as the student learns: the harmful teacher loses"
+    from fastai.losses import MSELossFlat
+    set_seed(0, reproducible=True)
+    learn = Learner(line_dls, torch.nn.Linear(8, 1), loss_func=MSELossFlat())
+    res = learn.kd_find(opposite_teacher(line_dls), {'auto': dict(loss='auto', weight=0.5)}, epochs=2, lr=1e-1,
+                        metric=MSELossFlat(), show_progress=False, show_plot=False)
+    assert res.lower_is_better and res.best is None and res.table.gain['auto'] < 0
 
 
 def test_a_metric_of_another_direction_can_be_given(line_dls):

@@ -258,3 +258,13 @@ def test_a_replayed_epoch_moves_no_random_generator_and_keeps_them_once_per_batc
     assert before[0] == after[0] and np.array_equal(before[1], after[1])
     cache.release()
     assert 'do_item' not in vars(dls.train) and 'chunkify' not in vars(dls.train)
+
+
+def test_views_of_a_partial_epoch_loader_are_not_filled_ahead(few_digits, teacher):
+    "A loader that draws part of the dataset each epoch (PartialDL): the teacher runs on the items drawn, no more"
+    from fastai.callback.data import PartialDL
+    dls = augmented_dls(few_digits)
+    dls.train = PartialDL(dls.train.dataset, bs=32, partial_n=64, shuffle=True, drop_last=True, num_workers=0,
+                          after_item=dls.train.after_item, after_batch=dls.train.after_batch)
+    _, record = distil(dls, teacher.model, TeacherCache(views=2), epochs=4)
+    assert 0 < record.teacher_items <= 4 * 64
