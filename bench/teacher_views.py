@@ -138,7 +138,8 @@ def report(args, rows: list[dict], seconds: float) -> str:
     share = mean('views', 'teacher_items') / mean('live teacher', 'teacher_items')
     replay = views - alone - share * (live - alone)
     lines += ['', f'The replay\'s own cost: (b) less (c) less {share:.0%} (the teacher\'s items with views over '
-              f'live) of (a) - (c): {replay:+.1f} s, **{replay / alone:+.1%} of the student alone** (target at most 5%). '
+              f'live) of (a) - (c): {replay:+.1f} s, **{replay / alone:+.1%} of the student alone** '
+              '(target at most 5%). '
               f'Views cost the student alone plus **{(views - alone) / (live - alone):.0%}** of the live teacher\'s '
               'extra time (target for a heavy teacher: at most 60%).']
     return '\n'.join(lines) + '\n'
