@@ -16,8 +16,8 @@ from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from torch import Tensor, nn
 
-__all__ = ['first_output', 'evaluating', 'placement', 'teacher_model', 'user_loader', 'inputs_of', 'random_state_kept',
-           'sample_batch', 'few', 'as_array', 'class_indices', 'mask_indices']
+__all__ = ['first_output', 'evaluating', 'placement', 'placed_like', 'teacher_model', 'user_loader', 'inputs_of',
+           'random_state_kept', 'sample_batch', 'few', 'as_array', 'class_indices', 'mask_indices']
 
 
 def first_output(output):
@@ -43,6 +43,15 @@ def placement(model: nn.Module) -> Callable[[], None]:
         for name, t in chain(model.named_parameters(), model.named_buffers()):
             if places.get(name, (t.device, t.dtype)) != (t.device, t.dtype): t.data = t.data.to(*places[name])
     return put_back
+
+
+@contextmanager
+def placed_like(model: nn.Module, param: Tensor):
+    "`model` on the device and in the dtype of `param` (a student's parameter) inside the block, then back as it was"
+    put_back = placement(model)
+    model.to(device=param.device, dtype=param.dtype)
+    try: yield model
+    finally: put_back()
 
 
 def teacher_model(teacher) -> nn.Module:

@@ -32,7 +32,7 @@ from fastprogress.fastprogress import progress_bar
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from .basics import evaluating, first_output, inputs_of, placement, teacher_model
+from .basics import evaluating, first_output, inputs_of, placed_like, teacher_model
 from .callback import KnowledgeDistillation
 from .hints import FitNet, Hint, match_layers
 from .losses import DIST, DKD, SoftTarget
@@ -101,11 +101,8 @@ class TeacherAgreement(Metric):
     def accumulate(self, learn: Learner):
         if learn.training: return
         student = first_output(learn.pred)
-        put_back = placement(self.teacher)  # it runs on the student's device, in its dtype, and is left as it was
-        self.teacher.to(device=student.device, dtype=next(learn.model.parameters()).dtype)
-        try:
-            with torch.no_grad(), evaluating(self.teacher): teacher = first_output(self.teacher(*learn.xb))
-        finally: put_back()
+        with torch.no_grad(), placed_like(self.teacher, next(learn.model.parameters())), evaluating(self.teacher):
+            teacher = first_output(self.teacher(*learn.xb))  # on the student's device, in its dtype; then put back
         gather = partial(learn.to_detach, cpu=False)  # under DDP: all processes' items, without the padding
         same, total = _agreement(student, teacher, task_of(learn.loss_func).axis, gather)
         self.same, self.total = self.same + same, self.total + total
@@ -310,14 +307,10 @@ def _scores(learn: Learner, teacher_logits: Tensor, metric: Callable) -> tuple[f
 @torch.no_grad()
 def _teacher_logits(teacher: nn.Module, learn: Learner) -> Tensor:
     "The teacher's logits for every validation batch, on the CPU"
-    param, put_back = next(learn.model.parameters()), placement(teacher)
-    device = param.device
-    teacher.to(device=device, dtype=param.dtype)
-    try:
-        with evaluating(teacher):
-            return torch.cat([first_output(teacher(*to_device(inputs_of(learn.dls.valid, b), device))).float().cpu()
-                              for b in learn.dls.valid])
-    finally: put_back()  # the teacher is left where it was given
+    param = next(learn.model.parameters())
+    with placed_like(teacher, param), evaluating(teacher):  # the teacher is left where it was given
+        return torch.cat([first_output(teacher(*to_device(inputs_of(learn.dls.valid, b), param.device))).float().cpu()
+                          for b in learn.dls.valid])
 
 
 def _sign(lower_is_better: bool) -> int: return -1 if lower_is_better else 1
