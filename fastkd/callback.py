@@ -23,8 +23,10 @@ import cloudpickle
 import numpy as np
 import torch
 from fastai.callback.core import Callback
+from fastai.callback.mixup import MixHandler
 from fastai.callback.schedule import LRFinder
 from fastai.callback.training import GradientAccumulation
+from fastai.distributed import DistributedDL
 from fastai.learner import Learner, Recorder
 from fastai.torch_core import to_device
 from fastai.vision.learner import create_vision_model
@@ -37,6 +39,7 @@ from .cache import TeacherCache
 from .hints import Hint, HintHooks
 from .losses import loss_examples
 from .tasks import task_of
+from .unlabeled import joint_loader, labeled_rows
 
 __all__ = ['KnowledgeDistillation', 'load_teacher']
 
@@ -97,6 +100,12 @@ class KnowledgeDistillation(Callback):
     `cache=True` (or a `TeacherCache`) runs the teacher once per training item and reuses its outputs in later
     epochs: for training inputs without random augmentation; `cache='folder'` (`TeacherCache(path='folder')`) keeps
     them on disk, for later fits, processes, students and seeds with the same teacher and data.
+    `unlabeled` (a list of items such as `get_image_files` returns, or a `DataLoader` of inputs only such as
+    `dls.test_dl(items)`) joins every training epoch beside the labeled items, through the training loader's item and
+    batch transforms (`fastkd.unlabeled.joint_loader`; during a fit it is `dls.train`): the learner's loss and the
+    training metrics cover the labeled items only, the distillation loss and hints all of them (for a loss that takes
+    a target, such as DKD, an unlabeled item's target is the teacher's class). With MixUp, whose mixed labels would
+    take an unlabeled partner's, it needs `weight=1` (function matching: the teacher alone teaches).
     `teacher_channels_last` lays the teachers' 4-d weights out channels-last during each fit, and puts them back when
     it ends: `None` (the default) does so on CPUs, where it makes convolutions faster (ResNet teachers' forwards took
     0.5-0.8x as long); `True` also on GPUs, `False` never.
@@ -108,7 +117,7 @@ class KnowledgeDistillation(Callback):
 
     def __init__(self, teacher, loss='auto', weight: float | Callable = 0.5, hints: Sequence[Hint] = (),
                  cache: bool | str | Path | TeacherCache = False, teacher_channels_last: bool | None = None,
-                 from_learner: bool | None = None, **loss_settings):
+                 from_learner: bool | None = None, unlabeled=None, **loss_settings):
         "`from_learner` is accepted for older code and not needed: a `Learner` teacher is detected"
         if loss_settings:
             name = getattr(loss, '__name__', type(loss).__name__)
@@ -135,7 +144,9 @@ class KnowledgeDistillation(Callback):
         self.cache = (TeacherCache() if cache is True else TeacherCache(path=cache) if isinstance(cache, (str, Path))
                       else cache or None)
         self.channels_last, self.put_back = [], []  # what `restore` puts back after a fit
-        store_attr('weight,teacher_channels_last')
+        # with unlabeled items: the training loader of both, the user's, and the DataLoaders that hold the first now
+        self.joint, self.labeled_loader, self.joined = None, None, None
+        store_attr('weight,teacher_channels_last,unlabeled')
 
     def __repr__(self) -> str:
         loss = 'auto (picked when the fit starts)' if self.auto_loss and self.kd_loss is None else self.kd_loss
@@ -145,7 +156,8 @@ class KnowledgeDistillation(Callback):
 
     def __getstate__(self):
         "Leave the teachers out of pickles (`learn.export` leaves the whole callback out)"
-        return {**self.__dict__, 'teachers': None, 'channels_last': [], 'put_back': []}
+        return {**self.__dict__, 'teachers': None, 'channels_last': [], 'put_back': [], 'joint': None,
+                'labeled_loader': None, 'joined': None}
 
     def after_create(self):
         "Pick the loss as soon as the learner exists, so `repr` shows it (an unknown task is refused when a fit starts)"
@@ -174,11 +186,43 @@ class KnowledgeDistillation(Callback):
             parts = [self.task.column] + ['train_kd'] * (self.kd_loss is not None) + ['train_hint'] * bool(self.hints)
             self.recorder.metric_names = names[:at] + parts + names[at:]
 
+    def _check_unlabeled(self):
+        "Refuse what cannot train on unlabeled items, naming the conflict and the fix"
+        if isinstance(self.dls.train, DistributedDL):
+            raise ValueError('Unlabeled items are not supported under distributed training yet (each process would '
+                             'need its share of them): train in one process, or without unlabeled items.')
+        if self.mixers and (callable(self.weight) or self.weight != 1):
+            raise ValueError(f'{type(self.mixers[0]).__name__} mixes each item with another, and the mixed label of a '
+                             "labeled item whose partner is unlabeled would take that partner's unknown label: pass "
+                             'weight=1 (function matching: the teacher alone teaches, the published recipe on '
+                             'unlabeled data), or train without MixUp, or without unlabeled items.')
+        if self.kd_loss_takes_target and self.task.kind != 'categorical':
+            raise ValueError(f'{self.kd_loss} takes the target, which unlabeled items lack (for single-label '
+                             "classification fastkd gives them the teacher's class): use a loss without a target, such "
+                             'as the default.')
+
+    @property
+    def mixers(self) -> list[Callback]: return [cb for cb in self.learn.cbs if isinstance(cb, MixHandler)]
+
+    def _join_unlabeled(self):
+        "Train on the labeled and the unlabeled items: the joint loader is `dls.train` until the fit ends (`restore`)"
+        train = self.dls.train
+        if train is not self.joint:
+            if self.joint is None or self.labeled_loader is not train:
+                self.joint, self.labeled_loader = joint_loader(train, self.unlabeled), train
+            self.joint.rng = train.rng  # the batch order draws from the user's loader's generator, seeded as it is
+            self.joined = self.dls  # a fit's callbacks lose their learner before `restore`
+            self.joined.loaders[0] = self.joint
+        self.learn.dl = self.joint
+
     def before_train(self):
         """Move the teachers to the student's device and dtype (put back after the fit); before the fit's first step,
         check them on a validation batch; hook the hinted layers (here, not in `before_fit`, which `get_preds` and
         `validate` also call); prepare the cache and lay the teachers out channels-last (by default on CPUs); pick the
         epoch's views; start recurrent teachers from a fresh state, as `ModelResetter` starts the student"""
+        if self.unlabeled is not None:
+            if not self.checked: self._check_unlabeled()
+            self._join_unlabeled()
         param = next(self.model.parameters())
         if not self.checked: self.put_back = [placement(teacher) for teacher in self.teachers]
         for teacher in self.teachers: teacher.to(device=param.device, dtype=param.dtype)
@@ -261,20 +305,35 @@ class KnowledgeDistillation(Callback):
         if (first := int(self.first_nonfinite)) >= 0:
             self._refuse_nonfinite(f'at training batch {first} of epoch {self.epoch}')
 
+    def after_pred(self):
+        """Keep the student's output for every row; with unlabeled items, leave the learner's loss and the training
+        metrics the labeled rows (the first of the batch)"""
+        self.student_pred = first_output(self.pred)
+        self.n_labeled = labeled_rows(self.learn.dl, self.iter)
+        if self.n_labeled is None or self.n_labeled == len(self.student_pred): return
+        self.learn.pred = _first_rows(self.pred, self.n_labeled, len(self.student_pred))
+        self.learn.yb = tuple(y[:self.n_labeled] for y in self.yb)
+        for mixer in self.mixers:  # weight=1: their own labels, logged and not learned from
+            mixer.yb1, mixer.lam = self.learn.yb, mixer.lam[:self.n_labeled]
+
     def after_loss(self):
         "Mix the distillation loss and the hints into the loss that is backpropagated"
         if not len(self.yb): return
         if self.cache: teacher_pred = self.cache(self.learn, self.xb, self.teacher_output)
         else: teacher_pred = self.teacher_output(self.xb)
-        student_pred = first_output(self.pred)  # hints captured the teachers' features during its forward
+        student_pred = self.student_pred  # every row; hints captured the teachers' features during its forward
         base_loss = self.learn.loss  # the loss function's value: what callbacks added since (AR/TAR) keeps its weight
-        parts, scored = [base_loss], self.task.scored(self.yb[0])
+        parts, scored, targets = [base_loss], self.task.scored(self.yb[0]), self.task.targets(self.yb[0])
+        if (unlabeled := len(student_pred) - len(self.yb[0])) > 0:  # rows without labels: all scored, teacher's class
+            if scored is not None: scored = torch.cat([scored, scored.new_ones(len(scored) * unlabeled // len(self.yb[0]))])
+            if self.kd_loss_takes_target:
+                targets = torch.cat([targets, self.task.targets(teacher_pred[-unlabeled:].argmax(self.task.axis))])
         if self.kd_loss is not None:
             self._check_shapes(teacher_pred, student_pred)
             finite = torch.isfinite(teacher_pred).all()  # stays on the device: checked once per epoch
             self.first_nonfinite = torch.where(finite | (self.first_nonfinite >= 0), self.first_nonfinite, self.iter)
             rows = [self.task.items(student_pred), self.task.items(teacher_pred.nan_to_num(0., 0., 0.))]
-            if self.kd_loss_takes_target: rows.append(self.task.targets(self.yb[0]))  # it takes one target
+            if self.kd_loss_takes_target: rows.append(targets)  # it takes one target
             kd_loss = self.kd_loss(*rows) if scored is None else self._without_void(rows, scored)
             weight = self.weight(self.pct_train) if callable(self.weight) else self.weight
             self.learn.loss_grad = self.loss_grad + weight * finite * (kd_loss - base_loss)
@@ -323,9 +382,18 @@ class KnowledgeDistillation(Callback):
         `Learner.fit` calls it however a fit ends (fastai skips `after_fit` when a fit raises)"""
         if self.hints: self.hints.detach()
         if self.cache: self.cache.release()
+        if self.joined is not None and self.joined.loaders[0] is self.joint: self.joined.loaders[0] = self.labeled_loader
+        self.joined = None
         for t in self.channels_last: t.data = t.data.contiguous()
         for put_back in self.put_back: put_back()
         self.channels_last, self.put_back = [], []
+
+
+def _first_rows(pred, n: int, bs: int):
+    "`pred` (a tensor, or a tuple of them as some models return) with its first `n` of `bs` rows"
+    if isinstance(pred, Tensor): return pred[:n] if len(pred) == bs else pred
+    if isinstance(pred, (tuple, list)): return type(pred)(_first_rows(p, n, bs) for p in pred)
+    return pred
 
 
 def _fastai_original(name: str) -> Callable:
