@@ -114,18 +114,19 @@ class TeacherAgreement(Metric):
     def name(self) -> str: return 'teacher_agreement'
 
 
-def kd_candidates(learn: Learner, teacher) -> dict[str, dict]:
+def kd_candidates(learn: Learner, teacher, unlabeled=None) -> dict[str, dict]:
     """fastkd's default candidates for `learn`'s task. Single-label classification: SoftTarget at T=4 and T=2,
     SoftTarget on standardised logits (T=2), DIST, DKD, function matching (SoftTarget T=4 on batches mixed by `MixUp`,
-    which teacher and student share) and, where `match_layers` finds a pair, DIST with a FitNet hint from the student's
-    deepest feature map to the teacher's deepest one of the same spatial size. Other tasks: the callback's own loss."""
+    which teacher and student share; with `unlabeled` items at weight 1, as the recipe has it) and, where
+    `match_layers` finds a pair, DIST with a FitNet hint from the student's deepest feature map to the teacher's
+    deepest one of the same spatial size. Other tasks: the callback's own loss."""
     if task_of(learn.loss_func).kind != 'categorical': return {'auto': dict(loss='auto')}
     candidates = {'softtarget T4': dict(loss=SoftTarget(T=4.), weight=0.5),
                   'softtarget T2': dict(loss=SoftTarget(T=2.), weight=0.5),
                   'softtarget-std T2': dict(loss=SoftTarget(T=2., standardize=True), weight=0.5),
                   'dist': dict(loss=DIST(), weight=0.5),
                   'dkd': dict(loss=DKD(), weight=0.5),
-                  'fm (mixup)': dict(loss=SoftTarget(T=4.), weight=0.5, cbs=[MixUp])}
+                  'fm (mixup)': dict(loss=SoftTarget(T=4.), weight=0.5 if unlabeled is None else 1., cbs=[MixUp])}
     pair = _hint_pair(learn, teacher)
     if pair: candidates['dist + hint'] = dict(loss=DIST(), weight=0.5, hints=[Hint(*pair, FitNet())])
     return candidates
@@ -230,6 +231,7 @@ class KDFindResult:
     message: str = field(default='')
     lower_is_better: bool = False
     points: bool = True
+    unlabeled: object = field(default=None, repr=False)  # what joined the candidates' training, for `callback()`
 
     @property
     def top(self) -> str:
@@ -246,6 +248,7 @@ class KDFindResult:
             raise KeyError(f'No candidate {name!r}: choose one of {", ".join(self.candidates)}.')
         kwargs = deepcopy(self.candidates[name])
         extra = [_fresh(cb) for cb in kwargs.pop('cbs', [])]
+        if self.unlabeled is not None: kwargs.setdefault('unlabeled', self.unlabeled)
         return [KnowledgeDistillation(self.teacher, **kwargs), *extra]
 
     @property
@@ -274,7 +277,7 @@ class KDFindResult:
                     points=self.points)
 
     @classmethod
-    def from_record(cls, record: dict, candidates: dict, teacher) -> KDFindResult:
+    def from_record(cls, record: dict, candidates: dict, teacher, unlabeled=None) -> KDFindResult:
         """The result `record()` kept, with the `candidates` (the same names) and `teacher` that `callback()` builds
         from; for records kept before the metric's direction was recorded, it is read from the metric's name"""
         trials = pd.DataFrame(record['trials'])
@@ -285,7 +288,7 @@ class KDFindResult:
         lower = record.get('lower_is_better', _lower_is_better(record['metric']) or False)  # older records: by name
         points = record.get('points', _in_points(record['metric'], trials.score))
         return cls(trials, _table(trials, lower), record['best'], candidates, teacher, record['metric'],
-                   record['seconds'], record['runs'], record['lr'], record['message'], lower, points)
+                   record['seconds'], record['runs'], record['lr'], record['message'], lower, points, unlabeled)
 
     def __repr__(self) -> str: return f'{self.message}\n{self.table.to_string(float_format="{:.4g}".format)}'
 
@@ -364,7 +367,8 @@ def _verdict(trials: pd.DataFrame, table: pd.DataFrame, metric: str, lower_is_be
 def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, epochs: int = 4,
             lr: float | None = None, seeds: Sequence[int] = (0, 1), metric: Callable = accuracy,
             fit: Fit | None = None, rungs: Sequence[int] | None = None, keep: float = 0.25, early_seeds: int = 1,
-            show_progress: bool = True, lower_is_better: bool | None = None, show_plot: bool = True) -> KDFindResult:
+            show_progress: bool = True, lower_is_better: bool | None = None, show_plot: bool = True,
+            unlabeled=None) -> KDFindResult:
     """Which way of distilling `teacher` (a model or a `Learner`) into `learn`'s model pays, measured on the validation
     set. `candidates`: name -> `KnowledgeDistillation` keyword arguments (default: `kd_candidates(learn, teacher)`),
     e.g. `{'soft T4': dict(loss=SoftTarget(T=4)), 'dist': dict(loss=DIST(), weight=0.8)}`; a candidate's `cbs` entry
@@ -381,8 +385,10 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     the candidate's improvement over the student alone, same rung and seeds, in the metric's units: positive is
     better. `best` follows `seed_gain`'s rule. Seeds change the batches and augmentations, not the starting weights, so
     the spread is that of the data order. `show_plot` draws `plot()` on a pyplot figure, as `lr_find` does. The learner
-    is left as it was: weights, trainability, optimizer, callbacks, modes and the Recorder's history."""
-    candidates = kd_candidates(learn, teacher) if candidates is None else dict(candidates)
+    is left as it was: weights, trainability, optimizer, callbacks, modes and the Recorder's history. `unlabeled`
+    (items, or a DataLoader of inputs) joins the training of every distilled candidate (`KnowledgeDistillation`'s
+    `unlabeled`); the student alone, which has no teacher to learn them from, trains on the labeled items."""
+    candidates = kd_candidates(learn, teacher, unlabeled) if candidates is None else dict(candidates)
     if 'alone' in candidates: raise ValueError("'alone' is the student without a teacher, always measured: rename it.")
     if not candidates: raise ValueError('No candidates to try: pass a dict name -> KnowledgeDistillation arguments.')
     rungs, seeds, fit = list(rungs or _rungs(epochs)), list(seeds), fit or _one_cycle
@@ -415,6 +421,7 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
                     restored.reset()
                     kwargs = deepcopy(candidates.get(name, {}))
                     extra = [_fresh(cb) for cb in kwargs.pop('cbs', [])]
+                    if unlabeled is not None: kwargs.setdefault('unlabeled', unlabeled)
                     distil = [KnowledgeDistillation(teacher, **kwargs), *extra] if name != 'alone' else []
                     cbs = [Reseed(seed), *distil]
                     trial_start = time.perf_counter()
@@ -433,7 +440,7 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     alone_seconds = trials[(trials.name == 'alone') & (trials.rung == trials.rung.max())].seconds.mean()
     seconds = time.perf_counter() - start
     res = KDFindResult(trials, table, best, candidates, teacher, name, seconds, seconds / alone_seconds, lr, message,
-                       lower, points)
+                       lower, points, unlabeled)
     if show_plot: res.plot(ax=plt.subplots(figsize=res.figsize)[1])
     return res
 
@@ -463,8 +470,8 @@ def kd_find_for_job(dls, student_arch: Callable, teacher, schedule: Schedule, me
         res = kd_find(learn, teacher, candidates, epochs=schedule.epochs, lr=schedule.lr, seeds=seeds, metric=metric,
                       fit=frozen_at(schedule.epochs, schedule.freeze_epochs), **{'show_plot': False, **kwargs})
     else:
-        candidates = kd_candidates(learn, teacher) if candidates is None else dict(candidates)
-        res = KDFindResult.from_record(record, candidates, teacher)
+        candidates = kd_candidates(learn, teacher, kwargs.get('unlabeled')) if candidates is None else dict(candidates)
+        res = KDFindResult.from_record(record, candidates, teacher, kwargs.get('unlabeled'))
     name = res.best or res.top
     chosen = res.candidates[name]
     extra = chosen.get('cbs', [])
