@@ -87,6 +87,16 @@ def _schedule_args(parser: argparse.ArgumentParser, size: int, epochs: int, bs: 
                         help='report folder (default: %(default)s)')
 
 
+def _unlabeled_args(parser: argparse.ArgumentParser):
+    "Options that add images without labels to the distilled students' training"
+    parser.add_argument('--unlabeled', type=Path, default=None,
+                        help='a folder of images without labels (any layout, only read): the distilled students also '
+                        'learn from them, taught by the teacher alone')
+    parser.add_argument('--labels', type=float, default=1.,
+                        help='share of the training labels kept, drawn within each class with --split-seed; the other '
+                        'training images join as unlabeled ones, to measure what they gain (default: 1, all)')
+
+
 def _split_seed_arg(parser: argparse.ArgumentParser):
     parser.add_argument('--split-seed', type=int, default=42,
                         help='random seed of the validation split, apart from the seeds of the models; kept in the '
@@ -119,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
                    student='xresnet18-sixteenth', seeds=8, teacher_epochs=12, lr=1e-2)
     demo.add_argument('--data', type=Path, default=None,
                       help='where to write the digits image folder (default: OUT/digits)')
+    _unlabeled_args(demo)
     gtsrb = commands.add_parser('gtsrb', help='the whole job on GTSRB (ResNet-34 teacher, ResNet-18 student)',
                                 description='The reference workflow on GTSRB, from official zips or folders.')
     _data_args(gtsrb)
@@ -129,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     _schedule_args(gtsrb, size=None, epochs=4, bs=64, lr_find_iters=100, teacher=None, student='resnet18',
                    seeds=1,
                    method='dist')  # DIST paid on GTSRB 32x32 (bench/accuracy.py); SoftTarget T=4 slowed small students
+    _unlabeled_args(gtsrb)
     prepare = commands.add_parser('prepare', help='GTSRB zips or folders to train/valid/all/test folders',
                                   description='Make train/, valid/, all/ and test/ folders (one sub-folder per '
                                   'ClassId) in --data from the official zips or their unpacked GTSRB/ folder.')
@@ -206,6 +218,12 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace):
     if (getattr(args, 'mix', None) or getattr(args, 'mix_alpha', None)) and args.method != 'fm':
         parser.error('--mix and --mix-alpha set the augmentation of function matching: add --method fm')
     if any(n < 0 for n in getattr(args, 'n_augs', [])): parser.error('--n-augs must be 0 or more')
+    if hasattr(args, 'labels') and not 0 < args.labels <= 1: parser.error('--labels must be above 0 and at most 1')
+    if getattr(args, 'unlabeled', None) is not None and not args.unlabeled.is_dir():
+        parser.error(f'--unlabeled {args.unlabeled}: no such folder')
+    if (getattr(args, 'unlabeled', None) or getattr(args, 'labels', 1) < 1) and args.method == 'fm' and args.weight != 1:
+        parser.error('--method fm mixes each image with another, and with unlabeled images the mixed label could be '
+                     'unknown: add --weight 1 (function matching: the teacher alone teaches)')
     if hasattr(args, 'validation_fraction') and not 0 < args.validation_fraction < 1:
         parser.error('--validation-fraction must be between 0 and 1')
     if getattr(args, 'classes', None) and not all(0 <= c < 43 for c in args.classes):
@@ -248,9 +266,31 @@ def _settings(args) -> dict:
     return {'command': args.command_line, **options}
 
 
+def _with_unlabeled(args, dls):
+    """`dls` with the share --labels of its training labels, and the unlabeled items: the images of --unlabeled and
+    the training images whose labels --labels left out (None when there are none)"""
+    from fastai.data.transforms import get_image_files
+
+    from .unlabeled import keep_labels
+    unlabeled, parts = [], []
+    if args.unlabeled is not None:
+        found = sorted(get_image_files(args.unlabeled.resolve()))
+        if not found: raise FileNotFoundError(f'--unlabeled {args.unlabeled} holds no images: pass a folder of images.')
+        unlabeled, parts = found, [f'{len(found)} from {args.unlabeled}']
+    if args.labels < 1:
+        dls, held = keep_labels(dls, args.labels, seed=args.split_seed)
+        unlabeled, parts = unlabeled + held, parts + [f'{len(held)} training images without their labels (--labels '
+                                                      f'{args.labels:g})']
+    if not unlabeled: return dls, None
+    print(f'Distilled students also learn from {len(unlabeled)} unlabeled images, {" and ".join(parts)}; the teacher '
+          f'and the students alone train on {len(dls.train_ds)} labeled images.')
+    return dls, unlabeled
+
+
 def _job(args, dls, test_dl, y_true, teacher=None, mask=None, title: str = ''):
     """Run the distillation job with the command-line settings, keeping each run in --out as it ends; write its report.
     With --method auto, kd_find chooses the distillation on the validation split once the teacher is ready."""
+    dls, unlabeled = _with_unlabeled(args, dls)
     if args.method == AUTO:
         method = dict(choose=partial(kd_find_for_job, dls, ARCHS[args.student], schedule=_schedule(args)))
     else:
@@ -262,7 +302,7 @@ def _job(args, dls, test_dl, y_true, teacher=None, mask=None, title: str = ''):
         job = distillation_job(dls, test_dl, y_true, ARCHS[args.teacher], ARCHS[args.student], _schedule(args),
                                teacher=teacher, n_augs=args.n_augs, mask=mask,
                                seeds=range(args.seed, args.seed + args.seeds), teacher_epochs=args.teacher_epochs,
-                               runs=args.out/'runs', settings=_settings(args), **method)
+                               runs=args.out/'runs', settings=_settings(args), unlabeled=unlabeled, **method)
     except FileExistsError as error: sys.exit(f'fastkd: {error}')
     if job['reused']: print(f'Reused the runs kept in {args.out/"runs"}: {", ".join(job["reused"])}.')
     if job['kd_find']: print(f'kd_find: {job["kd_find"]["message"]}')

@@ -170,7 +170,11 @@ def write_report(job: dict, dest: str | Path, title: str = 'fastkd distillation 
         f'(its validation accuracy: {teacher_accuracy:.4f}).',
         f'- {compression_summary(job["sizes"])}',
         *([f'- The data was split with split seed {settings["split_seed"]} (--split-seed), apart from the seeds of the '
-           'models.'] if 'split_seed' in settings else []), '',
+           'models.'] if 'split_seed' in settings else []),
+        *([f'- The distilled students also learned from unlabeled images ({settings["unlabeled_items"]}), taught by the '
+           'teacher alone; the teacher and the students alone trained on the labeled images'
+           + (f' ({settings["labels"]:.0%} of the training labels, --labels).' if settings.get('labels', 1) < 1 else
+              '.')] if settings.get('unlabeled_items') else []), '',
         *(_kd_find_lines(chosen) if chosen else []),
         '## Per model', '', _markdown(job['summary']), '',
         '## Every run', '', _markdown(table), '',

@@ -130,6 +130,13 @@ def _data_fingerprint(dls: DataLoaders, test_dl, y_true, mask) -> str:
     return digest.hexdigest()[:12]
 
 
+def _data_fingerprint_of(unlabeled) -> str:
+    "How many unlabeled items there are, and a short hash of them (of a DataLoader's dataset items)"
+    items = getattr(getattr(unlabeled, 'dataset', None), 'items', unlabeled)
+    items = list(items) if items is not None else []
+    return f'{len(items)} items, {hashlib.sha256(str(items).encode()).hexdigest()[:12]}'
+
+
 def _job_settings(dls, test_dl, y_true, teacher_arch, student_arch, schedule, teacher, kd_loss, kd_weight, n_augs, mask,
                   metric, mix, teacher_epochs) -> dict:
     "Every setting the results of a job depend on (its seeds aside: each run is kept per seed)"
@@ -164,7 +171,7 @@ def distillation_job(dls: DataLoaders, test_dl, y_true, teacher_arch: Callable, 
                      metric: Callable = weighted_f1, seeds: Sequence[int] | None = None,
                      mix: Callable[[], Callback] | None = None, teacher_epochs: int | None = None,
                      runs: str | Path | None = None, settings: dict | None = None,
-                     choose: Callable[..., dict] | None = None) -> dict:
+                     choose: Callable[..., dict] | None = None, unlabeled=None) -> dict:
     """Train (or take) a teacher once (`schedule`, with `teacher_epochs` after unfreezing when given), then for each
     of `seeds` (default: `schedule.seed` alone) the student alone and with `KnowledgeDistillation` (plus the
     augmentation callback `mix()` makes, for function matching), both from that seed with the same schedule, and score
@@ -177,14 +184,18 @@ def distillation_job(dls: DataLoaders, test_dl, y_true, teacher_arch: Callable, 
     student_arch, schedule=schedule)`: a dict with `paid` (False: no method paid, the students train alone and there
     is no distilled student), `callbacks()` (a fresh list for each distilled student), `message` and `record`
     (JSON-able: kept in `runs` as run 'kd_find', and passed back as `record` when the job resumes, so that it chooses
-    the same without training again).
+    the same without training again). With `unlabeled` (items, or a DataLoader of inputs), the distilled students also
+    learn from them (`KnowledgeDistillation`'s `unlabeled`); the teacher and the students alone train on the labeled
+    items, and `choose` is called with `unlabeled=` too.
     Returns the learners, training histories and TTA results of the first seed by model name, the teacher/student
     size report, `table` (a row per model and seed), `summary` (mean and spread per model), `verdict`, `settings`,
     `reused` (the runs taken from `runs`) and `kd_find` (what `choose` returned, or None)."""
     seeds, n_augs = list(seeds or [schedule.seed]), sorted({0, *n_augs})
     if choose: kd_loss, kd_weight, mix = 'chosen by kd_find', None, None
     settings = {**(settings or {}), **_job_settings(dls, test_dl, y_true, teacher_arch, student_arch, schedule, teacher,
-                                                     kd_loss, kd_weight, n_augs, mask, metric, mix, teacher_epochs)}
+                                                     kd_loss, kd_weight, n_augs, mask, metric, mix, teacher_epochs),
+                **({'unlabeled_items': _data_fingerprint_of(unlabeled)} if unlabeled is not None else {})}
+    if unlabeled is not None and choose: choose = partial(choose, unlabeled=unlabeled)
     store = RunStore(runs, {k: v for k, v in settings.items() if k not in _UNCOMPARED}) if runs else None
     score = partial(test_time_aug, test_dataloader=test_dl, y_true=y_true, metric=metric, n_augs=n_augs, mask=mask)
     learners = {'teacher': scratch_learner(dls, teacher_arch, schedule.seed)}
@@ -201,7 +212,8 @@ def distillation_job(dls: DataLoaders, test_dl, y_true, teacher_arch: Callable, 
         if seed == seeds[0]: learners['student'] = student  # the first seed's models: those the report plots and saves
         if chosen and not chosen['paid']: continue  # the students alone are what kd_find advises
         cbs = (chosen['callbacks']() if chosen else
-               [KnowledgeDistillation(learners['teacher'], kd_loss, weight=kd_weight), *([mix()] if mix else [])])
+               [KnowledgeDistillation(learners['teacher'], kd_loss, weight=kd_weight, unlabeled=unlabeled),
+                *([mix()] if mix else [])])
         distilled = scratch_learner(dls, student_arch, seed, cbs=cbs)
         train_distilled = partial(train_schedule, distilled, replace(schedule, seed=seed, lr=alone['training']['lr']))
         runs_done[('distilled student', seed)] = _run('distilled student', seed, distilled, train_distilled, score,

@@ -23,9 +23,9 @@ def test_console_script_is_installed_and_lists_commands():
 
 @pytest.mark.parametrize('command,options', [
     ('demo', ['--size', '--epochs', '--teacher-epochs', '--freeze-epochs', '--teacher', '--student', '--temperature', '--weight', '--out',
-              '--seeds', '--method', '--mix', 'auto: kd_find', '--split-seed']),
+              '--seeds', '--method', '--mix', 'auto: kd_find', '--split-seed', '--unlabeled', '--labels']),
     ('gtsrb', ['--data', '--download', '--classes', '--size', '--epochs', '--teacher-weights', '--seeds', '--method',
-               '--standardize', '--mix-alpha', '--split-seed']),
+               '--standardize', '--mix-alpha', '--split-seed', '--unlabeled', '--labels']),
     ('prepare', ['--data', '--download', '--classes', '--validation-fraction', '--link', '--split-seed']),
     ('evaluate', ['--data', '--weights', '--arch', '--n-augs', '--classes']),
     ('fill-cache', ['--data', '--teacher-weights', '--teacher', '--size', '--cache', '--dtype', '--top-k', '--classes',
@@ -58,6 +58,9 @@ def test_every_help_is_complete(capsys, command, options):
     (['gtsrb', '--data', 'DATA', '--method', 'auto', '--temperature', '2', '--weight', '0.8', '--mix', 'cutmix'],
      '--temperature, --mix, --weight set the method by hand, which --method auto leaves to kd_find'),
     (['gtsrb'], 'the following arguments are required: --data'),
+    (['demo', '--labels', '0'], '--labels must be above 0 and at most 1'),
+    (['demo', '--unlabeled', 'nowhere'], '--unlabeled nowhere: no such folder'),
+    (['demo', '--method', 'fm', '--labels', '0.5'], 'add --weight 1 (function matching: the teacher alone teaches)'),
     (['prepare', '--data', 'DATA', '--classes', '43'], '--classes are GTSRB ClassIds, from 0 to 42'),
     (['evaluate', '--data', 'DATA', '--weights', 'nothing.pth'], '--weights nothing.pth: no such file'),
     (['fill-cache', '--data', 'DATA', '--teacher-weights', 'nothing.pth', '--cache', 'C'],
@@ -262,3 +265,21 @@ def test_another_training_seed_on_a_prepared_folder_and_the_jobs_teacher_reused_
     printed, n_train = capsys.readouterr().out, len(list((data/'train').glob('*/*.ppm')))
     assert f'Teacher outputs for the {n_train} training images stored in ' in printed
     assert 'size=16, augment=False, classes=[0, 19, 37]).' in printed
+
+
+def test_demo_with_a_share_of_the_labels_and_a_folder_of_unlabeled_images(few_digits, digits_path, tmp_path, capsys):
+    "The distilled student learns from both; the teacher and the student alone from the labels kept; DIR is only read"
+    out, unlabeled = tmp_path/'report', digits_path/'valid'
+    before = {f: (f.stat().st_mode, f.stat().st_mtime_ns) for f in unlabeled.rglob('*')}
+    assert main(['demo', '--data', str(few_digits), '--out', str(out), '--seeds', '1', *TINY, '--freeze-epochs', '0',
+                 '--labels', '0.5', '--unlabeled', str(unlabeled)]) == 0
+    n_unlabeled = len(list(unlabeled.rglob('*.png')))
+    printed = capsys.readouterr().out
+    line = (f'Distilled students also learn from {n_unlabeled + 150} unlabeled images, {n_unlabeled} from {unlabeled} '
+            'and 150 training images without their labels (--labels 0.5); the teacher and the students alone train '
+            'on 150 labeled images.')
+    assert line in printed
+    report = (out/'report.md').read_text()
+    assert f'also learned from unlabeled images ({n_unlabeled + 150} items' in report and '(50% of the training labels' \
+        in report
+    assert before == {f: (f.stat().st_mode, f.stat().st_mtime_ns) for f in unlabeled.rglob('*')}
