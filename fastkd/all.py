@@ -16,3 +16,4 @@ from .tta import *
 from .runs import *
 from .workflow import *
 from .kd_find import *
+from .unlabeled import *
