@@ -10,6 +10,8 @@ and the distillation loss on all of them without waiting for the device.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sized
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -34,8 +36,7 @@ class JointDataset:
         self.split_idx = getattr(labeled, 'split_idx', None)  # training transforms (augmentation) apply to all
         self.tfms = getattr(labeled, 'tfms', [])
         items = [getattr(part, 'items', None) for part in (labeled, unlabeled)]
-        if all(isinstance(i, (list, tuple)) or hasattr(i, '__array__') or type(i).__name__ == 'L' for i in items):
-            self.items = [*items[0], *items[1]]  # by file: what a teacher store is keyed by
+        if all(i is not None for i in items): self.items = [*items[0], *items[1]]  # what a teacher store is keyed by
 
     def __len__(self) -> int: return self.n_labeled + len(self.unlabeled)
 
@@ -59,7 +60,7 @@ class _LabeledFirst:
     def __call__(self) -> list[int]:
         dl, n_labeled = self.dl, self.n_labeled
         labeled, unlabeled = list(range(n_labeled)), list(range(n_labeled, len(dl.dataset)))
-        if dl.shuffle: labeled, unlabeled = dl.rng.sample(labeled, len(labeled)), dl.rng.sample(unlabeled, len(unlabeled))
+        if dl.shuffle: labeled, unlabeled = (dl.rng.sample(items, len(items)) for items in (labeled, unlabeled))
         sizes = self.batch_sizes()
         # one labeled item per batch, the others spread in proportion to the rest of each batch
         used = min(n_labeled, sum(sizes)) - len(sizes)
@@ -73,8 +74,29 @@ class _LabeledFirst:
         return order
 
 
+def check_unlabeled(unlabeled):
+    "`unlabeled` if it is items or a `DataLoader` of inputs (or None), else an error that says what to pass"
+    if unlabeled is None or isinstance(unlabeled, DataLoader): return unlabeled
+    if isinstance(unlabeled, (str, Path)):
+        raise TypeError(f'unlabeled is a path ({unlabeled}), not items: pass the items, e.g. '
+                        f'unlabeled=get_image_files({str(unlabeled)!r}).')
+    if isinstance(unlabeled, DataLoaders):
+        raise TypeError('unlabeled is a DataLoaders: pass one DataLoader of the unlabeled inputs, e.g. '
+                        'dls.test_dl(items), or the items themselves.')
+    if not isinstance(unlabeled, Sized) or not isinstance(unlabeled, Iterable):
+        raise TypeError(f'unlabeled must be a list of items (e.g. get_image_files(folder)) or a DataLoader of inputs, '
+                        f'not a {type(unlabeled).__name__}.')
+    if not len(unlabeled): raise ValueError('unlabeled holds no items: pass a non-empty list or DataLoader, or None.')
+    return unlabeled
+
+
+def n_unlabeled(unlabeled) -> int:
+    "How many unlabeled items `unlabeled` (items, or a `DataLoader` of inputs) holds"
+    return len(unlabeled.dataset) if isinstance(unlabeled, DataLoader) else len(unlabeled)
+
+
 def _inputs_dataset(train: DataLoader, unlabeled):
-    "The dataset of the unlabeled inputs: a `DataLoader`'s dataset, or `unlabeled` items through the training inputs' types"
+    "The dataset of the unlabeled inputs: a `DataLoader`'s, or `unlabeled` items through the training inputs' types"
     if isinstance(unlabeled, DataLoader): return unlabeled.dataset
     if isinstance(train.dataset, Datasets): return test_set(train.dataset, list(unlabeled))
     raise TypeError(f'unlabeled items are made into inputs by the transforms of the training set, and this one is a '
@@ -149,7 +171,8 @@ def keep_labels(dls: DataLoaders, fraction: float, seed: int = 0) -> tuple[DataL
     """`dls` whose training set keeps `fraction` of its items, drawn with `seed` within each label (at least one per
     label), and the others' items without their labels: to measure what `unlabeled` gains, as `--labels` does.
     Validation is unchanged. The training set must be a fastai `Datasets` (a `DataBlock`'s, `ImageDataLoaders`')."""
-    if not 0 < fraction <= 1: raise ValueError(f'fraction is the share of training labels kept, in (0, 1], got {fraction}.')
+    if not 0 < fraction <= 1:
+        raise ValueError(f'fraction is the share of training labels kept, in (0, 1], got {fraction}.')
     dataset = dls.train_ds
     if not isinstance(dataset, Datasets):
         raise TypeError(f'keep_labels splits a fastai Datasets by its items, and this training set is a '

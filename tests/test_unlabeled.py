@@ -192,3 +192,38 @@ def test_kd_find_measures_the_candidates_with_unlabeled_items(split, teacher):
                   show_progress=False, show_plot=False)
     assert len(few.train_ds) + len(rest) in sizes
     assert res.callback('soft')[0].unlabeled is rest
+
+
+def test_segmentation_distils_every_pixel_of_unlabeled_images_and_leaves_void_ones_out(digits_path, tmp_path):
+    """Void pixels exist only where there are labels: a teacher noisy at the void corner changes the term through the
+    unlabeled rows alone"""
+    import math
+    from test_combinations import VOID, FirstLoss, NoisyAtVoid, fcn, quietly
+    from conftest import stroke_masks
+    dls = stroke_masks(digits_path, tmp_path, every=12, void=VOID)
+    unlabeled = get_image_files(digits_path/'test')[::6]
+    torch.manual_seed(0)
+    base = fcn(8)
+    parts = {}
+    runs = [('base', base, None), ('noisy', NoisyAtVoid(base), None), ('base+unlabeled', base, unlabeled),
+            ('noisy+unlabeled', NoisyAtVoid(base), unlabeled)]
+    for name, teacher, extra in runs:
+        set_seed(1, reproducible=True)
+        dls.train.rng.seed(1)
+        learn = Learner(dls, fcn(4), loss_func=CrossEntropyLossFlat(axis=1, ignore_index=VOID),
+                        cbs=KnowledgeDistillation(teacher, unlabeled=extra))
+        recorder = FirstLoss()
+        quietly(learn, 'fit', 1, 1e-3, cbs=recorder)
+        parts[name] = recorder.kd
+    assert all(map(math.isfinite, parts.values()))
+    assert parts['base'] == pytest.approx(parts['noisy'], rel=1e-5)  # labeled rows: the void corner is left out
+    assert parts['base+unlabeled'] != pytest.approx(parts['noisy+unlabeled'], rel=1e-3)  # unlabeled rows: every pixel
+
+
+def test_unlabeled_must_be_items_or_a_dataloader(split, teacher):
+    few, rest = split
+    with pytest.raises(TypeError, match=r"get_image_files\('frames'\)"):
+        KnowledgeDistillation(teacher, unlabeled='frames')
+    with pytest.raises(TypeError, match='one DataLoader'): KnowledgeDistillation(teacher, unlabeled=few)
+    with pytest.raises(ValueError, match='holds no items'): KnowledgeDistillation(teacher, unlabeled=[])
+    assert f', unlabeled={len(rest)} items' in repr(KnowledgeDistillation(teacher, unlabeled=rest))
