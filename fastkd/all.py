@@ -17,3 +17,4 @@ from .runs import *
 from .workflow import *
 from .kd_find import *
 from .unlabeled import *
+from .teacher_input import *

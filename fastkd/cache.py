@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from .basics import evaluating, first_output, inputs_of, placement, random_state_kept, teacher_model, user_loader
 from .memory import InMemoryDL
 from .store import TeacherStore
+from .teacher_input import adapted, input_stats, teacher_inputs
 
 __all__ = ['TeacherCache', 'random_augmentations', 'fill_teacher_cache']
 
@@ -365,10 +366,11 @@ class _InMemory(_Rows):
         super().__init__()
         self.max_gib = max_gib
 
-    def attach(self, dl: DataLoader, teachers: list[nn.Module], precision: str, n_rows: int):
-        "Rows for `dl`'s data and `teachers` computing in `precision`: those kept if they are for them, else none yet"
-        data, teachers = (id(dl.dataset), len(dl.dataset), [id(tfm) for _, tfm in _transforms(dl)], precision), \
-            _teachers_signature(teachers)
+    def attach(self, dl: DataLoader, teachers: list[nn.Module], precision: str, n_rows: int, inputs: list):
+        """Rows for `dl`'s data and `teachers` computing in `precision` on `inputs` (what each receives): those kept if
+        they are for them, else none yet"""
+        data, teachers = (id(dl.dataset), len(dl.dataset), [id(tfm) for _, tfm in _transforms(dl)], precision,
+                          inputs), _teachers_signature(teachers)
         if self.source is None or self.source[0] != data or not _same_teachers(self.source[1], teachers):
             self.arrays = self.stored = self.shape = None
         self.source, self.n_rows = (data, teachers), n_rows
@@ -398,10 +400,11 @@ class _OnDisk(_Rows):
         if self.source is None: return None
         return self.root/hashlib.sha256(json.dumps(self.source, sort_keys=True).encode()).hexdigest()[:16]
 
-    def attach(self, dl: DataLoader, teachers: list[nn.Module], precision: str, n_rows: int):
-        "The rows of the store for `dl`'s data and `teachers` computing in `precision`, if one was created"
+    def attach(self, dl: DataLoader, teachers: list[nn.Module], precision: str, n_rows: int, inputs: list):
+        """The rows of the store for `dl`'s data and `teachers` computing in `precision` on `inputs` (what each
+        receives; stores of teachers fed the student's batches keep their identity), if one was created"""
         identity = dict(teachers=[_weights_digest(t) for t in teachers], precision=precision, data=_data_identity(dl),
-                        storage=self.storage)
+                        storage=self.storage, **({'teacher_inputs': inputs} if any(inputs) else {}))
         if identity == self.source: return
         self.source, self.n_rows = identity, n_rows
         self._use(TeacherStore.find(self.folder, identity))
@@ -494,9 +497,10 @@ class TeacherCache:
         "Pickles (`learn.export`) keep the settings and no stored output"
         return {**self.__dict__, 'keying': _Keying(self.views, self.view_seed), 'rows': self._no_rows()}
 
-    def prepare(self, learn: Learner, teachers: list[nn.Module]):
+    def prepare(self, learn: Learner, teachers: list[nn.Module], teacher_inputs: list | None = None):
         """Before a fit's first step: refuse random augmentation (with views, what cannot be replayed); forget the
-        outputs stored for other data, teachers or compute precision"""
+        outputs stored for other data, teachers, compute precision or teacher inputs (`TeacherInput`s, one per teacher,
+        None: the student's batch)"""
         randoms = random_augmentations(learn)
         if self.views is not None: _refuse_unviewable(learn.dls.train, self.views, _mixing_callbacks(learn))
         elif randoms and not self.allow_random:
@@ -517,11 +521,12 @@ class TeacherCache:
         if self.views is not None and dl.fake_l.num_workers > 0 and dl.fake_l.persistent_workers:
             raise ValueError(f'TeacherCache(views={self.views}) picks new views at each epoch, which persistent '
                              'workers would not see: pass persistent_workers=False to the DataLoaders.')
-        self._attach(dl, teachers, _precision(learn))
+        self._attach(dl, teachers, _precision(learn), teacher_inputs)
 
-    def _attach(self, dl: DataLoader, teachers: list[nn.Module], precision: str):
-        "Use the rows stored for `dl`'s data and these teachers computing in `precision`"
-        self.rows.attach(dl, teachers, precision, self.keying.n_rows(len(dl.dataset)))
+    def _attach(self, dl: DataLoader, teachers: list[nn.Module], precision: str, teacher_inputs: list | None = None):
+        "Use the rows stored for `dl`'s data and these teachers computing in `precision` on `teacher_inputs`"
+        inputs = [None if i is None else i.identity for i in teacher_inputs or [None] * len(teachers)]
+        self.rows.attach(dl, teachers, precision, self.keying.n_rows(len(dl.dataset)), inputs)
 
     def epoch_views(self, epoch: int, n_items: int) -> Tensor:
         """The view of each of `n_items` items in training epoch `epoch`, from `view_seed` and `epoch` alone: every K
@@ -618,13 +623,14 @@ class TeacherCache:
 
 def fill_teacher_cache(teacher, dls: DataLoaders | DataLoader, path: str | Path, dtype: torch.dtype = torch.float32,
                        top_k: int | None = None, allow_random: bool = False, views: int | None = None,
-                       view_seed: int = 0) -> Path:
+                       view_seed: int = 0, teacher_input='auto') -> Path:
     """Fill the store in `path` with `teacher`'s outputs (eval mode, no gradient, float32) for every item of the
     training loader of `dls` (or the loader `dls`), in one pass with a progress bar (with `views=K`: K passes, one per
     view); items already stored are skipped. A later `KnowledgeDistillation(teacher, cache=path)` (or
     `TeacherCache(path=path, ...)` with the same `dtype`, `top_k`, `views` and `view_seed`) on the same data, without
-    mixed precision, reuses them. Returns the store's folder."""
-    model = teacher_model(teacher)
+    mixed precision and with the same `teacher_input` (what the teacher receives, as `KnowledgeDistillation` takes
+    it), reuses them. Returns the store's folder."""
+    model, given = teacher_model(teacher), teacher_inputs([teacher], teacher_input)
     dl = user_loader(dls.train if isinstance(dls, DataLoaders) else dls)
     cache = TeacherCache(allow_random, dtype, path=path, top_k=top_k, views=views, view_seed=view_seed)
     if views is not None: _refuse_unviewable(dl, views)
@@ -632,11 +638,12 @@ def fill_teacher_cache(teacher, dls: DataLoaders | DataLoader, path: str | Path,
         raise ValueError(f'These transforms draw random numbers: {", ".join(randoms)}, so the outputs would be those '
                          'of one random view: fill the store from a loader without them (augment=False), pass '
                          'views=K to store K replayable views of each item, or pass allow_random=True.')
-    cache._attach(dl, [model], 'float32')
+    cache._attach(dl, [model], 'float32', given)
     plain = dl.new(shuffle=False, drop_last=False)
     replay = None if views is None else _ViewReplay(plain, view_seed, len(dl.dataset))
+    stats = input_stats(dl)
     def forward(xb: tuple) -> Tensor:
-        with torch.no_grad(), evaluating(model): return first_output(model(*xb)).float()
+        with torch.no_grad(), evaluating(model): return first_output(model(*adapted(xb, given[0], stats))).float()
     put_back = placement(model)  # the teacher runs where the inputs are, and is left where it was given
     try:
         for view in range(views or 1):

@@ -39,7 +39,8 @@ from .cache import TeacherCache
 from .hints import Hint, HintHooks
 from .losses import loss_examples
 from .tasks import task_of
-from .unlabeled import joint_loader, labeled_rows
+from .teacher_input import adapted, input_stats, teacher_inputs
+from .unlabeled import check_unlabeled, joint_loader, labeled_rows, n_unlabeled
 
 __all__ = ['KnowledgeDistillation', 'load_teacher']
 
@@ -106,6 +107,11 @@ class KnowledgeDistillation(Callback):
     training metrics cover the labeled items only, the distillation loss and hints all of them (for a loss that takes
     a target, such as DKD, an unlabeled item's target is the teacher's class). With MixUp, whose mixed labels would
     take an unlabeled partner's, it needs `weight=1` (function matching: the teacher alone teaches).
+    `teacher_input` says what each teacher receives: 'auto' reads it from a `Learner` teacher's own DataLoaders (their
+    `Normalize` and image size) or a timm model's `pretrained_cfg`, and leaves the batch as it is for other models; a
+    `TeacherInput(size, mean, std)` sets it (a list: one per teacher); None turns it off. The student's images are
+    unnormalised with the student's statistics, resized on the device and normalised with the teacher's, in every
+    teacher forward (training steps, the check before the first step, the cache's).
     `teacher_channels_last` lays the teachers' 4-d weights out channels-last during each fit, and puts them back when
     it ends: `None` (the default) does so on CPUs, where it makes convolutions faster (ResNet teachers' forwards took
     0.5-0.8x as long); `True` also on GPUs, `False` never.
@@ -117,7 +123,7 @@ class KnowledgeDistillation(Callback):
 
     def __init__(self, teacher, loss='auto', weight: float | Callable = 0.5, hints: Sequence[Hint] = (),
                  cache: bool | str | Path | TeacherCache = False, teacher_channels_last: bool | None = None,
-                 from_learner: bool | None = None, unlabeled=None, **loss_settings):
+                 from_learner: bool | None = None, unlabeled=None, teacher_input='auto', **loss_settings):
         "`from_learner` is accepted for older code and not needed: a `Learner` teacher is detected"
         if loss_settings:
             name = getattr(loss, '__name__', type(loss).__name__)
@@ -126,6 +132,9 @@ class KnowledgeDistillation(Callback):
                             f'KnowledgeDistillation(teacher, {name}({settings})).')
         teachers = teacher if isinstance(teacher, (list, tuple)) else [teacher]
         self.teachers = [teacher_model(t) for t in teachers]
+        self.teacher_inputs = teacher_inputs(teachers, teacher_input)
+        # what `repr` shows: given inputs; 'auto' ones once a learner says whether they change its images
+        self.shown_inputs = [None] * len(teachers) if isinstance(teacher_input, str) else self.teacher_inputs
         if not callable(weight) and not 0 <= weight <= 1:
             raise ValueError(f'weight must be between 0 and 1 (or a schedule of training progress), got {weight}')
         self.auto_loss = isinstance(loss, str) and loss == 'auto'
@@ -146,13 +155,17 @@ class KnowledgeDistillation(Callback):
         self.channels_last, self.put_back = [], []  # what `restore` puts back after a fit
         # with unlabeled items: the training loader of both, the user's, and the DataLoaders that hold the first now
         self.joint, self.labeled_loader, self.joined = None, None, None
-        store_attr('weight,teacher_channels_last,unlabeled')
+        store_attr('weight,teacher_channels_last')
+        self.unlabeled = check_unlabeled(unlabeled)
 
     def __repr__(self) -> str:
         loss = 'auto (picked when the fit starts)' if self.auto_loss and self.kd_loss is None else self.kd_loss
         hints = f', hints={self.hints.hints}' if self.hints else ''
         weight = f', weight={self.weight}' if loss is not None else ''  # without a logit term the weight weighs nothing
-        return f'{type(self).__name__}(loss={loss}{weight}{hints})'
+        unlabeled = f', unlabeled={n_unlabeled(self.unlabeled)} items' if self.unlabeled is not None else ''
+        given = self.shown_inputs[0] if len(self.shown_inputs) == 1 else self.shown_inputs
+        given = f', teacher_input={given}' if any(i is not None for i in self.shown_inputs) else ''
+        return f'{type(self).__name__}(loss={loss}{weight}{hints}{unlabeled}{given})'
 
     def __getstate__(self):
         "Leave the teachers out of pickles (`learn.export` leaves the whole callback out)"
@@ -160,8 +173,11 @@ class KnowledgeDistillation(Callback):
                 'labeled_loader': None, 'joined': None}
 
     def after_create(self):
-        "Pick the loss as soon as the learner exists, so `repr` shows it (an unknown task is refused when a fit starts)"
+        """Pick the loss as soon as the learner exists, so `repr` shows it (an unknown task is refused when a fit
+        starts), and the teacher inputs that change the learner's images"""
         if task_of(self.learn.loss_func).known: self._pick_loss()
+        self.student_stats = input_stats(self.dls.train)
+        self.shown_inputs = self._changing_inputs()
 
     def _pick_loss(self):
         "The task of the learner's loss function, and the distillation loss for it when `loss='auto'`"
@@ -179,6 +195,7 @@ class KnowledgeDistillation(Callback):
                              'before the distillation term is mixed in): remove one of them, e.g. use a smaller batch '
                              'size.')
         self._pick_loss()
+        self.student_stats = input_stats(self.dls.train)  # read once: on a GPU, reading them waits for it
         self.smooth_parts, self.n_batches, self.checked, self.channels_last, self.put_back = 0., 0, False, [], []
         if hasattr(self.learn, 'recorder') and 'train_loss' in self.recorder.metric_names:
             names = self.recorder.metric_names
@@ -230,7 +247,8 @@ class KnowledgeDistillation(Callback):
             if self.kd_loss is not None:
                 self._check_on_validation_batch()
                 self._reset_recurrent(self.model)  # the check ran it: training starts from the state it was given
-            if self.cache: self.cache.prepare(self.learn, self.teachers)
+            self.shown_inputs = self._changing_inputs()
+            if self.cache: self.cache.prepare(self.learn, self.teachers, self.shown_inputs)
             if self.teacher_channels_last or (self.teacher_channels_last is None and param.device.type == 'cpu'):
                 self.channels_last = [t for m in self.teachers for t in _to_channels_last(m)]
             self.checked = True
@@ -248,10 +266,25 @@ class KnowledgeDistillation(Callback):
     def teacher_output(self, xb: tuple) -> Tensor:
         "The teacher's prediction for `xb` in float32; for an ensemble, the teachers' combined"
         autocast = getattr(getattr(self.learn, 'mixed_precision', None), 'autocast', None) or nullcontext()
-        outputs = []
-        for teacher in self.teachers:
-            with evaluating(teacher), autocast: outputs.append(first_output(teacher(*xb)).float())
+        stats, outputs = self._student_stats(), []
+        for teacher, teacher_input in zip(self.teachers, self.teacher_inputs):
+            teacher_xb = adapted(xb, teacher_input, stats)
+            with evaluating(teacher), autocast: outputs.append(first_output(teacher(*teacher_xb)).float())
         return self.task.ensemble(outputs)
+
+    def _student_stats(self):
+        "The student's normalisation: read when the fit started, or now where `teacher_output` is called outside a fit"
+        if 'student_stats' not in vars(self):
+            learn = vars(self).get('learn')
+            self.student_stats = input_stats(learn.dls.train) if learn is not None else None
+        return self.student_stats
+
+    def _changing_inputs(self) -> list:
+        "The teacher inputs that change the student's images (the others: None), by which the cache keys its outputs"
+        dl = user_loader(self.dls.valid if len(self.dls.valid) else self.dls.train)
+        x = inputs_of(dl, sample_batch(dl, 1))[0] if any(self.teacher_inputs) else None
+        return [i if i is not None and x.ndim == 4 and i.changes(x.shape, self.student_stats) else None
+                for i in self.teacher_inputs]
 
     def _check_on_validation_batch(self):
         "Before the first step: teacher and student must predict alike, and the teacher should beat chance"
@@ -325,7 +358,8 @@ class KnowledgeDistillation(Callback):
         base_loss = self.learn.loss  # the loss function's value: what callbacks added since (AR/TAR) keeps its weight
         parts, scored, targets = [base_loss], self.task.scored(self.yb[0]), self.task.targets(self.yb[0])
         if (unlabeled := len(student_pred) - len(self.yb[0])) > 0:  # rows without labels: all scored, teacher's class
-            if scored is not None: scored = torch.cat([scored, scored.new_ones(len(scored) * unlabeled // len(self.yb[0]))])
+            if scored is not None:
+                scored = torch.cat([scored, scored.new_ones(len(scored) * unlabeled // len(self.yb[0]))])
             if self.kd_loss_takes_target:
                 targets = torch.cat([targets, self.task.targets(teacher_pred[-unlabeled:].argmax(self.task.axis))])
         if self.kd_loss is not None:
@@ -382,7 +416,8 @@ class KnowledgeDistillation(Callback):
         `Learner.fit` calls it however a fit ends (fastai skips `after_fit` when a fit raises)"""
         if self.hints: self.hints.detach()
         if self.cache: self.cache.release()
-        if self.joined is not None and self.joined.loaders[0] is self.joint: self.joined.loaders[0] = self.labeled_loader
+        if self.joined is not None and self.joined.loaders[0] is self.joint:
+            self.joined.loaders[0] = self.labeled_loader
         self.joined = None
         for t in self.channels_last: t.data = t.data.contiguous()
         for put_back in self.put_back: put_back()

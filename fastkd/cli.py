@@ -15,8 +15,9 @@ from fastai.vision.models.xresnet import xresnet18, xresnet34
 
 from .kd_find import kd_find_for_job
 from .report import write_report
-from .workflow import (KD_METHODS, MIXES, Schedule, check_on_validation, distillation_job, kd_method, scratch_learner,
-                       weighted_f1)
+from .teacher_input import AdaptedTeacher, TeacherInput, input_stats
+from .workflow import (KD_METHODS, MIXES, InputSizeError, Schedule, check_on_validation, distillation_job, kd_method,
+                       scratch_learner, weighted_f1)
 
 __all__ = ['main', 'ARCHS']
 
@@ -136,6 +137,10 @@ def _parser() -> argparse.ArgumentParser:
     gtsrb.add_argument('--download', action='store_true', help='download the official zips into --data first')
     gtsrb.add_argument('--teacher-weights', type=Path, default=None,
                        help='state dict of a trained teacher (skips training the teacher)')
+    gtsrb.add_argument('--teacher-size', type=int, default=None,
+                       help="the image size the teacher of --teacher-weights takes, when not --size: it receives the "
+                       "students' images resized to it (default: --size, or the size at which the check before "
+                       'training finds it works)')
     gtsrb.add_argument('--validation-fraction', type=float, default=0.2, help='share of tracks held out (default: 0.2)')
     _schedule_args(gtsrb, size=None, epochs=4, bs=64, lr_find_iters=100, teacher=None, student='resnet18',
                    seeds=1,
@@ -203,7 +208,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace):
     elif hasattr(args, 'weight') and args.weight is None: args.weight = DEFAULT_WEIGHT
     if getattr(args, 'weight', None) is not None and not 0 <= args.weight <= 1:
         parser.error('--weight must be between 0 and 1')
-    for name in ('size', 'bs', 'epochs', 'teacher_epochs', 'lr_find_iters', 'threads', 'seeds', 'top_k'):
+    for name in ('size', 'bs', 'epochs', 'teacher_epochs', 'lr_find_iters', 'threads', 'seeds', 'top_k',
+                 'teacher_size'):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be at least 1')
     if getattr(args, 'freeze_epochs', 0) < 0: parser.error('--freeze-epochs must be 0 or more')
@@ -218,10 +224,14 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace):
     if (getattr(args, 'mix', None) or getattr(args, 'mix_alpha', None)) and args.method != 'fm':
         parser.error('--mix and --mix-alpha set the augmentation of function matching: add --method fm')
     if any(n < 0 for n in getattr(args, 'n_augs', [])): parser.error('--n-augs must be 0 or more')
+    if getattr(args, 'teacher_size', None) and not args.teacher_weights:
+        parser.error('--teacher-size is the size the teacher of --teacher-weights takes: add --teacher-weights (a '
+                     'teacher the job trains takes the students\' images)')
     if hasattr(args, 'labels') and not 0 < args.labels <= 1: parser.error('--labels must be above 0 and at most 1')
     if getattr(args, 'unlabeled', None) is not None and not args.unlabeled.is_dir():
         parser.error(f'--unlabeled {args.unlabeled}: no such folder')
-    if (getattr(args, 'unlabeled', None) or getattr(args, 'labels', 1) < 1) and args.method == 'fm' and args.weight != 1:
+    unlabeled = getattr(args, 'unlabeled', None) or getattr(args, 'labels', 1) < 1
+    if unlabeled and args.method == 'fm' and args.weight != 1:
         parser.error('--method fm mixes each image with another, and with unlabeled images the mixed label could be '
                      'unknown: add --weight 1 (function matching: the teacher alone teaches)')
     if hasattr(args, 'validation_fraction') and not 0 < args.validation_fraction < 1:
@@ -287,7 +297,7 @@ def _with_unlabeled(args, dls):
     return dls, unlabeled
 
 
-def _job(args, dls, test_dl, y_true, teacher=None, mask=None, title: str = ''):
+def _job(args, dls, test_dl, y_true, teacher=None, mask=None, title: str = '', teacher_input=None):
     """Run the distillation job with the command-line settings, keeping each run in --out as it ends; write its report.
     With --method auto, kd_find chooses the distillation on the validation split once the teacher is ready."""
     dls, unlabeled = _with_unlabeled(args, dls)
@@ -302,7 +312,8 @@ def _job(args, dls, test_dl, y_true, teacher=None, mask=None, title: str = ''):
         job = distillation_job(dls, test_dl, y_true, ARCHS[args.teacher], ARCHS[args.student], _schedule(args),
                                teacher=teacher, n_augs=args.n_augs, mask=mask,
                                seeds=range(args.seed, args.seed + args.seeds), teacher_epochs=args.teacher_epochs,
-                               runs=args.out/'runs', settings=_settings(args), unlabeled=unlabeled, **method)
+                               runs=args.out/'runs', settings=_settings(args), unlabeled=unlabeled,
+                               teacher_input=teacher_input, **method)
     except FileExistsError as error: sys.exit(f'fastkd: {error}')
     if job['reused']: print(f'Reused the runs kept in {args.out/"runs"}: {", ".join(job["reused"])}.')
     if job['kd_find']: print(f'kd_find: {job["kd_find"]["message"]}')
@@ -356,12 +367,31 @@ def _take_trained_for(args, weights: Path, arch: str, default_arch: str):
     args.size, args.classes = args.size or trained_for.get('size') or DEFAULT_SIZE, args.classes or learned
 
 
-def _checked(model, dls, args, name: str, size: int):
-    "Stop before anything trains or is written when `model` is no better than chance on validation images"
+def _checked(model, dls, args, name: str, size: int) -> int:
+    """Stop before anything trains or is written when `model` is no better than chance on validation images at any
+    size; the size at which it works: `size`, or the nearest other one the check finds"""
     from .gtsrb import gtsrb_dls
     def resized(other_size: int): return gtsrb_dls(args.data, size=other_size, bs=args.bs, classes=args.classes)
-    try: return check_on_validation(model, dls, name, size=size, resized=resized)
+    try: check_on_validation(model, dls, name, size=size, resized=resized)
+    except InputSizeError as error: return error.size
     except ValueError as error: sys.exit(f'fastkd: {error} Nothing was trained or written.')
+    return size
+
+
+def _teacher_input(teacher, dls, args) -> TeacherInput | None:
+    """What the teacher of --teacher-weights receives: the students' images (None), or resized to --teacher-size, else
+    to the size at which the check finds it works (one line says so); a teacher that works at no size stops the job"""
+    name = f'the teacher ({args.teacher} from {args.teacher_weights})'
+    if args.teacher_size in (None, args.size):
+        size = _checked(teacher, dls, args, name, args.size)
+        if size == args.size: return None
+    else:
+        size = args.teacher_size
+        _checked(AdaptedTeacher(teacher, TeacherInput(size), input_stats(dls.train)), dls, args, f'{name} at {size} px',
+                 args.size)
+    print(f'{name.capitalize()} works at {size} px: it receives the students\' images resized to {size} px, and the '
+          f'students train at --size {args.size}.')
+    return TeacherInput(size)
 
 
 def _demo(args):
@@ -403,10 +433,10 @@ def _gtsrb(args):
     teacher = load_teacher(args.teacher_weights, ARCHS[args.teacher], 43) if args.teacher_weights else None
     _prepared(args)
     dls = gtsrb_dls(args.data, size=args.size, bs=args.bs, classes=args.classes)
-    if teacher is not None:
-        _checked(teacher, dls, args, f'the teacher ({args.teacher} from {args.teacher_weights})', args.size)
+    teacher_input = _teacher_input(teacher, dls, args) if teacher is not None else None
     test_dl, y_true, mask = _gtsrb_test(args, dls)
-    _job(args, dls, test_dl, y_true, teacher=teacher, mask=mask, title='fastkd: distillation on GTSRB')
+    _job(args, dls, test_dl, y_true, teacher=teacher, mask=mask, title='fastkd: distillation on GTSRB',
+         teacher_input=teacher_input)
 
 
 def _prepare(args):
@@ -424,7 +454,11 @@ def _evaluate(args):
     dls = gtsrb_dls(args.data, size=args.size, bs=args.bs, classes=args.classes)
     learn = scratch_learner(dls, ARCHS[args.arch])
     load_teacher(args.weights, learn.model)
-    _checked(learn.model, dls, args, f'the model in {args.weights} ({args.arch})', args.size)
+    size = _checked(learn.model, dls, args, f'the model in {args.weights} ({args.arch})', args.size)
+    if size != args.size:  # scored on the images at the size it works at
+        print(f'The model in {args.weights} works at {size} px, not at --size {args.size}: it is scored at {size} px.')
+        args.size, dls = size, gtsrb_dls(args.data, size=size, bs=args.bs, classes=args.classes)
+        learn.dls = dls
     test_dl, y_true, mask = _gtsrb_test(args, dls)
     results = test_time_aug(learn, test_dl, y_true, weighted_f1, args.n_augs, mask=mask)
     y_pred = learn.get_preds(dl=test_dl)[0].argmax(dim=1)

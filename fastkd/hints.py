@@ -115,13 +115,18 @@ class FitNet(_Adapted):
     """Romero et al., ICLR 2015, "FitNets: Hints for Thin Deep Nets": `mean((adapter(s) - t)**2)` over all elements,
     for student and teacher features `s` and `t` of the same spatial size, where `adapter` is a 1x1 convolution
     (a linear layer for flat features) from the student's channels to the teacher's, created at the first call and
-    trained with the student. Computes in float32."""
+    trained with the student. Where one map is a whole multiple of the other in each dimension (a teacher fed twice
+    the student's resolution), the larger is average-pooled to the smaller first. Computes in float32."""
     def forward(self, s: Tensor, t: Tensor) -> Tensor:
         _check_features('FitNet', s, t)
         if s.shape[2:] != t.shape[2:]:
-            raise ValueError(f'FitNet compares features of the same spatial size; got student {tuple(s.shape)} and '
-                             f'teacher {tuple(t.shape)}. Choose layers whose sizes match (`match_layers` lists them), '
-                             'or use CosineHint or AttentionTransfer, which pool the larger map.')
+            if any(max(a, b) % min(a, b) for a, b in zip(s.shape[2:], t.shape[2:])):
+                raise ValueError(f'FitNet compares features of the same spatial size, or of sizes one a whole multiple '
+                                 f'of the other (pooled); got student {tuple(s.shape)} and teacher {tuple(t.shape)}. '
+                                 'Choose layers whose sizes match (`match_layers` lists them), or use CosineHint or '
+                                 'AttentionTransfer, which pool the larger map to any size.')
+            size = _common_size(s, t)
+            s, t = _pool(s, size), _pool(t, size)
         if self.adapter is None: self.adapter = _adapter(s, t)
         dtype = self.adapter.weight.dtype
         return F.mse_loss(self.adapter(s.to(dtype)).to(dtype), t.to(dtype))
@@ -319,13 +324,14 @@ def _map_shapes(model: nn.Module, xb: tuple, depth: int) -> dict[str, tuple]:
 
 
 def match_layers(student: nn.Module | Learner, teacher: nn.Module | Learner, x: Tensor | tuple,
-                 depth: int = 2) -> pd.DataFrame:
+                 depth: int = 2, teacher_x: Tensor | tuple | None = None) -> pd.DataFrame:
     """Candidate `Hint` layer pairs: each student layer and teacher layer at most `depth` levels deep (`'0.6'` is 2)
     whose feature maps for the input batch `x` have the same spatial size, with both shapes, in layer order.
-    Both models run once on `x`, in eval mode and without gradient; their modes are restored after."""
-    xb = x if isinstance(x, (tuple, list)) else (x,)
+    `teacher_x`: the teacher's input where it differs from the student's (another size: `TeacherInput.adapt(x)`).
+    Both models run once, in eval mode and without gradient; their modes are restored after."""
+    xbs = [x if isinstance(x, (tuple, list)) else (x,) for x in (x, x if teacher_x is None else teacher_x)]
     student_shapes, teacher_shapes = [_map_shapes(get_model(m.model if isinstance(m, Learner) else m), xb, depth)
-                                      for m in (student, teacher)]
+                                      for m, xb in zip((student, teacher), xbs)]
     rows = [dict(student_layer=s_name, student_shape=s_shape, teacher_layer=t_name, teacher_shape=t_shape)
             for s_name, s_shape in student_shapes.items() for t_name, t_shape in teacher_shapes.items()
             if len(s_shape) == len(t_shape) and s_shape[2:] == t_shape[2:]]

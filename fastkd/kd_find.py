@@ -37,6 +37,7 @@ from .callback import KnowledgeDistillation
 from .hints import FitNet, Hint, match_layers
 from .losses import DIST, DKD, SoftTarget
 from .tasks import task_of
+from .teacher_input import RAW, TeacherInput, adapted, input_stats, teacher_inputs
 from .workflow import Reseed, Schedule, scratch_learner, seed_gain
 
 __all__ = ['TeacherAgreement', 'kd_candidates', 'kd_find', 'KDFindResult', 'frozen_first', 'frozen_at',
@@ -90,19 +91,24 @@ class TeacherAgreement(Metric):
     """The share of validation items whose top-1 class for the student equals the teacher's (big_vision logs it during
     distillation). A metric for `metrics=`: it runs `teacher` (a model or a `Learner`) in eval mode without gradient on
     validation batches only, so training, and what the teacher runs there, stay as they were. Under DDP it counts the
-    items of every process (each once, as fastai's metrics do). `learn.export()` leaves it out: it holds the teacher."""
-    def __init__(self, teacher): self.teacher = teacher_model(teacher)
+    items of every process (each once, as fastai's metrics do). `learn.export()` leaves it out: it holds the teacher.
+    `teacher_input`: what the teacher receives, as `KnowledgeDistillation` takes it ('auto', a `TeacherInput`, None)."""
+    def __init__(self, teacher, teacher_input='auto'):
+        self.teacher, self.teacher_input = teacher_model(teacher), teacher_inputs([teacher], teacher_input)[0]
 
     def reset(self):
         "Before each validation: no count yet, and a recurrent teacher (with `reset`) from a fresh state"
-        self.same, self.total = 0, 0
+        self.same, self.total, self.student_stats = 0, 0, None  # the student's normalisation: read at the first batch
         if callable(getattr(self.teacher, 'reset', None)): self.teacher.reset()
 
     def accumulate(self, learn: Learner):
         if learn.training: return
         student = first_output(learn.pred)
+        if self.teacher_input is not None and self.student_stats is None:
+            self.student_stats = input_stats(learn.dls.valid) or RAW
         with torch.no_grad(), placed_like(self.teacher, next(learn.model.parameters())), evaluating(self.teacher):
-            teacher = first_output(self.teacher(*learn.xb))  # on the student's device, in its dtype; then put back
+            # on the student's device, in its dtype; then put back
+            teacher = first_output(self.teacher(*adapted(learn.xb, self.teacher_input, self.student_stats)))
         gather = partial(learn.to_detach, cpu=False)  # under DDP: all processes' items, without the padding
         same, total = _agreement(student, teacher, task_of(learn.loss_func).axis, gather)
         self.same, self.total = self.same + same, self.total + total
@@ -114,12 +120,12 @@ class TeacherAgreement(Metric):
     def name(self) -> str: return 'teacher_agreement'
 
 
-def kd_candidates(learn: Learner, teacher, unlabeled=None) -> dict[str, dict]:
+def kd_candidates(learn: Learner, teacher, unlabeled=None, teacher_input='auto') -> dict[str, dict]:
     """fastkd's default candidates for `learn`'s task. Single-label classification: SoftTarget at T=4 and T=2,
     SoftTarget on standardised logits (T=2), DIST, DKD, function matching (SoftTarget T=4 on batches mixed by `MixUp`,
     which teacher and student share; with `unlabeled` items at weight 1, as the recipe has it) and, where
     `match_layers` finds a pair, DIST with a FitNet hint from the student's deepest feature map to the teacher's
-    deepest one of the same spatial size. Other tasks: the callback's own loss."""
+    deepest one of the same spatial size (for the teacher fed `teacher_input`). Other tasks: the callback's own loss."""
     if task_of(learn.loss_func).kind != 'categorical': return {'auto': dict(loss='auto')}
     candidates = {'softtarget T4': dict(loss=SoftTarget(T=4.), weight=0.5),
                   'softtarget T2': dict(loss=SoftTarget(T=2.), weight=0.5),
@@ -127,17 +133,19 @@ def kd_candidates(learn: Learner, teacher, unlabeled=None) -> dict[str, dict]:
                   'dist': dict(loss=DIST(), weight=0.5),
                   'dkd': dict(loss=DKD(), weight=0.5),
                   'fm (mixup)': dict(loss=SoftTarget(T=4.), weight=0.5 if unlabeled is None else 1., cbs=[MixUp])}
-    pair = _hint_pair(learn, teacher)
+    pair = _hint_pair(learn, teacher, teacher_inputs([teacher], teacher_input)[0])
     if pair: candidates['dist + hint'] = dict(loss=DIST(), weight=0.5, hints=[Hint(*pair, FitNet())])
     return candidates
 
 
-def _hint_pair(learn: Learner, teacher) -> tuple[str, str] | None:
-    "The student's deepest feature map (larger than 1x1) and the teacher's deepest layer of the same spatial size"
+def _hint_pair(learn: Learner, teacher, teacher_input: TeacherInput | None = None) -> tuple[str, str] | None:
+    """The student's deepest feature map (larger than 1x1) and the teacher's deepest layer of the same spatial size, the
+    teacher fed its `teacher_input`"""
     dl = learn.dls.valid if len(learn.dls.valid) else learn.dls.train
     xb = inputs_of(dl, dl.one_batch())
     with torch.random.fork_rng(devices=[]):
-        pairs = match_layers(learn.model, teacher_model(teacher), xb)
+        pairs = match_layers(learn.model, teacher_model(teacher), xb, teacher_x=adapted(xb, teacher_input,
+                                                                                       input_stats(dl)))
     pairs = pairs[[np.prod(shape[2:]) > 1 for shape in pairs.student_shape]]
     if not len(pairs): return None
     deepest = pairs[pairs.student_layer == pairs.student_layer.iloc[-1]].iloc[-1]
@@ -232,6 +240,7 @@ class KDFindResult:
     lower_is_better: bool = False
     points: bool = True
     unlabeled: object = field(default=None, repr=False)  # what joined the candidates' training, for `callback()`
+    teacher_input: TeacherInput | None = field(default=None, repr=False)  # what the teacher received
 
     @property
     def top(self) -> str:
@@ -249,6 +258,7 @@ class KDFindResult:
         kwargs = deepcopy(self.candidates[name])
         extra = [_fresh(cb) for cb in kwargs.pop('cbs', [])]
         if self.unlabeled is not None: kwargs.setdefault('unlabeled', self.unlabeled)
+        kwargs.setdefault('teacher_input', self.teacher_input)
         return [KnowledgeDistillation(self.teacher, **kwargs), *extra]
 
     @property
@@ -308,12 +318,15 @@ def _scores(learn: Learner, teacher_logits: Tensor, metric: Callable) -> tuple[f
 
 
 @torch.no_grad()
-def _teacher_logits(teacher: nn.Module, learn: Learner) -> Tensor:
-    "The teacher's logits for every validation batch, on the CPU"
-    param = next(learn.model.parameters())
+def _teacher_logits(teacher: nn.Module, learn: Learner, teacher_input: TeacherInput | None = None) -> Tensor:
+    "The teacher's logits for every validation batch (fed its `teacher_input`), on the CPU"
+    param, dl = next(learn.model.parameters()), learn.dls.valid
+    stats = input_stats(dl)
+    def logits(batch):
+        xb = adapted(to_device(inputs_of(dl, batch), param.device), teacher_input, stats)
+        return first_output(teacher(*xb)).float().cpu()
     with placed_like(teacher, param), evaluating(teacher):  # the teacher is left where it was given
-        return torch.cat([first_output(teacher(*to_device(inputs_of(learn.dls.valid, b), param.device))).float().cpu()
-                          for b in learn.dls.valid])
+        return torch.cat([logits(batch) for batch in dl])
 
 
 def _sign(lower_is_better: bool) -> int: return -1 if lower_is_better else 1
@@ -368,7 +381,7 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
             lr: float | None = None, seeds: Sequence[int] = (0, 1), metric: Callable = accuracy,
             fit: Fit | None = None, rungs: Sequence[int] | None = None, keep: float = 0.25, early_seeds: int = 1,
             show_progress: bool = True, lower_is_better: bool | None = None, show_plot: bool = True,
-            unlabeled=None) -> KDFindResult:
+            unlabeled=None, teacher_input='auto') -> KDFindResult:
     """Which way of distilling `teacher` (a model or a `Learner`) into `learn`'s model pays, measured on the validation
     set. `candidates`: name -> `KnowledgeDistillation` keyword arguments (default: `kd_candidates(learn, teacher)`),
     e.g. `{'soft T4': dict(loss=SoftTarget(T=4)), 'dist': dict(loss=DIST(), weight=0.8)}`; a candidate's `cbs` entry
@@ -387,8 +400,10 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     the spread is that of the data order. `show_plot` draws `plot()` on a pyplot figure, as `lr_find` does. The learner
     is left as it was: weights, trainability, optimizer, callbacks, modes and the Recorder's history. `unlabeled`
     (items, or a DataLoader of inputs) joins the training of every distilled candidate (`KnowledgeDistillation`'s
-    `unlabeled`); the student alone, which has no teacher to learn them from, trains on the labeled items."""
-    candidates = kd_candidates(learn, teacher, unlabeled) if candidates is None else dict(candidates)
+    `unlabeled`); the student alone, which has no teacher to learn them from, trains on the labeled items.
+    `teacher_input`: what the teacher receives (`KnowledgeDistillation`'s), in every trial and for the agreement."""
+    given_input = teacher_inputs([teacher], teacher_input)[0]
+    candidates = kd_candidates(learn, teacher, unlabeled, given_input) if candidates is None else dict(candidates)
     if 'alone' in candidates: raise ValueError("'alone' is the student without a teacher, always measured: rename it.")
     if not candidates: raise ValueError('No candidates to try: pass a dict name -> KnowledgeDistillation arguments.')
     rungs, seeds, fit = list(rungs or _rungs(epochs)), list(seeds), fit or _one_cycle
@@ -410,7 +425,7 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
         restored.reset()
         if lr is None:  # from the first seed's batches, so that the same call finds the same lr whatever ran before
             with learn.added_cbs(Reseed(seeds[0])): lr = float(learn.lr_find(show_plot=False).valley)
-        teacher_logits = _teacher_logits(frozen_teacher, learn)
+        teacher_logits = _teacher_logits(frozen_teacher, learn, given_input)
         bar = progress_bar(range(n_trials), display=show_progress, leave=False)
         bar.update(0)
         names = list(candidates)
@@ -422,6 +437,7 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
                     kwargs = deepcopy(candidates.get(name, {}))
                     extra = [_fresh(cb) for cb in kwargs.pop('cbs', [])]
                     if unlabeled is not None: kwargs.setdefault('unlabeled', unlabeled)
+                    kwargs.setdefault('teacher_input', given_input)
                     distil = [KnowledgeDistillation(teacher, **kwargs), *extra] if name != 'alone' else []
                     cbs = [Reseed(seed), *distil]
                     trial_start = time.perf_counter()
@@ -440,7 +456,7 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     alone_seconds = trials[(trials.name == 'alone') & (trials.rung == trials.rung.max())].seconds.mean()
     seconds = time.perf_counter() - start
     res = KDFindResult(trials, table, best, candidates, teacher, name, seconds, seconds / alone_seconds, lr, message,
-                       lower, points, unlabeled)
+                       lower, points, unlabeled, given_input)
     if show_plot: res.plot(ax=plt.subplots(figsize=res.figsize)[1])
     return res
 

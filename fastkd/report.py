@@ -171,10 +171,12 @@ def write_report(job: dict, dest: str | Path, title: str = 'fastkd distillation 
         f'- {compression_summary(job["sizes"])}',
         *([f'- The data was split with split seed {settings["split_seed"]} (--split-seed), apart from the seeds of the '
            'models.'] if 'split_seed' in settings else []),
-        *([f'- The distilled students also learned from unlabeled images ({settings["unlabeled_items"]}), taught by the '
-           'teacher alone; the teacher and the students alone trained on the labeled images'
+        *([f'- The distilled students also learned from unlabeled images ({settings["unlabeled_items"]}), taught by '
+           'the teacher alone; the teacher and the students alone trained on the labeled images'
            + (f' ({settings["labels"]:.0%} of the training labels, --labels).' if settings.get('labels', 1) < 1 else
-              '.')] if settings.get('unlabeled_items') else []), '',
+              '.')] if settings.get('unlabeled_items') else []),
+        *([f'- The teacher received the students\' images as it takes them, {settings["teacher_input"]}: the students '
+           f'trained at {settings.get("size")} px.'] if settings.get('teacher_input') else []), '',
         *(_kd_find_lines(chosen) if chosen else []),
         '## Per model', '', _markdown(job['summary']), '',
         '## Every run', '', _markdown(table), '',

@@ -34,10 +34,12 @@ from .compression import compare_models
 from .losses import LOSSES, SoftTarget, losses_for
 from .runs import RunStore, fingerprint
 from .split import default_split
+from .teacher_input import AdaptedTeacher, TeacherInput, input_stats
 from .tta import test_time_aug
 
 __all__ = ['weighted_f1', 'scratch_learner', 'train_schedule', 'Schedule', 'kd_method', 'Reseed', 'distillation_job',
-           'validation_accuracy', 'check_on_validation', 'seed_summary', 'seed_gain', 'distillation_verdict']
+           'validation_accuracy', 'check_on_validation', 'InputSizeError', 'seed_summary', 'seed_gain',
+           'distillation_verdict']
 
 
 def weighted_f1(y_true, y_pred) -> float:
@@ -171,7 +173,8 @@ def distillation_job(dls: DataLoaders, test_dl, y_true, teacher_arch: Callable, 
                      metric: Callable = weighted_f1, seeds: Sequence[int] | None = None,
                      mix: Callable[[], Callback] | None = None, teacher_epochs: int | None = None,
                      runs: str | Path | None = None, settings: dict | None = None,
-                     choose: Callable[..., dict] | None = None, unlabeled=None) -> dict:
+                     choose: Callable[..., dict] | None = None, unlabeled=None,
+                     teacher_input: TeacherInput | None = None) -> dict:
     """Train (or take) a teacher once (`schedule`, with `teacher_epochs` after unfreezing when given), then for each
     of `seeds` (default: `schedule.seed` alone) the student alone and with `KnowledgeDistillation` (plus the
     augmentation callback `mix()` makes, for function matching), both from that seed with the same schedule, and score
@@ -186,7 +189,9 @@ def distillation_job(dls: DataLoaders, test_dl, y_true, teacher_arch: Callable, 
     (JSON-able: kept in `runs` as run 'kd_find', and passed back as `record` when the job resumes, so that it chooses
     the same without training again). With `unlabeled` (items, or a DataLoader of inputs), the distilled students also
     learn from them (`KnowledgeDistillation`'s `unlabeled`); the teacher and the students alone train on the labeled
-    items, and `choose` is called with `unlabeled=` too.
+    items, and `choose` is called with `unlabeled=` too. With `teacher_input`, the given `teacher` works at another
+    input size or normalisation: it is scored, timed and distilled from behind it (`AdaptedTeacher`), so it receives
+    the students' images resized and normalised as it takes them.
     Returns the learners, training histories and TTA results of the first seed by model name, the teacher/student
     size report, `table` (a row per model and seed), `summary` (mean and spread per model), `verdict`, `settings`,
     `reused` (the runs taken from `runs`) and `kd_find` (what `choose` returned, or None)."""
@@ -194,12 +199,18 @@ def distillation_job(dls: DataLoaders, test_dl, y_true, teacher_arch: Callable, 
     if choose: kd_loss, kd_weight, mix = 'chosen by kd_find', None, None
     settings = {**(settings or {}), **_job_settings(dls, test_dl, y_true, teacher_arch, student_arch, schedule, teacher,
                                                      kd_loss, kd_weight, n_augs, mask, metric, mix, teacher_epochs),
-                **({'unlabeled_items': _data_fingerprint_of(unlabeled)} if unlabeled is not None else {})}
+                **({'unlabeled_items': _data_fingerprint_of(unlabeled)} if unlabeled is not None else {}),
+                **({'teacher_input': repr(teacher_input)} if teacher_input is not None else {})}
+    if teacher_input is not None and teacher is None:
+        raise ValueError('teacher_input says what a given teacher takes, and this job trains its teacher on the '
+                         "students' data: pass the teacher, or no teacher_input.")
     if unlabeled is not None and choose: choose = partial(choose, unlabeled=unlabeled)
     store = RunStore(runs, {k: v for k, v in settings.items() if k not in _UNCOMPARED}) if runs else None
     score = partial(test_time_aug, test_dataloader=test_dl, y_true=y_true, metric=metric, n_augs=n_augs, mask=mask)
     learners = {'teacher': scratch_learner(dls, teacher_arch, schedule.seed)}
     if teacher is not None: learners['teacher'].model.load_state_dict(teacher.state_dict())
+    if teacher_input is not None:
+        learners['teacher'].model = AdaptedTeacher(learners['teacher'].model, teacher_input, input_stats(dls.train))
     teacher_schedule = replace(schedule, epochs=teacher_epochs or schedule.epochs)
     train_teacher = partial(train_schedule, learners['teacher'], teacher_schedule) if teacher is None else lambda: None
     runs_done = {('teacher', schedule.seed): _run('teacher', schedule.seed, learners['teacher'], train_teacher, score,
@@ -274,13 +285,21 @@ def _clearly_above(accuracy: float, chance: float) -> bool:
     return accuracy >= chance + (1 - chance) / 4
 
 
+class InputSizeError(ValueError):
+    "`check_on_validation`'s error for a model that works at another image size: `size`"
+    def __init__(self, message: str, size: int):
+        super().__init__(message)
+        self.size = size
+
+
 def check_on_validation(model: nn.Module, dls: DataLoaders, name: str = 'the teacher', size: int | None = None,
                         resized: Callable[[int], DataLoaders] | None = None,
                         sizes: Sequence[int] = (32, 48, 64, 96, 128, 224)) -> tuple[float, float]:
     """Refuse a `model` no better than chance on validation items of `dls` (`validation_accuracy`), before anything
     trains: the error says what it scored and what was tried to find the cause. With `resized` (a function of an
     image size that returns the same data at that size) `sizes` are tried, nearest first, and the first at which the
-    model beats chance is named; inputs without `dls`'s normalisation are tried too. Returns the accuracy and chance."""
+    model beats chance is named (an `InputSizeError`, whose `size` it is); inputs without `dls`'s normalisation are
+    tried too. Returns the accuracy and chance."""
     accuracy, chance = validation_accuracy(model, dls)
     if accuracy > chance: return accuracy, chance
     at = f' at --size {size}' if size else ''
@@ -290,8 +309,9 @@ def check_on_validation(model: nn.Module, dls: DataLoaders, name: str = 'the tea
         other_accuracy, other_chance = validation_accuracy(model, resized(other))
         if _clearly_above(other_accuracy, other_chance):  # the nearest size that works, not every one: each costs
             found.append(f'It was likely trained at another image size: at --size {other} it scores '
-                         f'{other_accuracy:.3f}. Run again with --size {other}.')
-            raise ValueError(' '.join(found))
+                         f'{other_accuracy:.3f}. Run again with --size {other}, or give it that size with '
+                         f'--teacher-size {other}.')
+            raise InputSizeError(' '.join(found), other)
     norm = next((t for t in dls.after_batch.fs if isinstance(t, Normalize)), None)
     if norm is not None:
         xb, yb = sample_batch(dls.valid, 256)

@@ -25,7 +25,7 @@ def test_console_script_is_installed_and_lists_commands():
     ('demo', ['--size', '--epochs', '--teacher-epochs', '--freeze-epochs', '--teacher', '--student', '--temperature', '--weight', '--out',
               '--seeds', '--method', '--mix', 'auto: kd_find', '--split-seed', '--unlabeled', '--labels']),
     ('gtsrb', ['--data', '--download', '--classes', '--size', '--epochs', '--teacher-weights', '--seeds', '--method',
-               '--standardize', '--mix-alpha', '--split-seed', '--unlabeled', '--labels']),
+               '--standardize', '--mix-alpha', '--split-seed', '--unlabeled', '--labels', '--teacher-size']),
     ('prepare', ['--data', '--download', '--classes', '--validation-fraction', '--link', '--split-seed']),
     ('evaluate', ['--data', '--weights', '--arch', '--n-augs', '--classes']),
     ('fill-cache', ['--data', '--teacher-weights', '--teacher', '--size', '--cache', '--dtype', '--top-k', '--classes',
@@ -59,6 +59,8 @@ def test_every_help_is_complete(capsys, command, options):
      '--temperature, --mix, --weight set the method by hand, which --method auto leaves to kd_find'),
     (['gtsrb'], 'the following arguments are required: --data'),
     (['demo', '--labels', '0'], '--labels must be above 0 and at most 1'),
+    (['gtsrb', '--data', 'DATA', '--teacher-size', '64'], '--teacher-size is the size the teacher of --teacher-weights '
+                                                          'takes: add --teacher-weights'),
     (['demo', '--unlabeled', 'nowhere'], '--unlabeled nowhere: no such folder'),
     (['demo', '--method', 'fm', '--labels', '0.5'], 'add --weight 1 (function matching: the teacher alone teaches)'),
     (['prepare', '--data', 'DATA', '--classes', '43'], '--classes are GTSRB ClassIds, from 0 to 42'),
@@ -280,6 +282,6 @@ def test_demo_with_a_share_of_the_labels_and_a_folder_of_unlabeled_images(few_di
             'on 150 labeled images.')
     assert line in printed
     report = (out/'report.md').read_text()
-    assert f'also learned from unlabeled images ({n_unlabeled + 150} items' in report and '(50% of the training labels' \
-        in report
+    assert f'also learned from unlabeled images ({n_unlabeled + 150} items' in report
+    assert '(50% of the training labels' in report
     assert before == {f: (f.stat().st_mode, f.stat().st_mtime_ns) for f in unlabeled.rglob('*')}

@@ -71,10 +71,14 @@ def test_fitnet_is_the_mse_of_a_1x1_conv_of_the_student_to_the_teacher():
     torch.testing.assert_close(loss, ((s @ flat.adapter.weight.T + flat.adapter.bias - t)**2).mean())
 
 
-def test_fitnet_refuses_maps_of_different_sizes():
-    with pytest.raises(ValueError, match=r'same spatial size.*\(4, 8, 6, 6\).*\(4, 8, 3, 3\).*CosineHint or '
-                                         r'AttentionTransfer, which pool the larger map\.$'):
-        FitNet()(torch.randn(4, 8, 6, 6), torch.randn(4, 8, 3, 3))
+def test_fitnet_pools_a_map_a_whole_multiple_of_the_other_and_refuses_other_sizes():
+    "A teacher fed twice the student's resolution: its 6x6 map is average-pooled to the student's 3x3"
+    fitnet, s, t = FitNet(), torch.randn(4, 8, 3, 3), torch.randn(4, 5, 6, 6)
+    loss = fitnet(s, t)
+    torch.testing.assert_close(loss, F.mse_loss(fitnet.adapter(s), F.avg_pool2d(t, 2)))
+    with pytest.raises(ValueError, match=r'whole multiple.*\(4, 8, 6, 6\).*\(4, 8, 4, 4\).*CosineHint or '
+                                         r'AttentionTransfer, which pool the larger map to any size\.$'):
+        FitNet()(torch.randn(4, 8, 6, 6), torch.randn(4, 8, 4, 4))
 
 
 @pytest.mark.parametrize('loss', [FitNet, CosineHint])
@@ -200,12 +204,12 @@ def test_features_are_used_once_and_only_from_forwards_with_gradient(images):
 def test_an_error_of_a_hint_loss_names_the_hint(images):
     "A feature loss that refuses its inputs during training: the error says which hint it was"
     student_model, teacher = hinted_pair()
-    hooks = HintHooks([Hint('0.1', '0.2', FitNet())])  # maps of two spatial sizes: FitNet refuses them
+    hooks = HintHooks([Hint('0.1', '1', FitNet())])  # a map and flat features: FitNet refuses them
     hooks.attach(student_model, teacher)
     student_model(images)
     with torch.no_grad(): teacher(images)
-    with pytest.raises(ValueError, match=r"^Hint\(student_layer='0.1', teacher_layer='0.2', loss=FitNet\(\).*\): FitNet "
-                                         'compares features of the same spatial size'):
+    with pytest.raises(ValueError, match=r"^Hint\(student_layer='0.1', teacher_layer='1', loss=FitNet\(\).*\): FitNet "
+                                         'compares features of the same rank'):
         hooks.loss()
     hooks.detach()
 

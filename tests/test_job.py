@@ -28,30 +28,43 @@ def gtsrb_three_classes(gtsrb32, tmp_path_factory):
     return data
 
 
-def test_a_32px_teacher_at_the_default_96px_stops_before_training_naming_the_size(gtsrb_three_classes, tmp_path):
+def test_a_32px_teacher_receives_32px_images_from_a_job_at_another_size(gtsrb_three_classes, tmp_path, capsys):
+    "The check finds the size the teacher works at; the teacher gets it, the students train at --size, both say so"
     if not TEACHER_32PX.exists(): pytest.skip(f'no shared teacher at {TEACHER_32PX}')
     out = tmp_path/'report'
-    with pytest.raises(SystemExit) as stop:
-        main(['gtsrb', '--data', str(gtsrb_three_classes), '--classes', '0', '19', '37', '--teacher-weights',
-              str(TEACHER_32PX), '--teacher', 'resnet34', '--out', str(out)])
-    message = str(stop.value.code)
-    assert message.startswith(f'fastkd: The teacher (resnet34 from {TEACHER_32PX}) scores ')
-    assert 'at --size 96, no better than chance' in message
-    assert float(message.split('at --size 32 it scores ')[1][:5]) > 0.5 and 'Run again with --size 32.' in message
-    assert message.endswith('Nothing was trained or written.') and not out.exists()
+    assert main(['gtsrb', '--data', str(gtsrb_three_classes), '--classes', '0', '19', '37', *TINY, '--teacher-weights',
+                 str(TEACHER_32PX), '--teacher', 'resnet34', '--out', str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (f'The teacher (resnet34 from {TEACHER_32PX}) works at 32 px: it receives the students\' images resized to '
+            '32 px, and the students train at --size 16.') in printed
+    results = pd.read_csv(out/'results.csv', index_col='model')
+    assert results.loc['teacher', 'test_f1'] > 0.9  # scored on the images it takes
+    assert (results['size'] == 16).all()
+    assert ("- The teacher received the students' images as it takes them, TeacherInput(size=(32, 32)): the students "
+            'trained at 16 px.') in (out/'report.md').read_text()
 
 
-def test_evaluate_without_a_size_checks_the_model_and_always_prints_its_score(gtsrb_three_classes, tmp_path, capsys):
+def test_a_teacher_size_at_which_the_teacher_fails_stops_the_job(gtsrb_three_classes, tmp_path):
+    if not TEACHER_32PX.exists(): pytest.skip(f'no shared teacher at {TEACHER_32PX}')
+    with pytest.raises(SystemExit, match=r'^fastkd: The teacher \(resnet34 from .*\) at 96 px scores .*no better than '
+                                         r'chance.*Nothing was trained or written\.$'):
+        main(['gtsrb', '--data', str(gtsrb_three_classes), '--classes', '0', '19', '37', *TINY, '--teacher-weights',
+              str(TEACHER_32PX), '--teacher', 'resnet34', '--teacher-size', '96', '--out', str(tmp_path/'report')])
+    assert not (tmp_path/'report').exists()
+
+
+def test_evaluate_without_a_size_scores_the_model_at_the_size_it_works_at(gtsrb_three_classes, tmp_path, capsys):
     if not TEACHER_32PX.exists(): pytest.skip(f'no shared teacher at {TEACHER_32PX}')
     common = ['evaluate', '--data', str(gtsrb_three_classes), '--weights', str(TEACHER_32PX), '--arch', 'resnet34',
               '--classes', '0', '19', '37', '--n-augs', '0']
-    with pytest.raises(SystemExit, match=r'at --size 96, no better than chance.*Run again with --size 32\.'):
-        main([*common, '--out', str(tmp_path/'wrong')])
-    assert not (tmp_path/'wrong').exists()
+    assert main([*common, '--out', str(tmp_path/'found')]) == 0
+    printed = capsys.readouterr().out
+    assert f'The model in {TEACHER_32PX} works at 32 px, not at --size 96: it is scored at 32 px.' in printed
     assert main([*common, '--size', '32', '--out', str(tmp_path/'right')]) == 0
     printed = capsys.readouterr().out
     score = pd.read_csv(tmp_path/'right'/'tta.csv').score[0]
     assert score > 0.5 and f'{score:.4f}' in printed and '32 px' in printed
+    assert pd.read_csv(tmp_path/'found'/'tta.csv').score[0] == pytest.approx(score)
 
 
 def test_weights_the_job_writes_say_what_they_were_trained_for(tmp_path, few_digits):
