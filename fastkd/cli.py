@@ -182,6 +182,9 @@ def _parser() -> argparse.ArgumentParser:
     fill.add_argument('--size', type=int, default=None,
                       help=f"image size in pixels (default: the one in the weights' {SIDECAR} file, else "
                       f'{DEFAULT_SIZE})')
+    fill.add_argument('--teacher-size', type=int, default=None,
+                      help="the image size the teacher takes, when not --size: it runs on the images resized to it, "
+                      'as KnowledgeDistillation(teacher, teacher_input=TeacherInput(SIZE)) runs it (default: --size)')
     fill.add_argument('--bs', type=int, default=256, help='batch size (default: %(default)s)')
     fill.add_argument('--cache', type=Path, required=True,
                       help='folder of teacher stores (created if missing; one sub-folder per teacher and data)')
@@ -483,10 +486,13 @@ def _fill_cache(args):
     teacher = load_teacher(args.teacher_weights, ARCHS[args.teacher], 43)
     _prepared(args)
     dls = gtsrb_dls(args.data, size=args.size, bs=args.bs, classes=args.classes, augment=False)
-    folder = fill_teacher_cache(teacher, dls, args.cache, dtype=getattr(torch, args.dtype), top_k=args.top_k)
+    teacher_input = TeacherInput(args.teacher_size) if args.teacher_size not in (None, args.size) else None
+    folder = fill_teacher_cache(teacher, dls, args.cache, dtype=getattr(torch, args.dtype), top_k=args.top_k,
+                                teacher_input=teacher_input)
     classes = f', classes={args.classes}' if args.classes else ''
+    given = f', teacher_input={teacher_input}' if teacher_input else ''
     print(f'Teacher outputs for the {len(dls.train.dataset)} training images stored in {folder}. Reuse them with '
           f'KnowledgeDistillation(teacher, cache=TeacherCache(path={str(args.cache)!r}, dtype=torch.{args.dtype}, '
-          f'top_k={args.top_k})) on gtsrb_dls({str(args.data)!r}, size={args.size}, augment=False{classes}).')
+          f'top_k={args.top_k}){given}) on gtsrb_dls({str(args.data)!r}, size={args.size}, augment=False{classes}).')
 
 if __name__ == '__main__': sys.exit(main())

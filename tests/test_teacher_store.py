@@ -33,6 +33,7 @@ from fastkd.cli import main
 from fastkd.digits import digits_dls
 from fastkd.gtsrb import gtsrb_dls
 from fastkd.losses import DIST, SoftTarget
+from fastkd.teacher_input import TeacherInput
 from fastkd.store import TeacherStore
 from store_worker import distil, max_diff, teacher_from
 from test_mixed_precision import CPUAutocast
@@ -440,3 +441,10 @@ def test_the_fill_cache_command_fills_a_store_that_training_code_reuses(gtsrb32,
     with torch.no_grad(): live = teacher(xb)
     torch.testing.assert_close(torch.from_numpy(np.array(store.arrays['outputs'][:len(xb)])).float(), live,
                                rtol=1e-3, atol=2e-2)
+    # at 16 px with --teacher-size 32 the teacher sees its own size: another store, which training code finds again
+    assert main(['fill-cache', '--data', str(data), '--teacher-weights', str(weights), '--classes', '0', '--size', '16',
+                 '--teacher-size', '32', '--cache', str(tmp_path/'cache'), '--dtype', 'float16']) == 0
+    assert 'teacher_input=TeacherInput(size=(32, 32))) on gtsrb_dls(' in capsys.readouterr().out
+    small, calls[:] = gtsrb_dls(data, size=16, bs=64, classes=[0], augment=False, num_workers=0), []
+    again = fill_teacher_cache(teacher, small, tmp_path/'cache', dtype=torch.float16, teacher_input=TeacherInput(32))
+    assert calls == [] and again != folder and len([d for d in (tmp_path/'cache').iterdir() if d.is_dir()]) == 2
