@@ -39,7 +39,8 @@ from fastcore.foundation import L
 from fastprogress.fastprogress import progress_bar
 from torch import Tensor, nn
 
-from .basics import evaluating, first_output, inputs_of, placement, random_state_kept, teacher_model, user_loader
+from .basics import (evaluating, first_output, inputs_of, placement, random_state_kept, sample_batch, teacher_model,
+                     user_loader)
 from .memory import InMemoryDL
 from .store import TeacherStore
 from .teacher_input import adapted, input_stats, teacher_inputs
@@ -638,10 +639,12 @@ def fill_teacher_cache(teacher, dls: DataLoaders | DataLoader, path: str | Path,
         raise ValueError(f'These transforms draw random numbers: {", ".join(randoms)}, so the outputs would be those '
                          'of one random view: fill the store from a loader without them (augment=False), pass '
                          'views=K to store K replayable views of each item, or pass allow_random=True.')
+    stats = input_stats(dl)
+    x = inputs_of(dl, sample_batch(dl, 1))[0] if given[0] is not None else None
+    if x is not None and not (x.ndim == 4 and given[0].changes(x.shape, stats)): given = [None]  # keyed as the callback
     cache._attach(dl, [model], 'float32', given)
     plain = dl.new(shuffle=False, drop_last=False)
     replay = None if views is None else _ViewReplay(plain, view_seed, len(dl.dataset))
-    stats = input_stats(dl)
     def forward(xb: tuple) -> Tensor:
         with torch.no_grad(), evaluating(model): return first_output(model(*adapted(xb, given[0], stats))).float()
     put_back = placement(model)  # the teacher runs where the inputs are, and is left where it was given

@@ -26,6 +26,7 @@ from fastai.callback.core import Callback
 from fastai.callback.mixup import MixHandler
 from fastai.callback.schedule import LRFinder
 from fastai.callback.training import GradientAccumulation
+from fastai.data.load import DataLoader
 from fastai.distributed import DistributedDL
 from fastai.learner import Learner, Recorder
 from fastai.torch_core import to_device
@@ -83,6 +84,14 @@ def _n_positional(loss: Callable) -> int:
     except (TypeError, ValueError): return 3
     if any(p.kind == p.VAR_POSITIONAL for p in params): return 3
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+def _requires_target(loss: Callable) -> bool:
+    "Whether `loss` must be given the target: a third positional parameter without a default"
+    try: params = inspect.signature(loss).parameters.values()
+    except (TypeError, ValueError): return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 and positional[2].default is inspect.Parameter.empty
 
 
 class KnowledgeDistillation(Callback):
@@ -213,7 +222,7 @@ class KnowledgeDistillation(Callback):
                              "labeled item whose partner is unlabeled would take that partner's unknown label: pass "
                              'weight=1 (function matching: the teacher alone teaches, the published recipe on '
                              'unlabeled data), or train without MixUp, or without unlabeled items.')
-        if self.kd_loss_takes_target and self.task.kind != 'categorical':
+        if self.kd_loss is not None and _requires_target(self.kd_loss) and self.task.kind != 'categorical':
             raise ValueError(f'{self.kd_loss} takes the target, which unlabeled items lack (for single-label '
                              "classification fastkd gives them the teacher's class): use a loss without a target, such "
                              'as the default.')
@@ -244,10 +253,10 @@ class KnowledgeDistillation(Callback):
         if not self.checked: self.put_back = [placement(teacher) for teacher in self.teachers]
         for teacher in self.teachers: teacher.to(device=param.device, dtype=param.dtype)
         if not self.checked:
+            self.shown_inputs = self._changing_inputs()
             if self.kd_loss is not None:
                 self._check_on_validation_batch()
                 self._reset_recurrent(self.model)  # the check ran it: training starts from the state it was given
-            self.shown_inputs = self._changing_inputs()
             if self.cache: self.cache.prepare(self.learn, self.teachers, self.shown_inputs)
             if self.teacher_channels_last or (self.teacher_channels_last is None and param.device.type == 'cpu'):
                 self.channels_last = [t for m in self.teachers for t in _to_channels_last(m)]
@@ -279,16 +288,21 @@ class KnowledgeDistillation(Callback):
             self.student_stats = input_stats(learn.dls.train) if learn is not None else None
         return self.student_stats
 
+    def _checked_loader(self) -> DataLoader:
+        "The loader the checks draw from: validation, else the user's training loader (never the unlabeled items)"
+        train = self.labeled_loader if self.joint is not None and self.dls.train is self.joint else self.dls.train
+        return user_loader(self.dls.valid if len(self.dls.valid) else train)  # a DistributedDL has no one_batch
+
     def _changing_inputs(self) -> list:
         "The teacher inputs that change the student's images (the others: None), by which the cache keys its outputs"
-        dl = user_loader(self.dls.valid if len(self.dls.valid) else self.dls.train)
+        dl = self._checked_loader()
         x = inputs_of(dl, sample_batch(dl, 1))[0] if any(self.teacher_inputs) else None
         return [i if i is not None and x.ndim == 4 and i.changes(x.shape, self.student_stats) else None
                 for i in self.teacher_inputs]
 
     def _check_on_validation_batch(self):
         "Before the first step: teacher and student must predict alike, and the teacher should beat chance"
-        dl = user_loader(self.dls.valid if len(self.dls.valid) else self.dls.train)  # a DistributedDL has no one_batch
+        dl = self._checked_loader()
         device = next(self.model.parameters()).device
         # drawn at random: a validation set sorted by class (image folders) would give one or two classes first
         batch = to_device(sample_batch(dl, dl.bs, device=device), device)
@@ -308,11 +322,25 @@ class KnowledgeDistillation(Callback):
             if predicted.shape == targets.shape and targets.unique().numel() > 1:  # one class: no chance level to beat
                 accuracy = (predicted == targets).float().mean().item()
                 majority = targets.bincount().max().item() / len(targets)
-                if accuracy <= majority:
-                    warnings.warn('The teacher is no better than chance on a validation batch (accuracy '
-                                  f'{accuracy:.3f}, against {majority:.3f} for always predicting the most common '
-                                  'class): check that it was trained on these classes, in the same order, with the '
-                                  'same input normalisation.')
+                if accuracy <= majority: self._refuse_chance(xb, targets, scored, accuracy, majority)
+
+    def _refuse_chance(self, xb: tuple, targets: Tensor, scored: Tensor | None, accuracy: float, majority: float):
+        """A teacher no better than chance on the checked batch: an error where the batch as it is would serve it
+        (the teacher input is wrong), else a warning naming the teacher input in use"""
+        given = [i for i in self.shown_inputs if i is not None]
+        if given:  # the same batch unchanged: does the teacher take it as it is?
+            inputs, self.teacher_inputs = self.teacher_inputs, [None] * len(self.teachers)
+            try: predicted = self.task.items(self.teacher_output(xb)).argmax(dim=-1)
+            finally: self.teacher_inputs = inputs
+            as_is = ((predicted[scored] if scored is not None else predicted) == targets).float().mean().item()
+            if as_is > majority + (1 - majority) / 4:
+                raise ValueError(f'The teacher scores {accuracy:.3f} on a validation batch fed as teacher_input='
+                                 f'{given[0]} makes it (chance: {majority:.3f}), and {as_is:.3f} on the batch as it '
+                                 'is: pass teacher_input=None (or the TeacherInput it was trained with).')
+        fed = f' fed as teacher_input={given[0]} makes it' if given else ''
+        warnings.warn(f'The teacher is no better than chance on a validation batch{fed} (accuracy {accuracy:.3f}, '
+                      f'against {majority:.3f} for always predicting the most common class): check that it was '
+                      'trained on these classes, in the same order, with the same input normalisation and size.')
 
     def _check_shapes(self, teacher_pred: Tensor, student_pred: Tensor):
         "A clear error for outputs that cannot be compared: shapes that differ (host data: no wait for the device)"
@@ -360,14 +388,14 @@ class KnowledgeDistillation(Callback):
         if (unlabeled := len(student_pred) - len(self.yb[0])) > 0:  # rows without labels: all scored, teacher's class
             if scored is not None:
                 scored = torch.cat([scored, scored.new_ones(len(scored) * unlabeled // len(self.yb[0]))])
-            if self.kd_loss_takes_target:
+            if self.kd_loss_takes_target and self.task.kind == 'categorical':
                 targets = torch.cat([targets, self.task.targets(teacher_pred[-unlabeled:].argmax(self.task.axis))])
         if self.kd_loss is not None:
             self._check_shapes(teacher_pred, student_pred)
             finite = torch.isfinite(teacher_pred).all()  # stays on the device: checked once per epoch
             self.first_nonfinite = torch.where(finite | (self.first_nonfinite >= 0), self.first_nonfinite, self.iter)
             rows = [self.task.items(student_pred), self.task.items(teacher_pred.nan_to_num(0., 0., 0.))]
-            if self.kd_loss_takes_target: rows.append(targets)  # it takes one target
+            if self.kd_loss_takes_target and len(targets) == len(rows[0]): rows.append(targets)  # one per row
             kd_loss = self.kd_loss(*rows) if scored is None else self._without_void(rows, scored)
             weight = self.weight(self.pct_train) if callable(self.weight) else self.weight
             self.learn.loss_grad = self.loss_grad + weight * finite * (kd_loss - base_loss)
@@ -450,10 +478,13 @@ def export(self: Learner, *args, **kwargs):
     by_reference = package not in cloudpickle.list_registry_pickle_by_value()
     if by_reference: cloudpickle.register_pickle_by_value(package)
     self.metrics = metrics.filter(lambda metric: type(metric).__module__.partition('.')[0] != __package__)
+    distillers = self.cbs.filter(lambda cb: isinstance(cb, KnowledgeDistillation))
+    joined = [cb for cb in distillers if cb.joint is not None and self.dls.loaders[0] is cb.joint]
+    for cb in joined: self.dls.loaders[0] = cb.labeled_loader  # exported during a fit with unlabeled items
     try:
-        with self.removed_cbs(self.cbs.filter(lambda cb: isinstance(cb, KnowledgeDistillation))):
-            return _fastai_export(self, *args, **kwargs)
+        with self.removed_cbs(distillers): return _fastai_export(self, *args, **kwargs)
     finally:
+        for cb in joined: self.dls.loaders[0] = cb.joint
         self.metrics = metrics
         if by_reference: cloudpickle.unregister_pickle_by_value(package)
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 import torchvision.models
 from fastai.vision.models.xresnet import xresnet18, xresnet34
+from fastprogress.fastprogress import progress_bar
 
+from .basics import few
 from .kd_find import kd_find_for_job
 from .report import write_report
 from .teacher_input import AdaptedTeacher, TeacherInput, input_stats
@@ -232,7 +234,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace):
                      'teacher the job trains takes the students\' images)')
     if hasattr(args, 'labels') and not 0 < args.labels <= 1: parser.error('--labels must be above 0 and at most 1')
     if getattr(args, 'unlabeled', None) is not None and not args.unlabeled.is_dir():
-        parser.error(f'--unlabeled {args.unlabeled}: no such folder')
+        parser.error(f'--unlabeled {args.unlabeled}: ' + ('a file, not a folder of images' if args.unlabeled.is_file()
+                                                          else 'no such folder'))
     unlabeled = getattr(args, 'unlabeled', None) or getattr(args, 'labels', 1) < 1
     if unlabeled and args.method == 'fm' and args.weight != 1:
         parser.error('--method fm mixes each image with another, and with unlabeled images the mixed label could be '
@@ -258,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.command_line = shlex.join(['fastkd', *argv])
     _check(parser, args)
-    if getattr(args, 'data', None): args.data = args.data.resolve()  # the same data from any folder: the same job
+    for name in ('data', 'unlabeled'):  # the same data from any folder: the same job
+        if getattr(args, name, None): setattr(args, name, getattr(args, name).resolve())
     if getattr(args, 'threads', None): torch.set_num_threads(args.threads)
     commands = {'demo': _demo, 'gtsrb': _gtsrb, 'prepare': _prepare, 'evaluate': _evaluate, 'fill-cache': _fill_cache}
     try: return commands[args.command](args) or 0
@@ -279,17 +283,30 @@ def _settings(args) -> dict:
     return {'command': args.command_line, **options}
 
 
-def _with_unlabeled(args, dls):
-    """`dls` with the share --labels of its training labels, and the unlabeled items: the images of --unlabeled and
-    the training images whose labels --labels left out (None when there are none)"""
+def _with_unlabeled(args, dls, test_dl):
+    """`dls` with the share --labels of its training labels, and the unlabeled items: the images of --unlabeled (each
+    readable, none of them a validation or test image, the labeled training images left out) and the training images
+    whose labels --labels left out (None when there are none)"""
     from fastai.data.transforms import get_image_files
 
+    from .gtsrb import image_problem
     from .unlabeled import keep_labels
     unlabeled, parts = [], []
     if args.unlabeled is not None:
-        found = sorted(get_image_files(args.unlabeled.resolve()))
+        found = sorted(f.resolve() for f in get_image_files(args.unlabeled))
         if not found: raise FileNotFoundError(f'--unlabeled {args.unlabeled} holds no images: pass a folder of images.')
-        unlabeled, parts = found, [f'{len(found)} from {args.unlabeled}']
+        held_out = {Path(f).resolve() for f in [*dls.valid.items, *test_dl.items]} & set(found)
+        if held_out:
+            raise ValueError(f'--unlabeled {args.unlabeled} holds {len(held_out)} validation or test images (e.g. '
+                             f'{min(held_out)}): they would score students that trained on them. Pass a folder of '
+                             'other images.')
+        if problems := [p for p in map(image_problem, progress_bar(found, leave=False)) if p]:
+            raise ValueError(f'--unlabeled {args.unlabeled} holds {len(problems)} unreadable images: {few(problems)}. '
+                             'Remove them, or pass another folder.')
+        labeled = {Path(f).resolve() for f in dls.train.items}
+        unlabeled = [f for f in found if f not in labeled]
+        left_out = f' ({len(found) - len(unlabeled)} labeled training images left out)' * (len(unlabeled) < len(found))
+        parts = [f'{len(unlabeled)} from {args.unlabeled}{left_out}']
     if args.labels < 1:
         dls, held = keep_labels(dls, args.labels, seed=args.split_seed)
         unlabeled, parts = unlabeled + held, parts + [f'{len(held)} training images without their labels (--labels '
@@ -303,7 +320,7 @@ def _with_unlabeled(args, dls):
 def _job(args, dls, test_dl, y_true, teacher=None, mask=None, title: str = '', teacher_input=None):
     """Run the distillation job with the command-line settings, keeping each run in --out as it ends; write its report.
     With --method auto, kd_find chooses the distillation on the validation split once the teacher is ready."""
-    dls, unlabeled = _with_unlabeled(args, dls)
+    dls, unlabeled = _with_unlabeled(args, dls, test_dl)
     if args.method == AUTO:
         method = dict(choose=partial(kd_find_for_job, dls, ARCHS[args.student], schedule=_schedule(args)))
     else:

@@ -160,7 +160,7 @@ def _same_file(src: Path, dst: Path) -> bool:
     return os.path.samefile(src, dst) or filecmp.cmp(src, dst, shallow=False)
 
 
-def _image_problem(path: Path) -> str | None:
+def image_problem(path: Path) -> str | None:
     "Why `path` is unreadable or not a whole image, or None when it reads (or is no image file)"
     if path.suffix.lower() not in image_extensions: return None
     try:
@@ -171,7 +171,7 @@ def _image_problem(path: Path) -> str | None:
 
 def _check_images(paths: Iterable[Path]):
     "An error naming every unreadable image of `paths` at once"
-    problems = [p for p in map(_image_problem, paths) if p]
+    problems = [p for p in map(image_problem, paths) if p]
     if problems:
         raise ValueError(f'{len(problems)} images are not readable images: {"; ".join(problems)}. Nothing was changed: '
                          'unpack the official GTSRB zips again (or delete these images and their csv rows).')

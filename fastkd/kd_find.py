@@ -38,6 +38,7 @@ from .hints import FitNet, Hint, match_layers
 from .losses import DIST, DKD, SoftTarget
 from .tasks import task_of
 from .teacher_input import RAW, TeacherInput, adapted, input_stats, teacher_inputs
+from .unlabeled import joint_loader
 from .workflow import Reseed, Schedule, scratch_learner, seed_gain
 
 __all__ = ['TeacherAgreement', 'kd_candidates', 'kd_find', 'KDFindResult', 'frozen_first', 'frozen_at',
@@ -287,7 +288,7 @@ class KDFindResult:
                     points=self.points)
 
     @classmethod
-    def from_record(cls, record: dict, candidates: dict, teacher, unlabeled=None) -> KDFindResult:
+    def from_record(cls, record: dict, candidates: dict, teacher, unlabeled=None, teacher_input='auto') -> KDFindResult:
         """The result `record()` kept, with the `candidates` (the same names) and `teacher` that `callback()` builds
         from; for records kept before the metric's direction was recorded, it is read from the metric's name"""
         trials = pd.DataFrame(record['trials'])
@@ -298,7 +299,8 @@ class KDFindResult:
         lower = record.get('lower_is_better', _lower_is_better(record['metric']) or False)  # older records: by name
         points = record.get('points', _in_points(record['metric'], trials.score))
         return cls(trials, _table(trials, lower), record['best'], candidates, teacher, record['metric'],
-                   record['seconds'], record['runs'], record['lr'], record['message'], lower, points, unlabeled)
+                   record['seconds'], record['runs'], record['lr'], record['message'], lower, points, unlabeled,
+                   teacher_inputs([teacher], teacher_input)[0])
 
     def __repr__(self) -> str: return f'{self.message}\n{self.table.to_string(float_format="{:.4g}".format)}'
 
@@ -421,6 +423,7 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     rung_seeds = [seeds[:early_seeds]] * (len(rungs) - 1) + [seeds]
     n_trials = sum((size + 1) * len(rung_seed) for size, rung_seed in zip(sizes, rung_seeds))
     frozen_teacher, rows, start = teacher_model(teacher), [], time.perf_counter()
+    joint = joint_loader(learn.dls.train, unlabeled) if unlabeled is not None else None  # made once for all trials
     with _Restored(learn) as restored, learn.no_bar(), learn.no_logging():
         restored.reset()
         if lr is None:  # from the first seed's batches, so that the same call finds the same lr whatever ran before
@@ -487,7 +490,8 @@ def kd_find_for_job(dls, student_arch: Callable, teacher, schedule: Schedule, me
                       fit=frozen_at(schedule.epochs, schedule.freeze_epochs), **{'show_plot': False, **kwargs})
     else:
         candidates = kd_candidates(learn, teacher, kwargs.get('unlabeled')) if candidates is None else dict(candidates)
-        res = KDFindResult.from_record(record, candidates, teacher, kwargs.get('unlabeled'))
+        res = KDFindResult.from_record(record, candidates, teacher, kwargs.get('unlabeled'),
+                                       kwargs.get('teacher_input', 'auto'))
     name = res.best or res.top
     chosen = res.candidates[name]
     extra = chosen.get('cbs', [])

@@ -123,9 +123,13 @@ def _loader_size(dl: DataLoader) -> tuple[int, int] | None:
     if len(dl.dataset):
         x = sample_batch(dl, 1)[0]
         return tuple(x.shape[-2:]) if x.ndim == 4 else None
-    sizes = [getattr(t, 'size', None) for t in getattr(getattr(dl, 'after_item', None), 'fs', [])]
-    size = next((s for s in reversed(sizes) if s is not None), None)  # an exported Learner's empty loaders
-    return None if size is None else (size, size) if isinstance(size, int) else tuple(size)
+    # an exported Learner's empty loaders: the last size its transforms give, batch transforms (aug_transforms(size=))
+    # after item ones; fastai's item transforms keep theirs as (width, height)
+    sizes = [(tuple(t.size[::-1]) if isinstance(t.size, tuple) else t.size) if name == 'after_item' else t.size
+             for name in ('after_item', 'after_batch') for t in getattr(getattr(dl, name, None), 'fs', [])
+             if getattr(t, 'size', None) is not None]
+    if not sizes: return None
+    return (sizes[-1], sizes[-1]) if isinstance(sizes[-1], int) else tuple(sizes[-1])[-2:]
 
 
 def teacher_input_of(teacher) -> TeacherInput | None:

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sized
 from pathlib import Path
 from typing import Sequence
 
+import weakref
+
 import numpy as np
 import torch
 from fastai.data.core import DataLoaders, Datasets, TfmdDL, test_set
@@ -98,10 +100,7 @@ def n_unlabeled(unlabeled) -> int:
 def _inputs_dataset(train: DataLoader, unlabeled):
     "The dataset of the unlabeled inputs: a `DataLoader`'s, or `unlabeled` items through the training inputs' types"
     if isinstance(unlabeled, DataLoader): return unlabeled.dataset
-    if isinstance(train.dataset, Datasets): return test_set(train.dataset, list(unlabeled))
-    raise TypeError(f'unlabeled items are made into inputs by the transforms of the training set, and this one is a '
-                    f'{type(train.dataset).__name__}, not a fastai Datasets: pass a DataLoader of the unlabeled inputs '
-                    'instead (e.g. a TfmdDL over a dataset of inputs only).')
+    return test_set(train.dataset, unlabeled if hasattr(unlabeled, 'iloc') else list(unlabeled))  # a DataFrame whole
 
 
 def _decoded_unlabeled(train: InMemoryDL, unlabeled, joint: JointDataset) -> tuple[Tensor, ...]:
@@ -114,7 +113,9 @@ def _decoded_unlabeled(train: InMemoryDL, unlabeled, joint: JointDataset) -> tup
     return InMemoryDL.from_dl(train.new(part, cls=TfmdDL)).decoded
 
 
-_last: list = []  # the last (train, unlabeled, joint loader): kd_find's trials share one, made (decoded) once
+# joint loaders still in use, by (training loader, unlabeled items, their count): kd_find's trials share one, made
+# (decoded) once; an entry goes when no callback holds its loader, and a list that grew gets a new one
+_made: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def joint_loader(train: DataLoader, unlabeled: Sequence | DataLoader) -> DataLoader:
@@ -122,11 +123,11 @@ def joint_loader(train: DataLoader, unlabeled: Sequence | DataLoader) -> DataLoa
     `unlabeled` (a list of items such as `get_image_files` returns, or a `DataLoader` of inputs only, as
     `dls.test_dl(items)` makes), whose batches hold labeled items first: `labeled_counts[i]` of batch `i`, at least
     one each. For an `InMemoryDL`, the unlabeled inputs are made once too. The same `train` and `unlabeled` objects
-    as the last call's get the same loader."""
-    if _last and _last[0] is train and _last[1] is unlabeled and len(_last[2].dataset) == len(train.dataset) + len(
-            _last[2].dataset.unlabeled): return _last[2]
-    dl = _joint_loader(train, unlabeled)
-    _last[:] = [train, unlabeled, dl]
+    (of the same length) get the loader made before while something still holds it."""
+    key = (id(train), id(unlabeled), n_unlabeled(unlabeled))
+    dl = _made.get(key)
+    if dl is None or dl.dataset.labeled is not train.dataset or dl.dataset.unlabeled_given is not unlabeled:
+        dl = _made[key] = _joint_loader(train, unlabeled)
     return dl
 
 
@@ -138,9 +139,18 @@ def _joint_loader(train: DataLoader, unlabeled: Sequence | DataLoader) -> DataLo
     if not getattr(train, 'indexed', False) or train.bs is None:
         raise ValueError('Unlabeled items join the training items by index: the training loader must be a fastai '
                          'DataLoader over an indexed dataset, with a batch size.')
+    if type(train).get_idxs is not DataLoader.get_idxs or train.n != len(train.dataset):
+        raise ValueError(f'The training loader ({type(train).__name__}) draws its own choice of items each epoch, '
+                         'and unlabeled items join a loader that draws every item once: use a plain DataLoader '
+                         '(no weights, no partial epochs) with unlabeled items.')
+    if not isinstance(train.dataset, Datasets):
+        raise ValueError(f'Unlabeled items join a fastai Datasets (what DataBlock and ImageDataLoaders make), and the '
+                         f'training set is a {type(train.dataset).__name__}: train without unlabeled items, or make '
+                         'the data with a DataBlock.')
     inputs = _inputs_dataset(train, unlabeled)
     if not len(inputs): raise ValueError('unlabeled holds no items: pass a non-empty list or DataLoader, or None.')
     joint = JointDataset(train.dataset, inputs, getattr(train, 'n_inp', 1))
+    joint.unlabeled_given = unlabeled
     if isinstance(train, InMemoryDL):
         decoded = tuple(type(a)(torch.cat([a, b])) for a, b in zip(train.decoded, _decoded_unlabeled(train, unlabeled,
                                                                                                        joint)))
@@ -183,8 +193,9 @@ def keep_labels(dls: DataLoaders, fraction: float, seed: int = 0) -> tuple[DataL
     rng = np.random.default_rng(seed)
     kept = sorted(int(i) for label in sorted(by_label) for i in
                   rng.choice(by_label[label], max(1, round(fraction * len(by_label[label]))), replace=False))
-    items = list(dataset.items)
-    train = Datasets(tls=[tl._new([items[i] for i in kept], split_idx=0) for tl in dataset.tls], n_inp=dataset.n_inp)
+    items = dataset.items
+    def take(idxs): return items.iloc[idxs] if hasattr(items, 'iloc') else [items[i] for i in idxs]  # a DataFrame too
+    train = Datasets(tls=[tl._new(take(kept), split_idx=0) for tl in dataset.tls], n_inp=dataset.n_inp)
     held = sorted(set(range(len(items))) - set(kept))
     return (DataLoaders(dls.train.new(train), *dls.loaders[1:], path=dls.path, device=dls.device),
-            [items[i] for i in held])
+            take(held))

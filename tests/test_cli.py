@@ -270,18 +270,34 @@ def test_another_training_seed_on_a_prepared_folder_and_the_jobs_teacher_reused_
 
 
 def test_demo_with_a_share_of_the_labels_and_a_folder_of_unlabeled_images(few_digits, digits_path, tmp_path, capsys):
-    "The distilled student learns from both; the teacher and the student alone from the labels kept; DIR is only read"
-    out, unlabeled = tmp_path/'report', digits_path/'valid'
+    """The distilled student learns from both; the teacher and the student alone from the labels kept; the folder's
+    labeled training images are left out, and it is only read"""
+    out, unlabeled = tmp_path/'report', digits_path/'train'  # few_digits' 300 training images are links into it
     before = {f: (f.stat().st_mode, f.stat().st_mtime_ns) for f in unlabeled.rglob('*')}
     assert main(['demo', '--data', str(few_digits), '--out', str(out), '--seeds', '1', *TINY, '--freeze-epochs', '0',
                  '--labels', '0.5', '--unlabeled', str(unlabeled)]) == 0
-    n_unlabeled = len(list(unlabeled.rglob('*.png')))
+    n_new = len(list(unlabeled.rglob('*.png'))) - 300
     printed = capsys.readouterr().out
-    line = (f'Distilled students also learn from {n_unlabeled + 150} unlabeled images, {n_unlabeled} from {unlabeled} '
-            'and 150 training images without their labels (--labels 0.5); the teacher and the students alone train '
-            'on 150 labeled images.')
+    line = (f'Distilled students also learn from {n_new + 150} unlabeled images, {n_new} from {unlabeled} (300 labeled '
+            'training images left out) and 150 training images without their labels (--labels 0.5); the teacher and '
+            'the students alone train on 150 labeled images.')
     assert line in printed
     report = (out/'report.md').read_text()
-    assert f'also learned from unlabeled images ({n_unlabeled + 150} items' in report
+    assert f'also learned from unlabeled images ({n_new + 150} items' in report
     assert '(50% of the training labels' in report
     assert before == {f: (f.stat().st_mode, f.stat().st_mtime_ns) for f in unlabeled.rglob('*')}
+
+
+def test_unlabeled_images_that_are_validation_or_test_images_or_unreadable_are_refused(few_digits, digits_path,
+                                                                                       tmp_path, capsys):
+    assert main(['demo', '--data', str(few_digits), '--out', str(tmp_path/'a'), *TINY, '--unlabeled',
+                 str(digits_path/'valid')]) == 1
+    assert f'--unlabeled {digits_path/"valid"} holds 100 validation or test images' in capsys.readouterr().err
+    bad = tmp_path/'frames'
+    bad.mkdir()
+    (bad/'cut.png').write_bytes((digits_path/'train'/'0'/next((digits_path/'train'/'0').iterdir()).name).read_bytes()[:50])
+    assert main(['demo', '--data', str(few_digits), '--out', str(tmp_path/'b'), *TINY, '--unlabeled', str(bad)]) == 1
+    assert f'--unlabeled {bad} holds 1 unreadable images: {bad/"cut.png"}' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(['demo', '--unlabeled', str(bad/'cut.png')])
+    assert 'a file, not a folder of images' in capsys.readouterr().err

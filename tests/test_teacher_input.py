@@ -156,3 +156,34 @@ def test_an_adapted_teacher_scores_the_students_images_as_it_takes_them(small, t
     x, y = small.valid.one_batch()
     with torch.no_grad():
         assert torch.equal(adapted.eval()(x), teacher.model.eval()(F.interpolate(x, size=(32, 32), mode='bilinear')))
+
+
+def test_a_teacher_input_that_makes_a_good_teacher_fail_is_refused_naming_the_fix(dls, teacher):
+    "A teacher trained at 32 px fed 16 px by a wrong TeacherInput, while the batch as it is serves it"
+    learn = Learner(dls, tiny_cnn(8), cbs=KnowledgeDistillation(teacher.model, teacher_input=TeacherInput(8)))
+    with pytest.raises(ValueError, match=r'fed as teacher_input=TeacherInput\(size=\(8, 8\)\) makes it .* pass '
+                                         r'teacher_input=None'), learn.no_bar(), learn.no_logging():
+        learn.fit(1)
+
+
+def test_a_store_filled_for_a_learner_teacher_is_the_one_the_callback_reads(small, tmp_path):
+    "'auto' on a Learner teacher of the student's own data changes nothing: both key the store as the plain teacher"
+    teacher = Learner(small, tiny_cnn(8))
+    folder = fill_teacher_cache(teacher, small, tmp_path)
+    calls = []
+    hook = teacher.model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    try:
+        learn = Learner(small, tiny_cnn(4), cbs=KnowledgeDistillation(teacher, cache=tmp_path))
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    finally: hook.remove()
+    assert learn.knowledge_distillation.cache.folder == folder and calls == [small.valid.bs]  # the check alone
+
+
+def test_a_kept_kd_find_record_gives_back_the_teacher_input(small, teacher):
+    from fastkd.kd_find import KDFindResult
+    set_seed(0, reproducible=True)
+    learn = Learner(small, tiny_cnn(8), metrics=accuracy)
+    res = kd_find(learn, teacher.model, {'soft': {}}, epochs=1, lr=1e-2, seeds=(0,), teacher_input=TeacherInput(32),
+                  show_progress=False, show_plot=False)
+    again = KDFindResult.from_record(res.record(), {'soft': {}}, teacher.model, teacher_input=TeacherInput(32))
+    assert again.callback('soft')[0].teacher_inputs == [TeacherInput(32)]

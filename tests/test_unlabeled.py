@@ -227,3 +227,46 @@ def test_unlabeled_must_be_items_or_a_dataloader(split, teacher):
     with pytest.raises(TypeError, match='one DataLoader'): KnowledgeDistillation(teacher, unlabeled=few)
     with pytest.raises(ValueError, match='holds no items'): KnowledgeDistillation(teacher, unlabeled=[])
     assert f', unlabeled={len(rest)} items' in repr(KnowledgeDistillation(teacher, unlabeled=rest))
+
+
+def test_regression_distils_unlabeled_items_with_its_default_loss(digits_path):
+    "LogitMSE's target is optional: unlabeled rows are distilled without one"
+    from fastai.data.block import DataBlock, RegressionBlock
+    from fastai.vision.all import ImageBlock, Resize
+    from fastai.data.transforms import GrandparentSplitter
+    block = DataBlock(blocks=(ImageBlock, RegressionBlock), get_items=get_image_files, get_y=lambda f: float(f.parent.name),
+                      splitter=GrandparentSplitter(valid_name='valid'), item_tfms=Resize(16))
+    dls = block.dataloaders(digits_path, bs=32, num_workers=0)
+    set_seed(0, reproducible=True)
+    learn = Learner(dls, tiny_cnn(4, n_out=1), cbs=KnowledgeDistillation(tiny_cnn(8, n_out=1),
+                                                                         unlabeled=get_image_files(digits_path/'test')))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert learn.recorder.metric_names[1:4] == ['train_loss', 'train_mse', 'train_kd']
+    assert torch.isfinite(torch.tensor(learn.recorder.values[-1])).all()
+
+
+def test_a_loader_that_draws_its_own_items_is_refused(split):
+    from fastai.callback.data import WeightedDL
+    few, rest = split
+    weighted = few.train.new(cls=WeightedDL, wgts=[1.] * len(few.train_ds))
+    with pytest.raises(ValueError, match='draws its own choice of items each epoch'): joint_loader(weighted, rest)
+
+
+def test_a_joint_loader_is_made_anew_for_a_list_that_grew_and_while_held_shared(split):
+    few, rest = split
+    items = list(rest[:200])
+    first = joint_loader(few.train, items)
+    assert joint_loader(few.train, items) is first
+    items.extend(rest[200:400])
+    assert len(joint_loader(few.train, items).dataset) == len(few.train_ds) + 400
+
+
+def test_export_during_a_fit_with_unlabeled_items(split, teacher, tmp_path):
+    few, rest = split
+
+    class ExportAtTheEnd(Callback):
+        def after_fit(self): self.learn.export(tmp_path/'during.pkl')
+
+    learn = Learner(few, tiny_cnn(8), cbs=[ExportAtTheEnd(), KnowledgeDistillation(teacher, unlabeled=rest)])
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    assert (tmp_path/'during.pkl').exists() and learn.dls.train is few.train
