@@ -559,7 +559,7 @@ def test_a_teacher_that_always_predicts_the_most_common_class_is_warned_about_in
     assert chance_warnings(caught) == [
         f'The teacher is no better than chance on a validation batch (accuracy {majority:.3f}, against {majority:.3f} '
         'for always predicting the most common class): check that it was trained on these classes, in the same '
-        'order, with the same input normalisation.']
+        'order, with the same input normalisation and size.']
 
 
 @pytest.mark.parametrize('classes', [['3'], ['3', '5']])
