@@ -120,6 +120,27 @@ ROWS = [Row('alone', 'student alone'),
         Row('mixup-patient', 'student alone on MixUp batches, patient (control)', patient=True, mixed=True)]
 
 
+def digits_and_gtsrb_args(parser: argparse.ArgumentParser, name: str, argv: list[str] | None) -> argparse.Namespace:
+    """`parser`'s arguments and those a benchmark on the digits and GTSRB shares: --quick (the digits alone),
+    --datasets, --threads, --out (kept runs, default OUT/NAME) and --results (default bench/results/NAME.md)"""
+    parser.add_argument('--quick', action='store_true', help='smoke run: digits only, 2 seeds, 2 epochs')
+    parser.add_argument('--datasets', nargs='+', default=None, choices=['digits', 'gtsrb'])
+    parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--out', type=Path, default=None, help=f'kept runs (default: bench/out/{name})')
+    parser.add_argument('--results', type=Path, default=None, help=f'default: bench/results/{name}.md')
+    args = parser.parse_args(argv)
+    args.datasets = args.datasets or (['digits'] if args.quick else ['digits', 'gtsrb'])
+    args.out = (args.out or OUT/(f'{name}-quick' if args.quick else name)).resolve()
+    args.results = (args.results or (args.out if args.quick else ROOT/'bench'/'results')/f'{name}.md').resolve()
+    return args
+
+
+def write_text(text: str, path: Path):
+    "Write `text` to `path` atomically, its folder made first"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding='utf-8'))
+
+
 def student_model(width: int = 24, n_out: int = 43) -> nn.Sequential:
     "A small CNN for 32 px images as `Sequential(body, head)`, built from fastai layers (so exports load anywhere)"
     body = nn.Sequential(ConvLayer(3, width), ConvLayer(width, 2 * width, stride=2),

@@ -35,7 +35,7 @@ from fastai.torch_core import set_seed
 from torch import nn
 from torchvision.models import resnet34
 
-from accuracy import OUT, ROOT, TEACHER, Scorer, prepared_data, student_model
+from accuracy import OUT, TEACHER, Scorer, digits_and_gtsrb_args, prepared_data, student_model, write_text
 from fastkd.callback import KnowledgeDistillation, load_teacher
 from fastkd.cli import ARCHS
 from fastkd.compression import compare_models
@@ -52,18 +52,8 @@ ROWS = ['alone', "distilled, teacher fed the student's size", 'distilled, Teache
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--quick', action='store_true', help='smoke run: digits only, 2 seeds, 2 epochs')
-    parser.add_argument('--datasets', nargs='+', default=None, choices=['digits', 'gtsrb'])
     parser.add_argument('--teacher-epochs', type=int, default=1, help='GTSRB teacher fine-tuning at 64 px (default: 1)')
-    parser.add_argument('--threads', type=int, default=1)
-    parser.add_argument('--out', type=Path, default=None, help='kept runs (default: bench/out/teacher_input)')
-    parser.add_argument('--results', type=Path, default=None, help='default: bench/results/teacher_input.md')
-    args = parser.parse_args(argv)
-    args.datasets = args.datasets or (['digits'] if args.quick else ['digits', 'gtsrb'])
-    args.out = (args.out or OUT/('teacher_input-quick' if args.quick else 'teacher_input')).resolve()
-    args.results = (args.results or (args.out/'teacher_input.md' if args.quick else
-                                     ROOT/'bench'/'results'/'teacher_input.md')).resolve()
-    return args
+    return digits_and_gtsrb_args(parser, 'teacher_input', argv)
 
 
 def multiply_adds(model: nn.Module, x: torch.Tensor) -> int:
@@ -203,9 +193,9 @@ def main(argv: list[str] | None = None):
                 print(runs[-1], flush=True)
                 atomic_write(runs_file, lambda tmp: pd.DataFrame(runs).to_csv(tmp, index=False))
                 sections[name] = section(bench, pd.DataFrame(runs), teacher, cost)
-                write(report(pd.DataFrame(runs), sections, args, command), args.results)
+                write_text(report(pd.DataFrame(runs), sections, args, command), args.results)
         sections[name] = section(bench, pd.DataFrame(runs), teacher, cost)
-    write(report(pd.DataFrame(runs), sections, args, command), args.results)
+    write_text(report(pd.DataFrame(runs), sections, args, command), args.results)
     print(f'written {args.results}')
 
 
@@ -220,10 +210,6 @@ def report(runs: pd.DataFrame, sections: dict, args, command: str) -> str:
         '## Every run', '', '| dataset | row | seed | test F1 | seconds |', '|---|---|---|---|---|',
         *[f'| {r.dataset} | {r.row} | {r.seed} | {r.test_f1:.4f} | {r.seconds:.0f} |' for r in runs.itertuples()], ''])
 
-
-def write(text: str, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding='utf-8'))
 
 
 if __name__ == '__main__': main()

@@ -32,7 +32,7 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from torchvision.models import resnet34
 
-from accuracy import OUT, ROOT, TEACHER, Scorer, prepared_data, student_model
+from accuracy import OUT, TEACHER, Scorer, digits_and_gtsrb_args, prepared_data, student_model, write_text
 from fastkd.callback import KnowledgeDistillation, load_teacher
 from fastkd.cli import ARCHS
 from fastkd.digits import digits_dls, write_digits
@@ -49,22 +49,12 @@ ROWS = ['alone, 10% labels', 'distilled, 10% labels', 'distilled, 10% labels + 9
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--quick', action='store_true', help='smoke run: digits only, 2 seeds, 2 epochs')
-    parser.add_argument('--datasets', nargs='+', default=None, choices=['digits', 'gtsrb'])
     parser.add_argument('--labels', type=float, default=0.1, help='share of the training labels kept (default: 0.1)')
     parser.add_argument('--loss', default='dist', choices=['dist', 'softtarget'],
                         help='distillation loss: DIST (default), or SoftTarget at --temperature (a section of its own)')
     parser.add_argument('--temperature', type=float, default=1.)
-    parser.add_argument('--rows', type=int, nargs='+', default=None, help='which rows (0-4; default: all)')
-    parser.add_argument('--threads', type=int, default=1)
-    parser.add_argument('--out', type=Path, default=None, help='kept runs (default: bench/out/unlabeled)')
-    parser.add_argument('--results', type=Path, default=None, help='default: bench/results/unlabeled.md')
-    args = parser.parse_args(argv)
-    args.datasets = args.datasets or (['digits'] if args.quick else ['digits', 'gtsrb'])
-    args.out = (args.out or OUT/('unlabeled-quick' if args.quick else 'unlabeled')).resolve()
-    args.results = (args.results or (args.out/'unlabeled.md' if args.quick else
-                                     ROOT/'bench'/'results'/'unlabeled.md')).resolve()
-    return args
+    parser.add_argument('--rows', type=int, nargs='+', default=None, help='which rows (0-5, in ROWS; default: all)')
+    return digits_and_gtsrb_args(parser, 'unlabeled', argv)
 
 
 class Digits:
@@ -188,15 +178,11 @@ def main(argv: list[str] | None = None):
                 print(runs[-1], flush=True)
                 atomic_write(runs_file, lambda tmp: pd.DataFrame(runs).to_csv(tmp, index=False))
                 sections[bench.name] = section(bench.name, pd.DataFrame(runs), (n_labeled, n_unlabeled), bench)
-                write(report(pd.DataFrame(runs), sections, args, command), args.results)
+                write_text(report(pd.DataFrame(runs), sections, args, command), args.results)
         sections[bench.name] = section(bench.name, pd.DataFrame(runs), (n_labeled, n_unlabeled), bench)
-    write(report(pd.DataFrame(runs), sections, args, command), args.results)
+    write_text(report(pd.DataFrame(runs), sections, args, command), args.results)
     print(f'written {args.results}')
 
-
-def write(text: str, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding='utf-8'))
 
 
 if __name__ == '__main__': main()
