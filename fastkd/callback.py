@@ -78,9 +78,14 @@ def _make_loss(loss) -> Callable | None:
     return loss
 
 
+def _parameters(loss: Callable) -> list[inspect.Parameter]:
+    "The parameters of `loss`: of its `forward` for a module (whose `__call__` takes any arguments)"
+    return list(inspect.signature(loss.forward if isinstance(loss, nn.Module) else loss).parameters.values())
+
+
 def _n_positional(loss: Callable) -> int:
     "How many positional arguments `loss` accepts (3 or more: it takes the target)"
-    try: params = inspect.signature(loss).parameters.values()
+    try: params = _parameters(loss)
     except (TypeError, ValueError): return 3
     if any(p.kind == p.VAR_POSITIONAL for p in params): return 3
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
@@ -88,7 +93,7 @@ def _n_positional(loss: Callable) -> int:
 
 def _requires_target(loss: Callable) -> bool:
     "Whether `loss` must be given the target: a third positional parameter without a default"
-    try: params = inspect.signature(loss).parameters.values()
+    try: params = _parameters(loss)
     except (TypeError, ValueError): return False
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return len(positional) >= 3 and positional[2].default is inspect.Parameter.empty

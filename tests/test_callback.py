@@ -171,9 +171,15 @@ def kd_with_target(student_logits, teacher_logits, target):
     return F.cross_entropy(student_logits, teacher_logits.argmax(-1)) + 0 * target.float().mean()
 
 
+class ModuleWithoutTarget(torch.nn.Module):
+    "A user's loss module whose forward takes student and teacher logits only (its __call__ takes any arguments)"
+    def forward(self, student_logits, teacher_logits): return kd_without_target(student_logits, teacher_logits)
+
+
 @pytest.mark.parametrize('loss,reference', [
     (SoftTarget, SoftTarget()), (partial(SoftTarget, T=20), SoftTarget(T=20)), (SoftTarget(T=2), SoftTarget(T=2)),
-    (DKD, DKD()), (kd_without_target, kd_without_target), (kd_with_target, kd_with_target)])
+    (DKD, DKD()), (kd_without_target, kd_without_target), (kd_with_target, kd_with_target),
+    (ModuleWithoutTarget(), kd_without_target)])
 def test_loss_can_be_a_class_a_partial_an_instance_or_a_function(dls, teacher, loss, reference):
     learn = Learner(dls, tiny_cnn(8), cbs=KnowledgeDistillation(teacher.model, loss, from_learner=False, weight=1.0))
     batch = first_batch(learn)
