@@ -16,5 +16,6 @@ from .tta import *
 from .runs import *
 from .workflow import *
 from .kd_find import *
+from .memo import *
 from .unlabeled import *
 from .teacher_input import *

@@ -3,13 +3,18 @@
 Every candidate (a set of `KnowledgeDistillation` arguments, plus callbacks such as `MixUp`) and the student alone
 train from the learner's current weights on the same batches (`Reseed`), and are scored on the validation set only.
 Successive halving spends the budget where it matters: all candidates at a short schedule, the best `keep` share
-(at least two) at the next, ..., the last rung at the planned schedule on every seed. A positive gain means better
-under any metric: lower-is-better ones (mse, error_rate, names with 'loss' or 'error') count a fall as a gain.
+(at least two) at the next, ..., the last rung at the planned schedule on seeds that chose nothing, with more seeds
+while the verdict is open; the verdict is the main job's (the interval of the mean per-seed gain above zero). Trials
+fed the same batch share the teacher's forward (`TeacherMemo`). A positive gain means better under any metric:
+lower-is-better ones (mse, error_rate, names with 'loss' or 'error') count a fall as a gain.
 `TeacherAgreement` is the metric of how often student and teacher predict the same class."""
 from __future__ import annotations
 
+import functools
+import itertools
 import time
 import warnings
+from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,6 +41,7 @@ from .basics import evaluating, first_output, inputs_of, placed_like, teacher_mo
 from .callback import KnowledgeDistillation
 from .hints import FitNet, Hint, match_layers
 from .losses import DIST, DKD, SoftTarget
+from .memo import TeacherMemo
 from .tasks import task_of
 from .teacher_input import RAW, TeacherInput, adapted, input_stats, teacher_inputs
 from .unlabeled import joint_loader
@@ -205,9 +211,9 @@ class _Restored:
         learn.remove_cbs(self.distillers)  # a callback the user attached would distil in every trial
         return self
 
-    def reset(self):
-        "The learner as it was on entry, with a new optimizer (created by the next fit)"
-        self.learn.model.load_state_dict(self.weights)
+    def reset(self, weights: dict | None = None):
+        "The learner as it was on entry (or with `weights`), with a new optimizer (created by the next fit)"
+        self.learn.model.load_state_dict(self.weights if weights is None else weights)
         for p, trainable in zip(self.learn.model.parameters(), self.trainable): p.requires_grad_(trainable)
         self.learn.opt = None
 
@@ -225,7 +231,7 @@ class _Restored:
 class KDFindResult:
     """What `kd_find` measured: `trials` (one row per training run), `table` (one row per candidate at the last rung it
     reached, best first, its `stage`: 'final' or the rung it was dropped at), `best` (a candidate name, or None when
-    none beat the student alone beyond the seed-to-seed spread), `candidates` and `teacher` (to build `callback()`),
+    no finalist's interval of the mean gain lies above zero), `candidates` and `teacher` (to build `callback()`),
     `seconds` and `runs` (the cost, in student-alone runs of the planned schedule), whether the metric is
     `lower_is_better` (gains are then falls of the metric) and whether its changes read in `points` (of 100)"""
     trials: pd.DataFrame
@@ -242,6 +248,7 @@ class KDFindResult:
     points: bool = True
     unlabeled: object = field(default=None, repr=False)  # what joined the candidates' training, for `callback()`
     teacher_input: TeacherInput | None = field(default=None, repr=False)  # what the teacher received
+    confidence: float = 0.95  # of the finalists' intervals, all at once
 
     @property
     def top(self) -> str:
@@ -285,7 +292,7 @@ class KDFindResult:
         "What `from_record` rebuilds this result from without training, as JSON-able values: trials, verdict, cost"
         return dict(trials=self.trials.to_dict('list'), best=self.best, metric=self.metric, seconds=self.seconds,
                     runs=self.runs, lr=self.lr, message=self.message, lower_is_better=self.lower_is_better,
-                    points=self.points)
+                    points=self.points, confidence=self.confidence)
 
     @classmethod
     def from_record(cls, record: dict, candidates: dict, teacher, unlabeled=None, teacher_input='auto') -> KDFindResult:
@@ -298,9 +305,10 @@ class KDFindResult:
                              'candidates it was measured with, or measure again.')
         lower = record.get('lower_is_better', _lower_is_better(record['metric']) or False)  # older records: by name
         points = record.get('points', _in_points(record['metric'], trials.score))
-        return cls(trials, _table(trials, lower), record['best'], candidates, teacher, record['metric'],
+        confidence = record.get('confidence', 0.95)
+        return cls(trials, _table(trials, lower, confidence), record['best'], candidates, teacher, record['metric'],
                    record['seconds'], record['runs'], record['lr'], record['message'], lower, points, unlabeled,
-                   teacher_inputs([teacher], teacher_input)[0])
+                   teacher_inputs([teacher], teacher_input)[0], confidence)
 
     def __repr__(self) -> str: return f'{self.message}\n{self.table.to_string(float_format="{:.4g}".format)}'
 
@@ -334,17 +342,41 @@ def _teacher_logits(teacher: nn.Module, learn: Learner, teacher_input: TeacherIn
 def _sign(lower_is_better: bool) -> int: return -1 if lower_is_better else 1
 
 
-def _table(trials: pd.DataFrame, lower_is_better: bool = False) -> pd.DataFrame:
+def _finalists(trials: pd.DataFrame) -> list[str]:
+    "The candidates that reached the last rung, in the order they trained there"
+    last = trials[trials.rung == trials.rung.max()]
+    return [name for name in last.name.unique() if name != 'alone']
+
+
+def _level(trials: pd.DataFrame, confidence: float) -> float:
+    """The confidence of each finalist's interval, so that all of them hold at once with `confidence` (Bonferroni): a
+    verdict on the best of k finalists is not the best of k draws of noise"""
+    return 1 - (1 - confidence) / max(1, len(_finalists(trials)))
+
+
+def _gains(trials: pd.DataFrame, lower_is_better: bool, confidence: float, scale: float = 1.) -> dict[str, dict]:
+    "Per finalist, `seed_gain` of its last-rung scores over the student alone's of the same seeds (positive: better)"
+    sign, last = _sign(lower_is_better), trials[trials.rung == trials.rung.max()]
+    alone = sign * last[last.name == 'alone'].set_index('seed').score
+    return {name: seed_gain(alone, sign * last[last.name == name].set_index('seed').score, _level(trials, confidence),
+                            scale) for name in _finalists(trials)}
+
+
+def _table(trials: pd.DataFrame, lower_is_better: bool = False, confidence: float = 0.95) -> pd.DataFrame:
     """Per candidate, its last rung: mean score and agreement over seeds, gain over the student alone of that rung
-    (positive: better) and its std over the seeds, and its `stage`: 'final', or the rung where it was dropped"""
+    (positive: better), its std over the seeds and, for finalists, the interval of the mean gain (`ci_low`, `ci_high`,
+    at `confidence` for all finalists at once); its `stage`: 'final', or the rung where it was dropped"""
     rows, n_rungs = {}, trials.rung.max() + 1
+    intervals = _gains(trials, lower_is_better, confidence)
     for name, runs in trials.groupby('name', sort=False):
         rung = runs.rung.max()
         last = runs[runs.rung == rung].set_index('seed')
         alone = trials[(trials.name == 'alone') & (trials.rung == rung)].set_index('seed').score
         gains = _sign(lower_is_better) * (last.score - alone.reindex(last.index))
+        interval = intervals.get(name, dict(ci_low=np.nan, ci_high=np.nan))
         rows[name] = dict(score=last.score.mean(), epochs=last.epochs.iloc[0], seeds=len(last), gain=gains.mean(),
-                          gain_std=gains.std(), agreement=last.agreement.mean(), seconds=runs.seconds.sum(), rung=rung,
+                          gain_std=gains.std(), ci_low=interval['ci_low'], ci_high=interval['ci_high'],
+                          agreement=last.agreement.mean(), seconds=runs.seconds.sum(), rung=rung,
                           stage='final' if rung == n_rungs - 1 else f'dropped at rung {rung + 1} of {n_rungs}')
     table = pd.DataFrame.from_dict(rows, orient='index')
     table.index.name = 'candidate'
@@ -358,52 +390,76 @@ def _survivors(trials: pd.DataFrame, rung: int, n: int, lower_is_better: bool = 
     return list(gains.sort_values(ascending=False, kind='stable').index[:n])
 
 
+def _undecided(trials: pd.DataFrame, lower_is_better: bool, confidence: float) -> list[str]:
+    """The finalists worth another seed: none once one of them has shown a gain; else those whose mean gain is
+    positive (their interval, or the lack of one, includes zero)"""
+    gains = _gains(trials, lower_is_better, confidence)
+    if any(gain['shown'] for gain in gains.values()): return []
+    return [name for name, gain in gains.items() if gain['mean'] > 0]
+
+
 def _verdict(trials: pd.DataFrame, table: pd.DataFrame, metric: str, lower_is_better: bool = False,
-             points: bool = True) -> tuple[str | None, str]:
-    """The best finalist if its per-seed gains beat the seed-to-seed spread (`seed_gain`'s rule), and why, in words:
-    the change of the metric itself, in points (of 100) for shares in [0, 1], else in the metric's units"""
-    rung, sign = trials.rung.max(), _sign(lower_is_better)
-    final = trials[trials.rung == rung]
-    alone = sign * final[final.name == 'alone'].set_index('seed').score
-    finalists = [name for name in table.index if name != 'alone' and table.rung[name] == rung]
-    if not finalists: return None, 'No candidate reached the last rung.'
-    name = finalists[0]
-    gain = seed_gain(alone, sign * final[final.name == name].set_index('seed').score, scale=100 if points else 1)
+             points: bool = True, confidence: float = 0.95) -> tuple[str | None, str]:
+    """The finalist with the highest mean gain among those whose interval of the mean gain lies above zero (the main
+    job's rule, `VERDICT_RULE`, at `confidence` for all finalists at once), and why, in words: the change of the metric
+    itself, in points (of 100) for shares in [0, 1], else in the metric's units"""
+    gains = _gains(trials, lower_is_better, confidence, 100 if points else 1)
+    if not gains: return None, 'No candidate reached the last rung.'
+    shown = [name for name, gain in gains.items() if gain['shown']]
+    name = max(shown or gains, key=lambda name: gains[name]['mean'])
+    gain, sign, level = gains[name], _sign(lower_is_better), _level(trials, confidence)
     epochs, seeds, form = int(table.epochs[name]), gain['seeds'], '.1f' if points else '.3g'
     units = f'{"points" if points else metric}{" (lower is better)" * lower_is_better}'
+    early = trials[trials.rung < trials.rung.max()].seed.unique()
+    held_out = f' (not the seed{"s" * (len(early) > 1)} {", ".join(map(str, early))} that chose the finalists)' \
+        if len(early) else ''
     said = (f'{name} changed validation {metric} by {sign * gain["mean"]:+{form}} +- {gain["std"]:{form}} {units} over '
-            f'{seeds} seed{"s" * (seeds > 1)} at {epochs} epochs (student alone: +- {gain["alone_std"]:{form}})')
-    if gain['beyond_spread']: return name, f'Distil with {said}.'
+            f'{seeds} seed{"s" * (seeds > 1)}{held_out} at {epochs} epochs')
     if seeds < 2:
-        return None, f'No verdict: {said}; one seed has no seed-to-seed spread to compare with (seeds=(0, 1)).'
-    return None, f'No candidate beat the student alone beyond the seed-to-seed spread: at best, {said}.'
+        return None, f'No verdict: {said}; one seed gives no interval of the mean gain (pass more seeds).'
+    interval = (f'{level:.1%} interval of the mean gain{f", shared by {len(gains)} finalists" * (len(gains) > 1)}: '
+                f'{sign * gain["ci_low"]:+{form}} to {sign * gain["ci_high"]:+{form}}')
+    if name in shown: return name, f'Distil with {said} ({interval}).'
+    return None, f'No candidate showed a gain over the student alone: at best, {said} ({interval}, which includes zero).'
+
+
+def _start(start_weights: Callable[[int], dict] | None) -> Callable[[int], dict | None]:
+    "The weights a trial of a seed starts from, each drawn once: `start_weights(seed)`, or None (the learner's own)"
+    return (lambda seed: None) if start_weights is None else functools.cache(start_weights)
 
 
 def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, epochs: int = 4,
-            lr: float | None = None, seeds: Sequence[int] = (0, 1), metric: Callable = accuracy,
+            lr: float | None = None, seeds: Sequence[int] = (0, 1, 2), metric: Callable = accuracy,
             fit: Fit | None = None, rungs: Sequence[int] | None = None, keep: float = 0.25, early_seeds: int = 1,
             show_progress: bool = True, lower_is_better: bool | None = None, show_plot: bool = True,
-            unlabeled=None, teacher_input='auto') -> KDFindResult:
+            unlabeled=None, teacher_input='auto', max_seeds: int = 4, confidence: float = 0.95,
+            start_weights: Callable[[int], dict] | None = None, share_teacher: bool = True) -> KDFindResult:
     """Which way of distilling `teacher` (a model or a `Learner`) into `learn`'s model pays, measured on the validation
     set. `candidates`: name -> `KnowledgeDistillation` keyword arguments (default: `kd_candidates(learn, teacher)`),
     e.g. `{'soft T4': dict(loss=SoftTarget(T=4)), 'dist': dict(loss=DIST(), weight=0.8)}`; a candidate's `cbs` entry
     lists extra callbacks that train beside it, as classes, factories or instances (copied), e.g. function matching:
     `dict(loss=SoftTarget(T=4), cbs=[MixUp])` (teacher and student see the same mixed batch). The student alone is
-    always measured, as 'alone'. Every trial starts from the learner's current weights with a new optimizer and sees
-    the batches of its seed (`Reseed`); it trains with `fit(learn, epochs, lr, cbs)` (default: `fit_one_cycle`;
-    `frozen_first(1)` trains as the main job) at `lr` (default: `lr_find`'s valley for the student alone, found once).
+    always measured, as 'alone'. Every trial starts from the learner's current weights (or `start_weights(seed)`, a
+    state dict: seeds then draw the starting weights too) with a new optimizer and sees the batches of its seed
+    (`Reseed`); it trains with `fit(learn, epochs, lr, cbs)` (default: `fit_one_cycle`; `frozen_first(1)` trains as
+    the main job) at `lr` (default: `lr_find`'s valley for the student alone, found once).
     Successive halving: rungs of `rungs` epochs (default: half of `epochs`, then `epochs`) on the first `early_seeds`
     of `seeds` (gains averaged), the best `keep` share of the candidates (at least two, where there are two) going on
-    to the next, and the last rung (`epochs`, the planned schedule) on every seed in `seeds`. Scores are
-    `metric(preds, targets)`; lower is better for fastai's `mse`, `rmse`, `mae`, `msle`, `exp_rmspe`, `error_rate` and
-    names holding 'loss' or 'error' (as fastai's trackers decide), else higher, unless `lower_is_better` says. `gain` is
-    the candidate's improvement over the student alone, same rung and seeds, in the metric's units: positive is
-    better. `best` follows `seed_gain`'s rule. Seeds change the batches and augmentations, not the starting weights, so
-    the spread is that of the data order. `show_plot` draws `plot()` on a pyplot figure, as `lr_find` does. The learner
-    is left as it was: weights, trainability, optimizer, callbacks, modes and the Recorder's history. `unlabeled`
-    (items, or a DataLoader of inputs) joins the training of every distilled candidate (`KnowledgeDistillation`'s
-    `unlabeled`); the student alone, which has no teacher to learn them from, trains on the labeled items.
-    `teacher_input`: what the teacher receives (`KnowledgeDistillation`'s), in every trial and for the agreement."""
+    to the next. The last rung (`epochs`, the planned schedule) trains the finalists and the student alone on the other
+    seeds, which chose nothing, and on further seeds (the next integers) while no finalist has shown a gain and one
+    gains on average, up to `max_seeds` there. The verdict is the main job's rule: `best` is the finalist with the
+    highest mean gain among those whose `confidence` interval of the mean per-seed gain lies above zero, the
+    confidence shared by the finalists (Bonferroni), else None. Scores are `metric(preds, targets)`; lower is better
+    for fastai's `mse`, `rmse`, `mae`, `msle`, `exp_rmspe`, `error_rate` and names holding 'loss' or 'error' (as
+    fastai's trackers decide), else higher, unless `lower_is_better` says. `gain` is the candidate's improvement over
+    the student alone, same rung and seeds, in the metric's units: positive is better.
+    `share_teacher`: trials fed the same batch (trials of one seed, until MixUp or training makes their inputs differ)
+    share the teacher's forward (`TeacherMemo`: exact, keyed by the bytes of the batch); hint trials run it anyway.
+    `show_plot` draws `plot()` on a pyplot figure, as `lr_find` does. The learner is left as it was: weights,
+    trainability, optimizer, callbacks, modes and the Recorder's history. `unlabeled` (items, or a DataLoader of
+    inputs) joins the training of every distilled candidate (`KnowledgeDistillation`'s `unlabeled`); the student alone,
+    which has no teacher to learn them from, trains on the labeled items. `teacher_input`: what the teacher receives
+    (`KnowledgeDistillation`'s), in every trial and for the agreement."""
     given_input = teacher_inputs([teacher], teacher_input)[0]
     candidates = kd_candidates(learn, teacher, unlabeled, given_input) if candidates is None else dict(candidates)
     if 'alone' in candidates: raise ValueError("'alone' is the student without a teacher, always measured: rename it.")
@@ -412,6 +468,10 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     if rungs != sorted(rungs) or rungs[0] < 1:
         raise ValueError(f'rungs are epochs per rung, at least 1 and increasing, got {rungs}.')
     if not 0 < keep < 1: raise ValueError(f'keep is the share of candidates kept at each rung, in (0, 1), got {keep}.')
+    early, final = (seeds[:early_seeds], seeds[early_seeds:]) if len(rungs) > 1 else ([], seeds)
+    if not final:
+        raise ValueError(f'The last rung judges on seeds the early rungs did not choose with: pass more seeds than '
+                         f'early_seeds={early_seeds}, e.g. seeds=(0, 1, 2).')
     sizes = [len(candidates)]
     lower = _lower_is_better(metric) if lower_is_better is None else lower_is_better
     if lower is None:
@@ -420,46 +480,60 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
                       'loss (lower_is_better=False says higher is better and silences this).')
         lower = False
     for _ in rungs[1:]: sizes.append(max(min(2, sizes[-1]), int(sizes[-1] * keep)))  # two finalists to compare
-    rung_seeds = [seeds[:early_seeds]] * (len(rungs) - 1) + [seeds]
-    n_trials = sum((size + 1) * len(rung_seed) for size, rung_seed in zip(sizes, rung_seeds))
-    frozen_teacher, rows, start = teacher_model(teacher), [], time.perf_counter()
+    n_trials = sum(size + 1 for size in sizes[:-1]) * len(early) + (sizes[-1] + 1) * len(final)
+    frozen_teacher, rows, start, starting = teacher_model(teacher), [], time.perf_counter(), _start(start_weights)
     joint = joint_loader(learn.dls.train, unlabeled) if unlabeled is not None else None  # made once for all trials
-    with _Restored(learn) as restored, learn.no_bar(), learn.no_logging():
+    memo = TeacherMemo(frozen_teacher) if share_teacher else None
+    with _Restored(learn) as restored, learn.no_bar(), learn.no_logging(), memo or nullcontext():
         restored.reset()
         if lr is None:  # from the first seed's batches, so that the same call finds the same lr whatever ran before
             with learn.added_cbs(Reseed(seeds[0])): lr = float(learn.lr_find(show_plot=False).valley)
         teacher_logits = _teacher_logits(frozen_teacher, learn, given_input)
         bar = progress_bar(range(n_trials), display=show_progress, leave=False)
         bar.update(0)
-        names = list(candidates)
-        for i, (rung, size) in enumerate(zip(rungs, sizes)):
-            last = i == len(rungs) - 1
-            for seed in rung_seeds[i]:
-                for name in ['alone', *names[:size]]:
-                    restored.reset()
-                    kwargs = deepcopy(candidates.get(name, {}))
-                    extra = [_fresh(cb) for cb in kwargs.pop('cbs', [])]
-                    if unlabeled is not None: kwargs.setdefault('unlabeled', unlabeled)
-                    kwargs.setdefault('teacher_input', given_input)
-                    distil = [KnowledgeDistillation(teacher, **kwargs), *extra] if name != 'alone' else []
-                    cbs = [Reseed(seed), *distil]
-                    trial_start = time.perf_counter()
-                    fit(learn, rung, lr, cbs)
-                    seconds = time.perf_counter() - trial_start
-                    score, agreement = _scores(learn, teacher_logits, metric)
-                    rows.append(dict(name=name, rung=i, epochs=rung, seed=seed, score=score, agreement=agreement,
-                                     seconds=seconds))
-                    bar.comment = f'{name}, {rung} epochs, seed {seed}'
-                    bar.update(len(rows))
-            if not last: names = _survivors(pd.DataFrame(rows), i, sizes[i + 1], lower)
+
+        def trial(name: str, rung: int, seed: int):
+            "Train candidate `name` (or the student alone) for rung `rung` from `seed`, and keep its scores"
+            restored.reset(starting(seed))
+            kwargs = deepcopy(candidates.get(name, {}))
+            extra = [_fresh(cb) for cb in kwargs.pop('cbs', [])]
+            if unlabeled is not None: kwargs.setdefault('unlabeled', unlabeled)
+            kwargs.setdefault('teacher_input', given_input)
+            distil = [KnowledgeDistillation(teacher, **kwargs), *extra] if name != 'alone' else []
+            if memo: memo.compute_always = bool(kwargs.get('hints'))  # hints read the teacher's layers as it runs
+            computed, reused = (memo.computed, memo.reused) if memo else (0, 0)
+            trial_start = time.perf_counter()
+            fit(learn, rungs[rung], lr, [Reseed(seed), *distil])
+            seconds = time.perf_counter() - trial_start
+            score, agreement = _scores(learn, teacher_logits, metric)
+            rows.append(dict(name=name, rung=rung, epochs=rungs[rung], seed=seed, score=score, agreement=agreement,
+                             seconds=seconds, teacher_computed=memo.computed - computed if memo else np.nan,
+                             teacher_reused=memo.reused - reused if memo else np.nan))
+            bar.comment = f'{name}, {rungs[rung]} epochs, seed {seed}'
+            bar.update(len(rows))
+
+        names, last = list(candidates), len(rungs) - 1
+        for i, size in enumerate(sizes[:-1]):
+            for seed in early:
+                for name in ['alone', *names[:size]]: trial(name, i, seed)
+            names = _survivors(pd.DataFrame(rows), i, sizes[i + 1], lower)
+        for seed in final:
+            for name in ['alone', *names[:sizes[-1]]]: trial(name, last, seed)
+        more_seeds = itertools.count(max(seeds) + 1)
+        while len(pd.DataFrame(rows).query('rung == @last').seed.unique()) < max_seeds:
+            undecided = _undecided(pd.DataFrame(rows), lower, confidence)
+            if not undecided: break
+            bar.total += len(undecided) + 1
+            seed = next(more_seeds)
+            for name in ['alone', *undecided]: trial(name, last, seed)
         bar.on_iter_end()
     trials, name = pd.DataFrame(rows), _metric_name(metric)
-    table, points = _table(trials, lower), _in_points(metric, trials.score)
-    best, message = _verdict(trials, table, name, lower, points)
+    table, points = _table(trials, lower, confidence), _in_points(metric, trials.score)
+    best, message = _verdict(trials, table, name, lower, points, confidence)
     alone_seconds = trials[(trials.name == 'alone') & (trials.rung == trials.rung.max())].seconds.mean()
     seconds = time.perf_counter() - start
     res = KDFindResult(trials, table, best, candidates, teacher, name, seconds, seconds / alone_seconds, lr, message,
-                       lower, points, unlabeled, given_input)
+                       lower, points, unlabeled, given_input, confidence)
     if show_plot: res.plot(ax=plt.subplots(figsize=res.figsize)[1])
     return res
 
@@ -473,21 +547,24 @@ def kd_find(self: Learner, teacher, candidates: dict[str, dict] | None = None, e
 
 
 def kd_find_for_job(dls, student_arch: Callable, teacher, schedule: Schedule, metric: Callable = accuracy,
-                    candidates: dict[str, dict] | None = None, seeds: Sequence[int] = (0, 1),
+                    candidates: dict[str, dict] | None = None, seeds: Sequence[int] = (0, 1, 2),
                     record: dict | None = None, **kwargs) -> dict:
-    """`kd_find` for the main job (`--method auto`): a student built as the job builds it (`scratch_learner` from
-    `schedule.seed`), trained as the job trains it at the planned schedule (`frozen_first(schedule.freeze_epochs)`,
-    then `schedule.epochs`) and without the frozen epochs at the earlier rungs (`frozen_at`), at `schedule.lr`
-    (lr_find's valley when None). With `record` (what an earlier call returned as `record`), nothing trains: the
-    result is rebuilt from it. Returns the result (`table`, `plot()`, `seconds`, `runs`), the chosen candidate `name`
-    (`best`, else `top` with `paid=False`), its `loss`, `weight`, `hints`, `mix` (a factory of its one extra callback,
-    e.g. MixUp, else None), `callbacks`: a function that makes a fresh list of all its callbacks (distillation with
-    hints, and extras) for each student, and `record` (JSON-able, for `RunStore`).
-    Other keyword arguments (`rungs`, `keep`, `show_progress`) go to `kd_find`."""
+    """`kd_find` for the main job (`--method auto`): a student built as the job builds it (`scratch_learner`), its
+    starting weights drawn from each trial's seed (the spread then holds the initialisation's, as the job's seeds do),
+    trained as the job trains it at the planned schedule (`frozen_first(schedule.freeze_epochs)`, then
+    `schedule.epochs`) and without the frozen epochs at the earlier rungs (`frozen_at`), at `schedule.lr`
+    (lr_find's valley, from the weights of `schedule.seed`, when None). With `record` (what an earlier call returned as
+    `record`), nothing trains: the result is rebuilt from it. Returns the result (`table`, `plot()`, `seconds`, `runs`),
+    the chosen candidate `name` (`best`, else `top` with `paid=False`), its `loss`, `weight`, `hints`, `mix` (a factory
+    of its one extra callback, e.g. MixUp, else None), `callbacks`: a function that makes a fresh list of all its
+    callbacks (distillation with hints, and extras) for each student, and `record` (JSON-able, for `RunStore`).
+    Other keyword arguments (`rungs`, `keep`, `max_seeds`, `show_progress`) go to `kd_find`."""
     learn = scratch_learner(dls, student_arch, schedule.seed)
     if record is None:
+        def start_weights(seed: int) -> dict: return scratch_learner(dls, student_arch, seed).model.state_dict()
         res = kd_find(learn, teacher, candidates, epochs=schedule.epochs, lr=schedule.lr, seeds=seeds, metric=metric,
-                      fit=frozen_at(schedule.epochs, schedule.freeze_epochs), **{'show_plot': False, **kwargs})
+                      fit=frozen_at(schedule.epochs, schedule.freeze_epochs), start_weights=start_weights,
+                      **{'show_plot': False, **kwargs})
     else:
         candidates = kd_candidates(learn, teacher, kwargs.get('unlabeled')) if candidates is None else dict(candidates)
         res = KDFindResult.from_record(record, candidates, teacher, kwargs.get('unlabeled'),

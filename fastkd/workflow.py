@@ -1,6 +1,6 @@
 """The main job: a teacher trained once, the same student trained alone and distilled for each seed (same seed, same
 schedule, same batches), each scored with a TTA sweep on the test set, and a report folder that says whether
-distillation paid beyond the seed-to-seed spread."""
+distillation paid: whether the confidence interval of the mean per-seed gain lies above zero (`VERDICT_RULE`)."""
 from __future__ import annotations
 
 import hashlib

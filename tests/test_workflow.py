@@ -164,13 +164,13 @@ def test_when_kd_find_finds_nothing_that_pays_the_students_train_alone(few_digit
     assert job['kd_find']['table'].loc['away', 'gain'] < 0
     assert list(zip(job['table'].index, job['table'].seed)) == [('teacher', 42), ('student', 5), ('student', 6)]
     assert list(job['learners']) == ['teacher', 'student'] and 'train_kd' not in job['training']['student']['epochs']
-    assert job['verdict'].startswith('kd_find: No candidate beat the student alone beyond the seed-to-seed spread')
+    assert job['verdict'].startswith('kd_find: No candidate showed a gain over the student alone')
     assert job['verdict'].endswith('So the students trained alone.')
     assert job['settings']['kd_loss'] == "'chosen by kd_find'" and job['settings']['mix'] is None
     assert (tmp_path/'runs'/'kd_find-seed42.json').exists()
     report = write_report(job, tmp_path/'report').read_text()
     assert report.startswith('# fastkd distillation report: the student alone (kd_find: no method paid)')
-    assert 'The students trained alone: no candidate paid (the best, away, did not beat' in report
+    assert 'The students trained alone: no candidate paid (the best, away, showed no gain' in report
     assert '| away | ' in report and (tmp_path/'report'/'kd_find.png').exists()
     assert 'TTA sweep of the student' in report
     saved = torch.load(tmp_path/'report'/'student.pth', weights_only=True)
