@@ -140,8 +140,8 @@ def report(runs: pd.DataFrame, trials: pd.DataFrame, find_seconds: float, teache
     share = pick.mean_gain / methods.mean_gain[best] if methods.mean_gain[best] > 0 else float('nan')
     found = _table(trials)
     picked, message = _verdict(trials, found, 'accuracy')
-    why = ('it beat the student alone beyond the spread' if picked else
-           'nothing beat the student alone beyond the spread: the top-ranked candidate')
+    why = ('its interval of the mean gain lay above zero' if picked else
+           'no finalist showed a gain (every interval included zero): the top-ranked candidate')
     epoch_runs = (trials.epochs + (trials.epochs >= args.epochs)).sum() / (1 + args.epochs)  # frozen: last rung
     kept = [f'| {row} | {methods.mean_gain[row]:+.1f} | {int(found.epochs[name])} | {100 * found.gain[name]:+.1f} |'
             for name, row in ROW_OF.items() if name in found.index and row in methods.index]

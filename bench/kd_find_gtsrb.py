@@ -3,8 +3,8 @@ data and track split, teacher (the shared ResNet-34), student (`student_model`, 
 learning rate, batch size and schedule (bench/accuracy.py: `fit_one_cycle` at 3e-3, batch 128, unfrozen, 4 epochs as
 in bench/results/accuracy.md). Steps, each kept in OUT (`--out`) as it ends so that a stopped run goes on from there,
 and the report rewritten after each:
-1. `kd_find` with its default candidates on the validation split (seeds 0 and 1; rungs of half the schedule, then
-   all of it), its cost counted in student runs of the schedule (epochs) and in seconds;
+1. `kd_find` with its default candidates on the validation split (seed 0 chooses the finalists at a rung of half the
+   schedule, seeds 1 and 2, and more while the verdict is open, judge them at all of it), its cost counted in student runs of the schedule (epochs) and in seconds;
 2. the student alone and kd_find's pick (its best, else its top candidate), each trained from `--seeds` and scored on
    the test part (weighted F1);
 3. every other default candidate from the same seeds, in the order of accuracy.md's gains, best first.
@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         '0 1, the results under --out')
     parser.add_argument('--epochs', type=int, default=None, help='the planned schedule (default: 4; 2 with --quick)')
     parser.add_argument('--seeds', type=int, nargs='+', default=None, help='seeds of the test runs (default: 0 1 2)')
-    parser.add_argument('--find-seeds', type=int, nargs='+', default=[0, 1], help="kd_find's seeds (default: 0 1)")
+    parser.add_argument('--find-seeds', type=int, nargs='+', default=[0, 1, 2],
+                        help="kd_find's seeds: the first chooses the finalists, the others judge them (default: 0 1 2)")
     parser.add_argument('--lr', type=float, default=3e-3)
     parser.add_argument('--bs', type=int, default=128)
     parser.add_argument('--width', type=int, default=24)
@@ -63,6 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--results', type=Path, default=None,
                         help='the report (default: bench/results/kd_find-gtsrb.md; OUT/kd_find-gtsrb.md with --quick)')
     parser.add_argument('--teacher-weights', type=Path, default=TEACHER)
+    parser.add_argument('--runs-from', type=Path, default=None,
+                        help="the test runs of an earlier report (its 'Every test run' table): only kd_find runs again, "
+                        'and rows already there are not trained again')
     args = parser.parse_args(argv)
     args.classes = QUICK_CLASSES if args.quick else None
     args.epochs = args.epochs or (2 if args.quick else 4)
@@ -102,7 +106,8 @@ def main(argv: list[str] | None = None):
     print(found, flush=True)
     pick = found.best or found.top
     runs_file = args.out/'runs.csv'
-    runs = pd.read_csv(runs_file).to_dict('records') if runs_file.exists() else []
+    runs = pd.read_csv(runs_file).to_dict('records') if runs_file.exists() else \
+        earlier_runs(args.runs_from) if args.runs_from else []
     table_gain = table_gains(ROOT/'bench'/'results'/'accuracy.md')
     points = {name: float(table_gain[row].split()[0]) for name, row in TABLE_ROWS.items() if row in table_gain}
     order = sorted(candidates, key=lambda name: (name != pick, -points.get(name, -100)))  # pick, then table's best
@@ -122,6 +127,17 @@ def main(argv: list[str] | None = None):
 def write(text: str, path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding='utf-8'))
+
+
+def count(value) -> str: return '-' if value is None or pd.isna(value) else f'{value:.0f}'
+
+
+def earlier_runs(path: Path) -> list[dict]:
+    "The rows of the 'Every test run' table of an earlier report"
+    text = path.read_text(encoding='utf-8').split('## Every test run', 1)[1]
+    rows = [[cell.strip() for cell in line.strip().strip('|').split('|')] for line in text.splitlines()
+            if line.startswith('| ') and not line.startswith('| row ')]
+    return [dict(row=row, seed=int(seed), test_f1=float(f1), seconds=float(seconds)) for row, seed, f1, seconds in rows]
 
 
 def hint_pairs(candidates: dict) -> list[str]:
@@ -150,6 +166,11 @@ def report(found: KDFindResult, pick: str, runs: pd.DataFrame, table_gain: dict[
                      f'| {gain["mean"]:+.1f} ± {gain["std"]:.1f} | {table_gain.get(TABLE_ROWS.get(name), "-")} '
                      f'| {int(trial.epochs)} | {100 * trial.gain:+.1f} | {group.seconds.mean():.0f} |')
     epochs = found.trials.epochs.sum() / args.epochs
+    last = found.trials[(found.trials.name == 'alone') & (found.trials.rung == found.trials.rung.max())]
+    found_alone = last.seconds.mean()
+    teacher_use = ('not counted (a record from before the teacher was shared)' if 'teacher_computed' not in found.trials
+                   else f'{int(found.trials.teacher_computed.sum())} batches computed, '
+                   f'{int(found.trials.teacher_reused.sum())} shared between trials')
     alone_seconds = alone.seconds.mean() if len(alone) else float('nan')
     verdict = []
     if pick in gains:
@@ -172,12 +193,16 @@ def report(found: KDFindResult, pick: str, runs: pd.DataFrame, table_gain: dict[
         '| row | seeds | test F1 | gain (points) | accuracy.md gain | kd_find: last rung (epochs) '
         '| kd_find: valid gain there | seconds per run |', '|---|---|---|---|---|---|---|---|', *lines, '', *verdict,
         f'Cost of kd_find: {len(found.trials)} trials, {epochs:.1f} student runs of this schedule counted in epochs, '
-        f'{found.seconds:.0f} s, i.e. {found.seconds / alone_seconds:.1f} runs of the student alone in seconds '
-        f'({alone_seconds:.0f} s each here). Target: at most 8.', '',
+        f'{found.seconds:.0f} s, i.e. {found.runs:.1f} runs of the student alone in seconds, side by side in its '
+        f'process (its own last-rung trials of the student alone: {found_alone:.0f} s each), or '
+        f'{found.seconds / alone_seconds:.1f} runs of the test runs\' student alone ({alone_seconds:.0f} s each). '
+        f'Target: at most 8. Teacher forwards: {teacher_use}.', '',
         f'kd_find\'s verdict: {found.message}', '', *hint_pairs(found.candidates),
         '## Every trial of kd_find (validation split)', '',
-        '| candidate | rung | epochs | seed | valid accuracy | agreement | seconds |', '|---|---|---|---|---|---|---|',
-        *[f'| {t.name} | {t.rung} | {t.epochs} | {t.seed} | {t.score:.4f} | {t.agreement:.4f} | {t.seconds:.0f} |'
+        '| candidate | rung | epochs | seed | valid accuracy | agreement | seconds | teacher batches computed | '
+        'shared |', '|---|---|---|---|---|---|---|---|---|',
+        *[f'| {t.name} | {t.rung} | {t.epochs} | {t.seed} | {t.score:.4f} | {t.agreement:.4f} | {t.seconds:.0f} | '
+          f'{count(getattr(t, "teacher_computed", None))} | {count(getattr(t, "teacher_reused", None))} |'
           for t in found.trials.itertuples()], '',
         '## Every test run', '', '| row | seed | test F1 | seconds |', '|---|---|---|---|',
         *[f'| {r.row} | {r.seed} | {r.test_f1:.4f} | {r.seconds:.0f} |' for r in runs.itertuples()], ''])

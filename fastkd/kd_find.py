@@ -468,6 +468,8 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     if rungs != sorted(rungs) or rungs[0] < 1:
         raise ValueError(f'rungs are epochs per rung, at least 1 and increasing, got {rungs}.')
     if not 0 < keep < 1: raise ValueError(f'keep is the share of candidates kept at each rung, in (0, 1), got {keep}.')
+    if len(rungs) > 1 and early_seeds < 1:
+        raise ValueError(f'early_seeds is how many seeds train the early rungs, at least 1: got {early_seeds}.')
     early, final = (seeds[:early_seeds], seeds[early_seeds:]) if len(rungs) > 1 else ([], seeds)
     if not final:
         raise ValueError(f'The last rung judges on seeds the early rungs did not choose with: pass more seeds than '

@@ -149,6 +149,10 @@ def test_bad_settings_are_refused_with_the_fix(few_dls, teacher, warm_student):
     learn = student_learner(few_dls, warm_student)
     with pytest.raises(ValueError, match='always measured'): kd_find(learn, teacher, {'alone': {}}, lr=LR)
     with pytest.raises(ValueError, match='increasing'): kd_find(learn, teacher, {'a': {}}, rungs=[2, 1], lr=LR)
+    with pytest.raises(ValueError, match=r'more seeds than early_seeds=1, e.g. seeds=\(0, 1, 2\)'):
+        kd_find(learn, teacher, {'a': {}}, epochs=2, seeds=(0,), lr=LR)
+    with pytest.raises(ValueError, match='early_seeds is how many seeds train the early rungs, at least 1'):
+        kd_find(learn, teacher, {'a': {}}, epochs=2, early_seeds=0, lr=LR)
 
 
 def test_teacher_agreement_runs_the_teacher_on_validation_batches_only(few_dls, teacher, teacher_calls):
