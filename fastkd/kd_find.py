@@ -354,12 +354,19 @@ def _level(trials: pd.DataFrame, confidence: float) -> float:
     return 1 - (1 - confidence) / max(1, len(_finalists(trials)))
 
 
+def _judged(gain: dict) -> dict:
+    """`seed_gain`'s answer, with no interval where the per-seed gains are the same (beyond float32 rounding): a
+    validation score counted in items ties often on kd_find's few seeds, and a tie says nothing of the spread"""
+    if gain['seeds'] < 2 or gain['std'] > 1e-6 * abs(gain['mean']): return gain
+    return {**gain, 'ci_low': np.nan, 'ci_high': np.nan, 'shown': False}
+
+
 def _gains(trials: pd.DataFrame, lower_is_better: bool, confidence: float, scale: float = 1.) -> dict[str, dict]:
     "Per finalist, `seed_gain` of its last-rung scores over the student alone's of the same seeds (positive: better)"
     sign, last = _sign(lower_is_better), trials[trials.rung == trials.rung.max()]
     alone = sign * last[last.name == 'alone'].set_index('seed').score
-    return {name: seed_gain(alone, sign * last[last.name == name].set_index('seed').score, _level(trials, confidence),
-                            scale) for name in _finalists(trials)}
+    return {name: _judged(seed_gain(alone, sign * last[last.name == name].set_index('seed').score,
+                                    _level(trials, confidence), scale)) for name in _finalists(trials)}
 
 
 def _table(trials: pd.DataFrame, lower_is_better: bool = False, confidence: float = 0.95) -> pd.DataFrame:
@@ -417,6 +424,9 @@ def _verdict(trials: pd.DataFrame, table: pd.DataFrame, metric: str, lower_is_be
             f'{seeds} seed{"s" * (seeds > 1)}{held_out} at {epochs} epochs')
     if seeds < 2:
         return None, f'No verdict: {said}; one seed gives no interval of the mean gain (pass more seeds).'
+    if np.isnan(gain['ci_low']):
+        return None, (f'No verdict: {said}, the same gain on every seed, which gives no interval of the mean gain '
+                      '(pass more seeds, or a larger max_seeds).')
     interval = (f'{level:.1%} interval of the mean gain{f", shared by {len(gains)} finalists" * (len(gains) > 1)}: '
                 f'{sign * gain["ci_low"]:+{form}} to {sign * gain["ci_high"]:+{form}}')
     if name in shown: return name, f'Distil with {said} ({interval}).'

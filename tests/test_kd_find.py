@@ -486,3 +486,14 @@ def test_the_memo_answers_only_the_bytes_it_has_seen():
     torch.testing.assert_close(again, first - 1)
     assert not torch.equal(other, again)
     assert 'forward' not in vars(model)
+
+
+def test_the_same_gain_on_every_seed_is_no_verdict_and_asks_for_another_seed():
+    """Validation accuracy counts items: on two seeds a candidate often gains the same number of them, and a tie says
+    nothing of the spread (a t-interval of zero width). float32 scores (152/180 - 137/180) tie up to rounding"""
+    from fastkd.kd_find import _table, _undecided, _verdict
+    as_float32 = [float(torch.tensor(k / 180, dtype=torch.float32)) for k in (137, 140, 152, 155)]
+    tied = made_up({'a': as_float32[2:], 'b': [.70, .71]}, alone=as_float32[:2])
+    best, message = _verdict(tied, _table(tied), 'accuracy')
+    assert best is None and 'the same gain on every seed, which gives no interval' in message
+    assert _undecided(tied, False, .95) == ['a'] and pd.isna(_table(tied).ci_low['a'])
