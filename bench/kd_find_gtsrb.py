@@ -35,7 +35,7 @@ from accuracy import (OUT, QUICK_CLASSES, ROOT, TEACHER, Scorer, fitnet_hint, pr
 from fastkd.callback import load_teacher
 from fastkd.files import atomic_write
 from fastkd.gtsrb import gtsrb_dls
-from fastkd.kd_find import KDFindResult, kd_candidates, kd_find
+from fastkd.kd_find import KDFindResult, StaleRecord, kd_candidates, kd_find
 from fastkd.memory import in_memory
 from fastkd.split import default_split
 from fastkd.workflow import seed_gain
@@ -99,8 +99,11 @@ def main(argv: list[str] | None = None):
     learn = Learner(dls, student_model(args.width), metrics=accuracy, splitter=default_split)
     candidates = kd_candidates(learn, teacher)
     kept = args.out/'kd_find.json'
-    if kept.exists(): found = KDFindResult.from_record(json.loads(kept.read_text()), candidates, teacher)
-    else:
+    found = None
+    if kept.exists():
+        try: found = KDFindResult.from_record(json.loads(kept.read_text()), candidates, teacher)
+        except StaleRecord: print('the kept kd_find result is of an older rule: measuring again', flush=True)
+    if found is None:
         found = kd_find(learn, teacher, candidates, epochs=args.epochs, lr=args.lr, seeds=args.find_seeds)
         write(json.dumps(found.record()), kept)
     print(found, flush=True)

@@ -62,9 +62,9 @@ def _schedule_args(parser: argparse.ArgumentParser, size: int, epochs: int, bs: 
                         help='distillation loss: ' + '; '.join(f'{name}: {entry.about}' for name, entry in
                                                                KD_METHODS.items())
                         + f'; {AUTO}: kd_find tries each way of distilling on the validation split first (short '
-                        'trainings on one seed, then at least two finalists at the planned schedule on other seeds, more while the '
-                        'verdict is open; starting weights drawn from each seed), then the seeds train with its '
-                        'pick, or alone when none paid; the student alone always trains without mixing '
+                        'trainings on one seed, then at least two finalists at the planned schedule on other seeds, '
+                        'more while the verdict is open; starting weights drawn from each seed), then the seeds train '
+                        'with its pick, or alone when none paid; the student alone always trains without mixing '
                         '(default: %(default)s)')
     parser.add_argument('--temperature', type=float, default=None,
                         help="temperature T of the loss (default: the loss's own: 4 for softtarget, dkd and fm, "

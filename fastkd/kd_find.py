@@ -47,10 +47,15 @@ from .teacher_input import RAW, TeacherInput, adapted, input_stats, teacher_inpu
 from .unlabeled import joint_loader
 from .workflow import Reseed, Schedule, scratch_learner, seed_gain
 
-__all__ = ['TeacherAgreement', 'kd_candidates', 'kd_find', 'KDFindResult', 'frozen_first', 'frozen_at',
+__all__ = ['TeacherAgreement', 'kd_candidates', 'kd_find', 'KDFindResult', 'StaleRecord', 'frozen_first', 'frozen_at',
            'kd_find_for_job']
 
 Fit = Callable[[Learner, int, float, list], None]
+RULE = 2  # the verdict's rule, kept in records: 2 judges the finalists on held-out seeds, by intervals (issue 36)
+
+
+class StaleRecord(ValueError):
+    "A kept kd_find result measured under an older rule: measure again"
 # Parts of names of what falls as a model learns: fastai's trackers' rule ('loss', 'error'), fastai's regression
 # metrics, and other errors and losses by their usual names
 _FALLING = ('loss', 'error', 'mse', 'rmse', 'mae', 'msle', 'rmspe', 'perplexity', 'cross_entropy', 'kl_div')
@@ -249,6 +254,7 @@ class KDFindResult:
     unlabeled: object = field(default=None, repr=False)  # what joined the candidates' training, for `callback()`
     teacher_input: TeacherInput | None = field(default=None, repr=False)  # what the teacher received
     confidence: float = 0.95  # of the finalists' intervals, all at once
+    looks: int = 1  # verdicts taken: on the first held-out seeds, and after the added ones
 
     @property
     def top(self) -> str:
@@ -292,12 +298,15 @@ class KDFindResult:
         "What `from_record` rebuilds this result from without training, as JSON-able values: trials, verdict, cost"
         return dict(trials=self.trials.to_dict('list'), best=self.best, metric=self.metric, seconds=self.seconds,
                     runs=self.runs, lr=self.lr, message=self.message, lower_is_better=self.lower_is_better,
-                    points=self.points, confidence=self.confidence)
+                    points=self.points, confidence=self.confidence, looks=self.looks, rule=RULE)
 
     @classmethod
     def from_record(cls, record: dict, candidates: dict, teacher, unlabeled=None, teacher_input='auto') -> KDFindResult:
         """The result `record()` kept, with the `candidates` (the same names) and `teacher` that `callback()` builds
         from; for records kept before the metric's direction was recorded, it is read from the metric's name"""
+        if record.get('rule') != RULE:
+            raise StaleRecord('This kd_find result was kept by an older fastkd, under another verdict rule: measure '
+                              'again (the job does so by itself).')
         trials = pd.DataFrame(record['trials'])
         unknown = sorted(set(trials.name) - {'alone', *candidates})
         if unknown:
@@ -305,10 +314,10 @@ class KDFindResult:
                              'candidates it was measured with, or measure again.')
         lower = record.get('lower_is_better', _lower_is_better(record['metric']) or False)  # older records: by name
         points = record.get('points', _in_points(record['metric'], trials.score))
-        confidence = record.get('confidence', 0.95)
-        return cls(trials, _table(trials, lower, confidence), record['best'], candidates, teacher, record['metric'],
-                   record['seconds'], record['runs'], record['lr'], record['message'], lower, points, unlabeled,
-                   teacher_inputs([teacher], teacher_input)[0], confidence)
+        confidence, looks = record['confidence'], record['looks']
+        return cls(trials, _table(trials, lower, confidence, looks), record['best'], candidates, teacher,
+                   record['metric'], record['seconds'], record['runs'], record['lr'], record['message'], lower, points,
+                   unlabeled, teacher_inputs([teacher], teacher_input)[0], confidence, looks)
 
     def __repr__(self) -> str: return f'{self.message}\n{self.table.to_string(float_format="{:.4g}".format)}'
 
@@ -348,10 +357,10 @@ def _finalists(trials: pd.DataFrame) -> list[str]:
     return [name for name in last.name.unique() if name != 'alone']
 
 
-def _level(trials: pd.DataFrame, confidence: float) -> float:
-    """The confidence of each finalist's interval, so that all of them hold at once with `confidence` (Bonferroni): a
-    verdict on the best of k finalists is not the best of k draws of noise"""
-    return 1 - (1 - confidence) / max(1, len(_finalists(trials)))
+def _level(trials: pd.DataFrame, confidence: float, looks: int = 1) -> float:
+    """The confidence of each finalist's interval at each look, so that all of them hold at once with `confidence`
+    (Bonferroni): a verdict on the best of k finalists, looked at twice, is not the best of 2k draws of noise"""
+    return 1 - (1 - confidence) / (max(1, len(_finalists(trials))) * looks)
 
 
 def _judged(gain: dict) -> dict:
@@ -361,20 +370,22 @@ def _judged(gain: dict) -> dict:
     return {**gain, 'ci_low': np.nan, 'ci_high': np.nan, 'shown': False}
 
 
-def _gains(trials: pd.DataFrame, lower_is_better: bool, confidence: float, scale: float = 1.) -> dict[str, dict]:
+def _gains(trials: pd.DataFrame, lower_is_better: bool, confidence: float, scale: float = 1., looks: int = 1
+           ) -> dict[str, dict]:
     "Per finalist, `seed_gain` of its last-rung scores over the student alone's of the same seeds (positive: better)"
     sign, last = _sign(lower_is_better), trials[trials.rung == trials.rung.max()]
     alone = sign * last[last.name == 'alone'].set_index('seed').score
     return {name: _judged(seed_gain(alone, sign * last[last.name == name].set_index('seed').score,
-                                    _level(trials, confidence), scale)) for name in _finalists(trials)}
+                                    _level(trials, confidence, looks), scale)) for name in _finalists(trials)}
 
 
-def _table(trials: pd.DataFrame, lower_is_better: bool = False, confidence: float = 0.95) -> pd.DataFrame:
+def _table(trials: pd.DataFrame, lower_is_better: bool = False, confidence: float = 0.95, looks: int = 1
+           ) -> pd.DataFrame:
     """Per candidate, its last rung: mean score and agreement over seeds, gain over the student alone of that rung
     (positive: better), its std over the seeds and, for finalists, the interval of the mean gain (`ci_low`, `ci_high`,
-    at `confidence` for all finalists at once); its `stage`: 'final', or the rung where it was dropped"""
+    at `confidence` for all finalists and `looks` at once); its `stage`: 'final', or the rung where it was dropped"""
     rows, n_rungs = {}, trials.rung.max() + 1
-    intervals = _gains(trials, lower_is_better, confidence)
+    intervals = _gains(trials, lower_is_better, confidence, looks=looks)
     for name, runs in trials.groupby('name', sort=False):
         rung = runs.rung.max()
         last = runs[runs.rung == rung].set_index('seed')
@@ -397,29 +408,36 @@ def _survivors(trials: pd.DataFrame, rung: int, n: int, lower_is_better: bool = 
     return list(gains.sort_values(ascending=False, kind='stable').index[:n])
 
 
-def _undecided(trials: pd.DataFrame, lower_is_better: bool, confidence: float) -> list[str]:
-    """The finalists worth another seed: none once one of them has shown a gain; else those whose mean gain is
-    positive (their interval, or the lack of one, includes zero)"""
-    gains = _gains(trials, lower_is_better, confidence)
-    if any(gain['shown'] for gain in gains.values()): return []
+def _undecided(trials: pd.DataFrame, lower_is_better: bool, confidence: float, looks: int = 1) -> list[str]:
+    """The finalists worth more seeds after the first look: none once one of them has shown a gain; else those whose
+    mean gain is positive (`_gaining`)"""
+    gains = _gains(trials, lower_is_better, confidence, looks=looks)
+    return [] if any(gain['shown'] for gain in gains.values()) else _gaining(trials, lower_is_better)
+
+
+def _gaining(trials: pd.DataFrame, lower_is_better: bool) -> list[str]:
+    """The finalists whose mean gain is positive: between the two looks, the others get no more seeds (stopping for
+    futility, which cannot make a false verdict likelier)"""
+    gains = _gains(trials, lower_is_better, 0.95)
     return [name for name, gain in gains.items() if gain['mean'] > 0]
 
 
 def _verdict(trials: pd.DataFrame, table: pd.DataFrame, metric: str, lower_is_better: bool = False,
-             points: bool = True, confidence: float = 0.95) -> tuple[str | None, str]:
+             points: bool = True, confidence: float = 0.95, looks: int = 1) -> tuple[str | None, str]:
     """The finalist with the highest mean gain among those whose interval of the mean gain lies above zero (the main
-    job's rule, `VERDICT_RULE`, at `confidence` for all finalists at once), and why, in words: the change of the metric
-    itself, in points (of 100) for shares in [0, 1], else in the metric's units"""
-    gains = _gains(trials, lower_is_better, confidence, 100 if points else 1)
+    job's rule, `VERDICT_RULE`, at `confidence` for all finalists and `looks` at once), and why, in words: the change
+    of the metric itself, in points (of 100) for shares in [0, 1], else in the metric's units"""
+    gains = _gains(trials, lower_is_better, confidence, 100 if points else 1, looks)
     if not gains: return None, 'No candidate reached the last rung.'
     shown = [name for name, gain in gains.items() if gain['shown']]
     name = max(shown or gains, key=lambda name: gains[name]['mean'])
-    gain, sign, level = gains[name], _sign(lower_is_better), _level(trials, confidence)
+    gain, sign, level = gains[name], _sign(lower_is_better), _level(trials, confidence, looks)
     epochs, seeds, form = int(table.epochs[name]), gain['seeds'], '.1f' if points else '.3g'
     units = f'{"points" if points else metric}{" (lower is better)" * lower_is_better}'
-    early = trials[trials.rung < trials.rung.max()].seed.unique()
-    held_out = f' (not the seed{"s" * (len(early) > 1)} {", ".join(map(str, early))} that chose the finalists)' \
-        if len(early) else ''
+    last_rung = trials.rung == trials.rung.max()
+    early, judged = set(trials[~last_rung].seed), set(trials[last_rung].seed)
+    held_out = f' (not the seed{"s" * (len(early) > 1)} {", ".join(map(str, sorted(early)))} that chose the ' \
+        'finalists)' if early and not early & judged else ''
     said = (f'{name} changed validation {metric} by {sign * gain["mean"]:+{form}} +- {gain["std"]:{form}} {units} over '
             f'{seeds} seed{"s" * (seeds > 1)}{held_out} at {epochs} epochs')
     if seeds < 2:
@@ -427,10 +445,13 @@ def _verdict(trials: pd.DataFrame, table: pd.DataFrame, metric: str, lower_is_be
     if np.isnan(gain['ci_low']):
         return None, (f'No verdict: {said}, the same gain on every seed, which gives no interval of the mean gain '
                       '(pass more seeds, or a larger max_seeds).')
-    interval = (f'{level:.1%} interval of the mean gain{f", shared by {len(gains)} finalists" * (len(gains) > 1)}: '
-                f'{sign * gain["ci_low"]:+{form}} to {sign * gain["ci_high"]:+{form}}')
+    shared = ' and '.join([f'{len(gains)} finalists'] * (len(gains) > 1) + [f'{looks} looks'] * (looks > 1))
+    low, high = sorted((sign * gain['ci_low'], sign * gain['ci_high']))  # of the change of the metric
+    interval = (f'{level:.1%} interval of the mean change{f", shared by {shared}" * bool(shared)}: '
+                f'{low:+{form}} to {high:+{form}}')
     if name in shown: return name, f'Distil with {said} ({interval}).'
-    return None, f'No candidate showed a gain over the student alone: at best, {said} ({interval}, which includes zero).'
+    return None, (f'No candidate showed a gain over the student alone: at best, {said} ({interval}, which includes '
+                  'zero).')
 
 
 def _start(start_weights: Callable[[int], dict] | None) -> Callable[[int], dict | None]:
@@ -443,7 +464,7 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
             fit: Fit | None = None, rungs: Sequence[int] | None = None, keep: float = 0.25, early_seeds: int = 1,
             show_progress: bool = True, lower_is_better: bool | None = None, show_plot: bool = True,
             unlabeled=None, teacher_input='auto', max_seeds: int = 4, confidence: float = 0.95,
-            start_weights: Callable[[int], dict] | None = None, share_teacher: bool = True) -> KDFindResult:
+            start_weights: Callable[[int], dict] | None = None, share_teacher: bool | None = None) -> KDFindResult:
     """Which way of distilling `teacher` (a model or a `Learner`) into `learn`'s model pays, measured on the validation
     set. `candidates`: name -> `KnowledgeDistillation` keyword arguments (default: `kd_candidates(learn, teacher)`),
     e.g. `{'soft T4': dict(loss=SoftTarget(T=4)), 'dist': dict(loss=DIST(), weight=0.8)}`; a candidate's `cbs` entry
@@ -456,15 +477,20 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     Successive halving: rungs of `rungs` epochs (default: half of `epochs`, then `epochs`) on the first `early_seeds`
     of `seeds` (gains averaged), the best `keep` share of the candidates (at least two, where there are two) going on
     to the next. The last rung (`epochs`, the planned schedule) trains the finalists and the student alone on the other
-    seeds, which chose nothing, and on further seeds (the next integers) while no finalist has shown a gain and one
-    gains on average, up to `max_seeds` there. The verdict is the main job's rule: `best` is the finalist with the
-    highest mean gain among those whose `confidence` interval of the mean per-seed gain lies above zero, the
-    confidence shared by the finalists (Bonferroni), else None. Scores are `metric(preds, targets)`; lower is better
-    for fastai's `mse`, `rmse`, `mae`, `msle`, `exp_rmspe`, `error_rate` and names holding 'loss' or 'error' (as
-    fastai's trackers decide), else higher, unless `lower_is_better` says. `gain` is the candidate's improvement over
-    the student alone, same rung and seeds, in the metric's units: positive is better.
+    seeds, which chose nothing (with two candidates or fewer, nothing is dropped: one rung, every seed judges). The
+    verdict is the main job's rule: `best` is the finalist with the highest mean gain among those whose interval of
+    the mean per-seed gain lies above zero, else None. Where no finalist shows a gain
+    there, the finalists that gain on average train on further seeds (the next integers; a finalist whose mean gain
+    falls to zero or below stops) up to `max_seeds` at the last rung, and the verdict is taken once more. `confidence`
+    holds for all finalists and both looks at once (Bonferroni: each interval at 1 - (1 - confidence) / (2k) for k
+    finalists), so neither the best of k nor a second look makes a false verdict likelier. Scores are
+    `metric(preds, targets)`; lower is better for fastai's `mse`, `rmse`, `mae`, `msle`, `exp_rmspe`, `error_rate` and
+    names holding 'loss' or 'error' (as fastai's trackers decide), else higher, unless `lower_is_better` says. `gain`
+    is the candidate's improvement over the student alone, same rung and seeds, in the metric's units: positive is
+    better.
     `share_teacher`: trials fed the same batch (trials of one seed, until MixUp or training makes their inputs differ)
     share the teacher's forward (`TeacherMemo`: exact, keyed by the bytes of the batch); hint trials run it anyway.
+    None (the default): where the student trains on the CPU; on a GPU the key's copy to the host waits at every step.
     `show_plot` draws `plot()` on a pyplot figure, as `lr_find` does. The learner is left as it was: weights,
     trainability, optimizer, callbacks, modes and the Recorder's history. `unlabeled` (items, or a DataLoader of
     inputs) joins the training of every distilled candidate (`KnowledgeDistillation`'s `unlabeled`); the student alone,
@@ -478,25 +504,29 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     if rungs != sorted(rungs) or rungs[0] < 1:
         raise ValueError(f'rungs are epochs per rung, at least 1 and increasing, got {rungs}.')
     if not 0 < keep < 1: raise ValueError(f'keep is the share of candidates kept at each rung, in (0, 1), got {keep}.')
+    sizes = [len(candidates)]
+    for _ in rungs[1:]: sizes.append(max(min(2, sizes[-1]), int(sizes[-1] * keep)))  # two finalists to compare
+    if sizes[-1] == len(candidates): rungs, sizes = rungs[-1:], sizes[-1:]  # nothing to drop: every seed judges
     if len(rungs) > 1 and early_seeds < 1:
         raise ValueError(f'early_seeds is how many seeds train the early rungs, at least 1: got {early_seeds}.')
     early, final = (seeds[:early_seeds], seeds[early_seeds:]) if len(rungs) > 1 else ([], seeds)
     if not final:
         raise ValueError(f'The last rung judges on seeds the early rungs did not choose with: pass more seeds than '
                          f'early_seeds={early_seeds}, e.g. seeds=(0, 1, 2).')
-    sizes = [len(candidates)]
     lower = _lower_is_better(metric) if lower_is_better is None else lower_is_better
     if lower is None:
         warnings.warn(f'kd_find cannot tell from its name whether {_metric_name(metric)!r} rises or falls as the '
                       'student gets better, and takes higher as better: pass lower_is_better=True for an error or a '
                       'loss (lower_is_better=False says higher is better and silences this).')
         lower = False
-    for _ in rungs[1:]: sizes.append(max(min(2, sizes[-1]), int(sizes[-1] * keep)))  # two finalists to compare
+    looks = 2 if max_seeds > len(final) else 1  # a verdict on the first seeds, and one more after the added seeds
     n_trials = sum(size + 1 for size in sizes[:-1]) * len(early) + (sizes[-1] + 1) * len(final)
     frozen_teacher, rows, start, starting = teacher_model(teacher), [], time.perf_counter(), _start(start_weights)
     joint = joint_loader(learn.dls.train, unlabeled) if unlabeled is not None else None  # made once for all trials
-    memo = TeacherMemo(frozen_teacher) if share_teacher else None
+    if share_teacher is None: share_teacher = next(learn.model.parameters()).device.type == 'cpu'
+    memo, memo_for = TeacherMemo(frozen_teacher) if share_teacher else None, [None]
     with _Restored(learn) as restored, learn.no_bar(), learn.no_logging(), memo or nullcontext():
+        counted = memo is not None and memo.active  # a recurrent teacher's forwards are never kept, nor counted
         restored.reset()
         if lr is None:  # from the first seed's batches, so that the same call finds the same lr whatever ran before
             with learn.added_cbs(Reseed(seeds[0])): lr = float(learn.lr_find(show_plot=False).valley)
@@ -512,15 +542,16 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
             if unlabeled is not None: kwargs.setdefault('unlabeled', unlabeled)
             kwargs.setdefault('teacher_input', given_input)
             distil = [KnowledgeDistillation(teacher, **kwargs), *extra] if name != 'alone' else []
-            if memo: memo.compute_always = bool(kwargs.get('hints'))  # hints read the teacher's layers as it runs
+            if memo and (rung, seed) != memo_for[0]: memo.forget()  # later trials never see the batches kept so far
+            memo_for[0] = rung, seed
             computed, reused = (memo.computed, memo.reused) if memo else (0, 0)
             trial_start = time.perf_counter()
             fit(learn, rungs[rung], lr, [Reseed(seed), *distil])
             seconds = time.perf_counter() - trial_start
             score, agreement = _scores(learn, teacher_logits, metric)
             rows.append(dict(name=name, rung=rung, epochs=rungs[rung], seed=seed, score=score, agreement=agreement,
-                             seconds=seconds, teacher_computed=memo.computed - computed if memo else np.nan,
-                             teacher_reused=memo.reused - reused if memo else np.nan))
+                             seconds=seconds, teacher_computed=memo.computed - computed if counted else np.nan,
+                             teacher_reused=memo.reused - reused if counted else np.nan))
             bar.comment = f'{name}, {rungs[rung]} epochs, seed {seed}'
             bar.update(len(rows))
 
@@ -531,21 +562,21 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
             names = _survivors(pd.DataFrame(rows), i, sizes[i + 1], lower)
         for seed in final:
             for name in ['alone', *names[:sizes[-1]]]: trial(name, last, seed)
-        more_seeds = itertools.count(max(seeds) + 1)
-        while len(pd.DataFrame(rows).query('rung == @last').seed.unique()) < max_seeds:
-            undecided = _undecided(pd.DataFrame(rows), lower, confidence)
-            if not undecided: break
-            bar.total += len(undecided) + 1
-            seed = next(more_seeds)
-            for name in ['alone', *undecided]: trial(name, last, seed)
+        # the first look; without a verdict, the finalists gaining on average train up to max_seeds for the second
+        gaining = _undecided(pd.DataFrame(rows), lower, confidence, looks)
+        for seed in itertools.islice(itertools.count(max(seeds) + 1), max_seeds - len(final)):
+            if not gaining: break
+            bar.total += len(gaining) + 1
+            for name in ['alone', *gaining]: trial(name, last, seed)
+            gaining = [name for name in gaining if name in _gaining(pd.DataFrame(rows), lower)]
         bar.on_iter_end()
     trials, name = pd.DataFrame(rows), _metric_name(metric)
-    table, points = _table(trials, lower, confidence), _in_points(metric, trials.score)
-    best, message = _verdict(trials, table, name, lower, points, confidence)
+    table, points = _table(trials, lower, confidence, looks), _in_points(metric, trials.score)
+    best, message = _verdict(trials, table, name, lower, points, confidence, looks)
     alone_seconds = trials[(trials.name == 'alone') & (trials.rung == trials.rung.max())].seconds.mean()
     seconds = time.perf_counter() - start
     res = KDFindResult(trials, table, best, candidates, teacher, name, seconds, seconds / alone_seconds, lr, message,
-                       lower, points, unlabeled, given_input, confidence)
+                       lower, points, unlabeled, given_input, confidence, looks)
     if show_plot: res.plot(ax=plt.subplots(figsize=res.figsize)[1])
     return res
 
@@ -566,21 +597,23 @@ def kd_find_for_job(dls, student_arch: Callable, teacher, schedule: Schedule, me
     trained as the job trains it at the planned schedule (`frozen_first(schedule.freeze_epochs)`, then
     `schedule.epochs`) and without the frozen epochs at the earlier rungs (`frozen_at`), at `schedule.lr`
     (lr_find's valley, from the weights of `schedule.seed`, when None). With `record` (what an earlier call returned as
-    `record`), nothing trains: the result is rebuilt from it. Returns the result (`table`, `plot()`, `seconds`, `runs`),
+    `record`), nothing trains: the result is rebuilt from it (a record kept by an older fastkd, under another rule, is
+    measured again: `remeasured`). Returns the result (`table`, `plot()`, `seconds`, `runs`),
     the chosen candidate `name` (`best`, else `top` with `paid=False`), its `loss`, `weight`, `hints`, `mix` (a factory
     of its one extra callback, e.g. MixUp, else None), `callbacks`: a function that makes a fresh list of all its
     callbacks (distillation with hints, and extras) for each student, and `record` (JSON-able, for `RunStore`).
     Other keyword arguments (`rungs`, `keep`, `max_seeds`, `show_progress`) go to `kd_find`."""
-    learn = scratch_learner(dls, student_arch, schedule.seed)
-    if record is None:
+    learn, res = scratch_learner(dls, student_arch, schedule.seed), None
+    teacher_input, unlabeled = kwargs.get('teacher_input', 'auto'), kwargs.get('unlabeled')
+    if record is not None:
+        kept = kd_candidates(learn, teacher, unlabeled, teacher_input) if candidates is None else candidates
+        try: res = KDFindResult.from_record(record, dict(kept), teacher, unlabeled, teacher_input)
+        except StaleRecord: pass  # measured again, under today's rule
+    if res is None:
         def start_weights(seed: int) -> dict: return scratch_learner(dls, student_arch, seed).model.state_dict()
         res = kd_find(learn, teacher, candidates, epochs=schedule.epochs, lr=schedule.lr, seeds=seeds, metric=metric,
                       fit=frozen_at(schedule.epochs, schedule.freeze_epochs), start_weights=start_weights,
                       **{'show_plot': False, **kwargs})
-    else:
-        candidates = kd_candidates(learn, teacher, kwargs.get('unlabeled')) if candidates is None else dict(candidates)
-        res = KDFindResult.from_record(record, candidates, teacher, kwargs.get('unlabeled'),
-                                       kwargs.get('teacher_input', 'auto'))
     name = res.best or res.top
     chosen = res.candidates[name]
     extra = chosen.get('cbs', [])
@@ -588,4 +621,4 @@ def kd_find_for_job(dls, student_arch: Callable, teacher, schedule: Schedule, me
                 weight=chosen.get('weight', 0.5), hints=chosen.get('hints', ()),
                 mix=(lambda: _fresh(extra[0])) if len(extra) == 1 else None, callbacks=lambda: res.callback(name),
                 table=res.table, figure=res.plot(), seconds=res.seconds, runs=res.runs, message=res.message,
-                record=res.record())
+                record=res.record(), remeasured=record is not None and res.record() != record)

@@ -249,8 +249,9 @@ def _chosen(choose: Callable[..., dict], teacher: Learner, store: RunStore | Non
     "What `choose` picks for `teacher`, or what it picked before: the record `store` keeps as run 'kd_find' of `seed`"
     kept = store.load('kd_find', seed) if store else None
     chosen = choose(teacher, record=kept and kept['record'])
-    if store and kept is None: store.save('kd_find', seed, {'record': chosen['record']})
-    return {**chosen, 'reused': kept is not None}
+    fresh = kept is None or chosen.get('remeasured', False)  # a record of an older rule is measured again
+    if store and fresh: store.save('kd_find', seed, {'record': chosen['record']})
+    return {**chosen, 'reused': not fresh}
 
 
 _UNCOMPARED = ('command', 'out', 'threads', 'seeds', 'teacher_weights')  # recorded, but not what makes a run
