@@ -564,7 +564,7 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
             for name in ['alone', *names[:sizes[-1]]]: trial(name, last, seed)
         # the first look; without a verdict, the finalists gaining on average train up to max_seeds for the second
         gaining = _undecided(pd.DataFrame(rows), lower, confidence, looks)
-        for seed in itertools.islice(itertools.count(max(seeds) + 1), max_seeds - len(final)):
+        for seed in itertools.islice(itertools.count(max(seeds) + 1), max(0, max_seeds - len(final))):
             if not gaining: break
             bar.total += len(gaining) + 1
             for name in ['alone', *gaining]: trial(name, last, seed)

@@ -108,31 +108,28 @@ def test_demo_over_two_seeds_with_function_matching_writes_a_report(few_digits, 
     assert weights.keys() and all(isinstance(v, torch.Tensor) for v in weights.values())
 
 
-def test_demo_with_method_auto_distils_with_kd_finds_pick_and_resumes_without_finding_again(few_digits, tmp_path,
+def test_demo_with_method_auto_judges_on_held_out_seeds_and_resumes_without_finding_again(few_digits, tmp_path,
                                                                                             capsys):
-    """kd_find runs on the validation split once the teacher is trained (6 epochs: 0.91 validation accuracy), picks
-    SoftTarget T4 (+14 points over the student alone, beyond the spread of 2 seeds) and the seeds train with it; run
-    again, the job takes kd_find's kept result instead of measuring again"""
+    """kd_find runs on the validation split once the teacher is trained (6 epochs: 0.91 validation accuracy); with the
+    students' starting weights drawn from each seed, this tiny demo spreads by about 11 points from seed to seed, so no
+    finalist shows a gain on the held-out seeds (the first look, then 4 seeds) and the seeds train alone; run again,
+    the job takes kd_find's kept result instead of measuring again"""
     out = tmp_path/'report'
     command = ['demo', '--data', str(few_digits), '--out', str(out), *TINY, '--student', 'xresnet18-sixteenth',
                '--bs', '30', '--freeze-epochs', '0', '--epochs', '3', '--teacher-epochs', '6', '--seeds', '2',
                '--threads', '1', '--method', 'auto']
     assert main(command) == 0
-    assert 'kd_find: Distil with softtarget T4 changed validation accuracy by ' in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert 'kd_find: No candidate showed a gain over the student alone: at best, ' in said
+    assert '(not the seed 0 that chose the finalists)' in said and 'shared by 2 finalists and 2 looks' in said
     report = (out/'report.md').read_text()
-    assert report.startswith('# fastkd demo: distillation on scikit-learn digits: SoftTarget(T=4.0, standardize=False)'
-                             ", weight 0.5 (kd_find's pick: softtarget T4)")  # read from the students' callbacks
     kd_find_section = report.split('## kd_find')[1].split('## Per model')[0]
-    assert 'The students were distilled with **softtarget T4**.' in kd_find_section
-    assert '| candidate | score | epochs | seeds | gain | gain_std | agreement | seconds | rung |' in kd_find_section
+    assert 'The students trained alone: no candidate paid' in kd_find_section
+    assert '| candidate | score | epochs | seeds | gain | gain_std | ci_low | ci_high | agreement |' in kd_find_section
     assert all(f'| {name} |' in kd_find_section for name in ('alone', 'softtarget T4', 'dkd', 'fm (mixup)'))
-    assert 'Cost: 14 trials, ' in kd_find_section and '![kd_find' in kd_find_section  # 8 at rung 1, two finalists
+    assert '![kd_find' in kd_find_section and (out/'kd_find.png').read_bytes()[:4] == b'\x89PNG'
     assert "| kd_loss | 'chosen by kd_find' |" in report and '| method | auto |' in report
-    assert (out/'kd_find.png').read_bytes()[:4] == b'\x89PNG'
-    for seed in (42, 43):
-        distilled = json.loads((out/'runs'/f'distilled-student-seed{seed}.json').read_text())['training']['epochs']
-        alone = json.loads((out/'runs'/f'student-seed{seed}.json').read_text())['training']['epochs']
-        assert min(distilled['train_kd']) > 0 and 'train_kd' not in alone
+    assert not (out/'runs'/'distilled-student-seed42.json').exists()
 
     kept = json.loads((out/'runs'/'kd_find-seed42.json').read_text())
     message = kept['record']['message']
