@@ -173,26 +173,19 @@ def rate(k: int, n: int) -> str:
     return f'{k}/{n} = {k / n:.0%} (95% interval {low:.0%} to {high:.0%})' if n else '-'
 
 
-def outcome(call: dict, max_seeds: int) -> str | None:
-    """The pick a call would have made with a smaller `max_seeds`: kd_find adds seeds only while nothing is shown, so
-    a call that needed more seeds than `max_seeds` had shown nothing by then"""
-    return call['pick'] if call['final_seeds'] <= max_seeds else None
-
-
 def report(scenarios: list[dict], command: str) -> str:
     """Per scenario, how often kd_find picked what, against what each candidate gains on the test split: a false pick
-    is a candidate whose test gain's interval does not lie above zero. Calls made with max_seeds=M also give the picks
-    of every smaller max_seeds (`outcome`)"""
+    is a candidate whose test gain's interval does not lie above zero"""
     rates, lines, false, n_calls = [], [], {}, 0
-    cuts = sorted({4, *(kept['max_seeds'] for kept in scenarios)})
+    cuts = sorted({kept['max_seeds'] for kept in scenarios})
     for kept in scenarios:
         calls, truth = kept['calls'], kept['truth']
         pays = [name for name, gain in truth.items() if gain['shown']]
         gains = '; '.join(f'{name} {g["mean"]:+.1f} ± {g["std"]:.1f} points (interval {g["ci_low"]:+.1f} to '
                           f'{g["ci_high"]:+.1f}{", pays" if g["shown"] else ""})' for name, g in truth.items())
         said = []
-        for cut in (c for c in cuts if c <= kept['max_seeds']):
-            picks = [outcome(c, cut) for c in calls]
+        for cut in [kept['max_seeds']]:
+            picks = [c['pick'] for c in calls]
             wrong = sum(pick is not None and pick not in pays for pick in picks)
             false[cut] = (false.get(cut, (0, 0))[0] + wrong, false.get(cut, (0, 0))[1] + len(picks))
             found = f', a paying candidate picked in {rate(sum(p in pays for p in picks), len(picks))}' if pays else ''
@@ -214,9 +207,7 @@ def report(scenarios: list[dict], command: str) -> str:
         'Validation accuracy of the teachers and of the student alone (seed 0, 4 epochs): '
         + ', '.join(f'{k.replace("_", " ")} {v:.3f}' for k, v in accuracies.items()) + '. What each candidate truly '
         f'gains: test accuracy over the student alone, trained outside kd_find from seeds {TRUTH_SEEDS.start} to '
-        f'{TRUTH_SEEDS.stop - 1}; it pays where the 95% interval of its mean gain lies above zero. A call made with '
-        'max_seeds=M gives the pick of a smaller max_seeds too: the same pick where the call needed no more seeds, '
-        'else none (kd_find adds seeds only while nothing is shown).', '',
+        f'{TRUTH_SEEDS.stop - 1}; it pays where the 95% interval of its mean gain lies above zero.', '',
         *rates, *overall, '', f'{n_calls} calls, {minutes:.0f} minutes of kd_find.', '',
         '| scenario | max_seeds | call | pick | seeds at the last rung | seconds | verdict |',
         '|---|---|---|---|---|---|---|', *lines, ''])
