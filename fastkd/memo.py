@@ -56,10 +56,9 @@ class TeacherMemo:
     of outputs are kept (beyond that, forwards run and are not kept). While a hook is on the teacher or one of its
     layers (hints, a user's callback), every forward runs, so the hook sees it, and is kept. The key holds the version
     of every weight and buffer, so a teacher changed in place (an EMA step, `load_state_dict`) is another key; values
-    swapped in through `.data` keep their version and are not seen. `computed` and `reused`
-    count forwards;
-    `active` says whether it is installed (never for a recurrent teacher). The key copies each input to the host: on
-    a GPU, a wait per forward, which a large teacher's forward repays and a small one's may not."""
+    swapped in through `.data` keep their version and are not seen. `computed` and `reused` count forwards; `active`
+    says whether it is installed (never for a recurrent teacher). The key copies each input to the host: on a GPU, a
+    wait per forward, which a large teacher's forward repays and a small one's may not."""
     def __init__(self, teacher, max_gib: float = 2.):
         self.teacher, self.max_bytes = teacher_model(teacher), max_gib * 2**30
         self.outputs, self.n_bytes, self.computed, self.reused = {}, 0, 0, 0
