@@ -524,7 +524,7 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     frozen_teacher, rows, start, starting = teacher_model(teacher), [], time.perf_counter(), _start(start_weights)
     joint = joint_loader(learn.dls.train, unlabeled) if unlabeled is not None else None  # made once for all trials
     if share_teacher is None: share_teacher = next(learn.model.parameters()).device.type == 'cpu'
-    memo, memo_for = TeacherMemo(frozen_teacher) if share_teacher else None, [None]
+    memo, memo_for = TeacherMemo(frozen_teacher) if share_teacher else None, None  # (rung, seed) of its batches
     with _Restored(learn) as restored, learn.no_bar(), learn.no_logging(), memo or nullcontext():
         counted = memo is not None and memo.active  # a recurrent teacher's forwards are never kept, nor counted
         restored.reset()
@@ -536,14 +536,15 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
 
         def trial(name: str, rung: int, seed: int):
             "Train candidate `name` (or the student alone) for rung `rung` from `seed`, and keep its scores"
+            nonlocal memo_for
             restored.reset(starting(seed))
             kwargs = deepcopy(candidates.get(name, {}))
             extra = [_fresh(cb) for cb in kwargs.pop('cbs', [])]
             if unlabeled is not None: kwargs.setdefault('unlabeled', unlabeled)
             kwargs.setdefault('teacher_input', given_input)
             distil = [KnowledgeDistillation(teacher, **kwargs), *extra] if name != 'alone' else []
-            if memo and (rung, seed) != memo_for[0]: memo.forget()  # later trials never see the batches kept so far
-            memo_for[0] = rung, seed
+            if memo and (rung, seed) != memo_for: memo.forget()  # later trials never see the batches kept so far
+            memo_for = rung, seed
             computed, reused = (memo.computed, memo.reused) if memo else (0, 0)
             trial_start = time.perf_counter()
             fit(learn, rungs[rung], lr, [Reseed(seed), *distil])
@@ -609,6 +610,7 @@ def kd_find_for_job(dls, student_arch: Callable, teacher, schedule: Schedule, me
         kept = kd_candidates(learn, teacher, unlabeled, teacher_input) if candidates is None else candidates
         try: res = KDFindResult.from_record(record, dict(kept), teacher, unlabeled, teacher_input)
         except StaleRecord: pass  # measured again, under today's rule
+    remeasured = record is not None and res is None
     if res is None:
         def start_weights(seed: int) -> dict: return scratch_learner(dls, student_arch, seed).model.state_dict()
         res = kd_find(learn, teacher, candidates, epochs=schedule.epochs, lr=schedule.lr, seeds=seeds, metric=metric,
@@ -621,4 +623,4 @@ def kd_find_for_job(dls, student_arch: Callable, teacher, schedule: Schedule, me
                 weight=chosen.get('weight', 0.5), hints=chosen.get('hints', ()),
                 mix=(lambda: _fresh(extra[0])) if len(extra) == 1 else None, callbacks=lambda: res.callback(name),
                 table=res.table, figure=res.plot(), seconds=res.seconds, runs=res.runs, message=res.message,
-                record=res.record(), remeasured=record is not None and res.record() != record)
+                record=res.record(), remeasured=remeasured)
