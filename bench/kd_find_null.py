@@ -37,9 +37,10 @@ from fastai.torch_core import set_seed
 from scipy.stats import beta
 from torch import nn
 
+from accuracy import write_text
+from fastkd.callback import KnowledgeDistillation
 from fastkd.digits import digits_dls, write_digits
 from fastkd.files import atomic_write
-from fastkd.callback import KnowledgeDistillation
 from fastkd.kd_find import KDFindResult, kd_find
 from fastkd.losses import DIST, SoftTarget
 from fastkd.workflow import Reseed, seed_gain
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None):
                 print(scenario, kept['calls'][-1], flush=True)
                 atomic_write(path, lambda f: Path(f).write_text(json.dumps(kept, indent=1), encoding='utf-8'))
                 everything = [json.loads(p.read_text()) for p in sorted(args.kept.glob('*.json'))]
-                write(report(everything, command), args.out)
+                write_text(report(everything, command), args.out)
 
 
 def rate(k: int, n: int) -> str:
@@ -211,11 +212,6 @@ def report(scenarios: list[dict], command: str) -> str:
         *rates, *overall, '', f'{n_calls} calls, {minutes:.0f} minutes of kd_find.', '',
         '| scenario | max_seeds | call | pick | seeds at the last rung | seconds | verdict |',
         '|---|---|---|---|---|---|---|', *lines, ''])
-
-
-def write(text: str, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding='utf-8'))
 
 
 if __name__ == '__main__': main()

@@ -103,7 +103,7 @@ class TeacherMemo:
             return _copied(self.outputs[key])  # a loss that changes its input in place changes a copy
         self.computed += 1
         output = self.forward(*args, **kwargs)
-        if key is not None and key not in self.outputs and self.n_bytes + _n_bytes(output) <= self.max_bytes:
-            self.outputs[key] = _copied(output)
-            self.n_bytes += _n_bytes(output)
+        n_bytes = _n_bytes(output)
+        if key is not None and key not in self.outputs and self.n_bytes + n_bytes <= self.max_bytes:
+            self.outputs[key], self.n_bytes = _copied(output), self.n_bytes + n_bytes
         return output
