@@ -1,7 +1,8 @@
 """How often does `kd_find` pick a candidate that cannot pay, and how often does it find one that does? On the digits
 (16 px, split 60/20/20), a small CNN student whose starting weights each seed draws (as `kd_find_for_job` draws them),
 `--calls` calls of `kd_find` per scenario, each on seeds of its own (call c: seeds 100c, 100c+1, 100c+2, and the next
-integers where it adds seeds), 4 epochs (rungs of 2 and 4), default settings otherwise (`--max-seeds` sets max_seeds):
+integers where it adds seeds), 4 epochs (rungs of 2 and 4), default settings otherwise (`--max-seeds` sets max_seeds;
+the kept calls of a verdict rule other than today's `RULE` are refused):
 - `weak teacher`: the student's architecture trained for one epoch (about 20% accuracy) as the teacher; SoftTarget
   T=4 (which pays here: its soft targets smooth the labels) and DIST (which does not).
 - `harmful loss`: a good teacher (a wider CNN) with losses that push the student away from it (minus the KL
@@ -21,6 +22,7 @@ bench/out/kd_find_null, so a stopped run goes on from there.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import tempfile
@@ -41,13 +43,14 @@ from accuracy import write_text
 from fastkd.callback import KnowledgeDistillation
 from fastkd.digits import digits_dls, write_digits
 from fastkd.files import atomic_write
-from fastkd.kd_find import KDFindResult, kd_find
+from fastkd.kd_find import RULE, KDFindResult, kd_find
 from fastkd.losses import DIST, SoftTarget
 from fastkd.workflow import Reseed, seed_gain
 
 ROOT = Path(__file__).resolve().parents[1]
 LR, EPOCHS = 1e-2, 4
 TRUTH_SEEDS = range(900, 906)  # the test-split truth of each candidate: seeds no kd_find call draws
+MAX_SEEDS = inspect.signature(kd_find).parameters['max_seeds'].default
 
 
 def small_cnn(width: int) -> nn.Sequential:
@@ -102,7 +105,7 @@ def start_weights(seed: int) -> dict:
     return small_cnn(8).state_dict()
 
 
-def one_call(dls, teacher: nn.Module, candidates: dict, call: int, max_seeds: int = 4) -> KDFindResult:
+def one_call(dls, teacher: nn.Module, candidates: dict, call: int, max_seeds: int = MAX_SEEDS) -> KDFindResult:
     "kd_find on the seeds of call `call`, each seed drawing the student's starting weights"
     seeds = (100 * call, 100 * call + 1, 100 * call + 2)
     learn = Learner(dls, small_cnn(8), metrics=accuracy)
@@ -135,7 +138,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument('--scenarios', nargs='+', default=None, help='only these scenarios (processes side by side '
                         'may each take some: each keeps its calls in a file of its own)')
     parser.add_argument('--out', type=Path, default=ROOT/'bench'/'results'/'kd_find_null.md')
-    parser.add_argument('--max-seeds', type=int, default=4, help="kd_find's max_seeds (default: %(default)s)")
+    parser.add_argument('--max-seeds', type=int, default=MAX_SEEDS, help="kd_find's max_seeds (default: its own, "
+                        '%(default)s)')
     parser.add_argument('--kept', type=Path, default=ROOT/'bench'/'out'/'kd_find_null', help='the calls measured so far')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None):
             if args.scenarios and scenario not in args.scenarios: continue
             path = args.kept/f'{scenario.replace(",", "").replace(" ", "-")}-max{args.max_seeds}.json'
             kept = json.loads(path.read_text()) if path.exists() else dict(scenario=scenario, calls=[],
-                                                                           max_seeds=args.max_seeds)
+                                                                           max_seeds=args.max_seeds, rule=RULE)
+            if kept.get('rule') != RULE: raise SystemExit(f'{path} holds calls of another verdict rule: move it away.')
             if 'truth' not in kept: kept['truth'] = test_gains(dls, test_dl, teacher, candidates, TRUTH_SEEDS)
             kept['accuracies'] = accuracies
             for call in range(args.calls):

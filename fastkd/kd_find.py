@@ -51,7 +51,9 @@ __all__ = ['TeacherAgreement', 'kd_candidates', 'kd_find', 'KDFindResult', 'Stal
            'kd_find_for_job']
 
 Fit = Callable[[Learner, int, float, list], None]
-RULE = 2  # the verdict's rule, kept in records: 2 judges the finalists on held-out seeds, by intervals (issue 36)
+RULE = 3  # the verdict's rule, kept in records: 2 judged the finalists on held-out seeds, by intervals (issue 36);
+# 3 spends the error on the lower ends only, a quarter at the first look
+FIRST_LOOK = 0.25  # the share of each finalist's error spent at the first of two looks
 
 
 class StaleRecord(ValueError):
@@ -253,8 +255,9 @@ class KDFindResult:
     points: bool = True
     unlabeled: object = field(default=None, repr=False)  # what joined the candidates' training, for `callback()`
     teacher_input: TeacherInput | None = field(default=None, repr=False)  # what the teacher received
-    confidence: float = 0.95  # of the finalists' intervals, all at once
-    looks: int = 1  # verdicts taken: on the first held-out seeds, and after the added ones
+    confidence: float = 0.95  # 1 - the chance of a false pick, over all finalists and looks
+    looks: int = 1  # verdicts planned: on the first held-out seeds, and after the added ones
+    look: int = 1  # the look `best` was decided at: 2 where seeds were added
 
     @property
     def top(self) -> str:
@@ -298,7 +301,7 @@ class KDFindResult:
         "What `from_record` rebuilds this result from without training, as JSON-able values: trials, verdict, cost"
         return dict(trials=self.trials.to_dict('list'), best=self.best, metric=self.metric, seconds=self.seconds,
                     runs=self.runs, lr=self.lr, message=self.message, lower_is_better=self.lower_is_better,
-                    points=self.points, confidence=self.confidence, looks=self.looks, rule=RULE)
+                    points=self.points, confidence=self.confidence, looks=self.looks, look=self.look, rule=RULE)
 
     @classmethod
     def from_record(cls, record: dict, candidates: dict, teacher, unlabeled=None, teacher_input='auto') -> KDFindResult:
@@ -314,10 +317,10 @@ class KDFindResult:
                              'candidates it was measured with, or measure again.')
         lower = record.get('lower_is_better', _lower_is_better(record['metric']) or False)  # older records: by name
         points = record.get('points', _in_points(record['metric'], trials.score))
-        confidence, looks = record['confidence'], record['looks']
-        return cls(trials, _table(trials, lower, confidence, looks), record['best'], candidates, teacher,
+        confidence, looks, look = record['confidence'], record['looks'], record['look']
+        return cls(trials, _table(trials, lower, confidence, looks, look), record['best'], candidates, teacher,
                    record['metric'], record['seconds'], record['runs'], record['lr'], record['message'], lower, points,
-                   unlabeled, teacher_inputs([teacher], teacher_input)[0], confidence, looks)
+                   unlabeled, teacher_inputs([teacher], teacher_input)[0], confidence, looks, look)
 
     def __repr__(self) -> str: return f'{self.message}\n{self.table.to_string(float_format="{:.4g}".format)}'
 
@@ -357,10 +360,15 @@ def _finalists(trials: pd.DataFrame) -> list[str]:
     return [name for name in last.name.unique() if name != 'alone']
 
 
-def _level(trials: pd.DataFrame, confidence: float, looks: int = 1) -> float:
-    """The confidence of each finalist's interval at each look, so that all of them hold at once with `confidence`
-    (Bonferroni): a verdict on the best of k finalists, looked at twice, is not the best of 2k draws of noise"""
-    return 1 - (1 - confidence) / (max(1, len(_finalists(trials))) * looks)
+def _level(trials: pd.DataFrame, confidence: float, looks: int = 1, look: int = 1) -> float:
+    """The two-sided confidence of each finalist's interval at `look` of `looks`, such that a false pick (a finalist
+    that gains nothing whose interval lies above zero) has a chance of at most 1 - `confidence` over all k finalists
+    and looks (Bonferroni; a pick rests on the lower end alone, so the error is all spent there): each finalist's
+    (1 - confidence) / k, a quarter of it at the first of two looks (two seeds show only a clear gain) and the rest
+    at the second, where the added seeds give power"""
+    error = (1 - confidence) / max(1, len(_finalists(trials)))
+    if looks > 1: error *= FIRST_LOOK if look == 1 else 1 - FIRST_LOOK
+    return 1 - 2 * error
 
 
 def _judged(gain: dict) -> dict:
@@ -370,22 +378,22 @@ def _judged(gain: dict) -> dict:
     return {**gain, 'ci_low': np.nan, 'ci_high': np.nan, 'shown': False}
 
 
-def _gains(trials: pd.DataFrame, lower_is_better: bool, confidence: float, scale: float = 1., looks: int = 1
-           ) -> dict[str, dict]:
+def _gains(trials: pd.DataFrame, lower_is_better: bool, confidence: float, scale: float = 1., looks: int = 1,
+           look: int = 1) -> dict[str, dict]:
     "Per finalist, `seed_gain` of its last-rung scores over the student alone's of the same seeds (positive: better)"
     sign, last = _sign(lower_is_better), trials[trials.rung == trials.rung.max()]
     alone = sign * last[last.name == 'alone'].set_index('seed').score
     return {name: _judged(seed_gain(alone, sign * last[last.name == name].set_index('seed').score,
-                                    _level(trials, confidence, looks), scale)) for name in _finalists(trials)}
+                                    _level(trials, confidence, looks, look), scale)) for name in _finalists(trials)}
 
 
-def _table(trials: pd.DataFrame, lower_is_better: bool = False, confidence: float = 0.95, looks: int = 1
-           ) -> pd.DataFrame:
+def _table(trials: pd.DataFrame, lower_is_better: bool = False, confidence: float = 0.95, looks: int = 1,
+           look: int = 1) -> pd.DataFrame:
     """Per candidate, its last rung: mean score and agreement over seeds, gain over the student alone of that rung
     (positive: better), its std over the seeds and, for finalists, the interval of the mean gain (`ci_low`, `ci_high`,
-    at `confidence` for all finalists and `looks` at once); its `stage`: 'final', or the rung where it was dropped"""
+    at `look` of `looks`, `_level`); its `stage`: 'final', or the rung where it was dropped"""
     rows, n_rungs = {}, trials.rung.max() + 1
-    intervals = _gains(trials, lower_is_better, confidence, looks=looks)
+    intervals = _gains(trials, lower_is_better, confidence, looks=looks, look=look)
     for name, runs in trials.groupby('name', sort=False):
         rung = runs.rung.max()
         last = runs[runs.rung == rung].set_index('seed')
@@ -409,8 +417,8 @@ def _survivors(trials: pd.DataFrame, rung: int, n: int, lower_is_better: bool = 
 
 
 def _undecided(trials: pd.DataFrame, lower_is_better: bool, confidence: float, looks: int = 1) -> list[str]:
-    """The finalists worth more seeds after the first look: none once one of them has shown a gain; else those whose
-    mean gain is positive (`_gaining`)"""
+    """The finalists worth more seeds after the first look (of `looks`): none once one of them has shown a gain; else
+    those whose mean gain is positive (`_gaining`)"""
     gains = _gains(trials, lower_is_better, confidence, looks=looks)
     return [] if any(gain['shown'] for gain in gains.values()) else _gaining(trials, lower_is_better)
 
@@ -423,15 +431,15 @@ def _gaining(trials: pd.DataFrame, lower_is_better: bool) -> list[str]:
 
 
 def _verdict(trials: pd.DataFrame, table: pd.DataFrame, metric: str, lower_is_better: bool = False,
-             points: bool = True, confidence: float = 0.95, looks: int = 1) -> tuple[str | None, str]:
+             points: bool = True, confidence: float = 0.95, looks: int = 1, look: int = 1) -> tuple[str | None, str]:
     """The finalist with the highest mean gain among those whose interval of the mean gain lies above zero (the main
-    job's rule, `VERDICT_RULE`, at `confidence` for all finalists and `looks` at once), and why, in words: the change
+    job's rule, `VERDICT_RULE`, at `look` of `looks`: `_level`), and why, in words: the change
     of the metric itself, in points (of 100) for shares in [0, 1], else in the metric's units"""
-    gains = _gains(trials, lower_is_better, confidence, 100 if points else 1, looks)
+    gains = _gains(trials, lower_is_better, confidence, 100 if points else 1, looks, look)
     if not gains: return None, 'No candidate reached the last rung.'
     shown = [name for name, gain in gains.items() if gain['shown']]
     name = max(shown or gains, key=lambda name: gains[name]['mean'])
-    gain, sign, level = gains[name], _sign(lower_is_better), _level(trials, confidence, looks)
+    gain, sign, level = gains[name], _sign(lower_is_better), _level(trials, confidence, looks, look)
     epochs, seeds, form = int(table.epochs[name]), gain['seeds'], '.1f' if points else '.3g'
     units = f'{"points" if points else metric}{" (lower is better)" * lower_is_better}'
     last_rung = trials.rung == trials.rung.max()
@@ -447,8 +455,9 @@ def _verdict(trials: pd.DataFrame, table: pd.DataFrame, metric: str, lower_is_be
                       '(pass more seeds, or a larger max_seeds).')
     shared = ' and '.join([f'{len(gains)} finalists'] * (len(gains) > 1) + [f'{looks} looks'] * (looks > 1))
     low, high = sorted((sign * gain['ci_low'], sign * gain['ci_high']))  # of the change of the metric
-    interval = (f'{level:.1%} interval of the mean change{f", shared by {shared}" * bool(shared)}: '
-                f'{low:+{form}} to {high:+{form}}')
+    when = f'look {look} of {looks}; ' * (looks > 1)
+    interval = (f'{level:.1%} interval of the mean change ({when}false picks at most {1 - confidence:.0%}'
+                f'{f", shared by {shared}" * bool(shared)}): {low:+{form}} to {high:+{form}}')
     if name in shown: return name, f'Distil with {said} ({interval}).'
     return None, (f'No candidate showed a gain over the student alone: at best, {said} ({interval}, which includes '
                   'zero).')
@@ -463,7 +472,7 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
             lr: float | None = None, seeds: Sequence[int] = (0, 1, 2), metric: Callable = accuracy,
             fit: Fit | None = None, rungs: Sequence[int] | None = None, keep: float = 0.25, early_seeds: int = 1,
             show_progress: bool = True, lower_is_better: bool | None = None, show_plot: bool = True,
-            unlabeled=None, teacher_input='auto', max_seeds: int = 4, confidence: float = 0.95,
+            unlabeled=None, teacher_input='auto', max_seeds: int = 8, confidence: float = 0.95,
             start_weights: Callable[[int], dict] | None = None, share_teacher: bool | None = None) -> KDFindResult:
     """Which way of distilling `teacher` (a model or a `Learner`) into `learn`'s model pays, measured on the validation
     set. `candidates`: name -> `KnowledgeDistillation` keyword arguments (default: `kd_candidates(learn, teacher)`),
@@ -481,9 +490,10 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     verdict is the main job's rule: `best` is the finalist with the highest mean gain among those whose interval of
     the mean per-seed gain lies above zero, else None. Where no finalist shows a gain
     there, the finalists that gain on average train on further seeds (the next integers; a finalist whose mean gain
-    falls to zero or below stops) up to `max_seeds` at the last rung, and the verdict is taken once more. `confidence`
-    holds for all finalists and both looks at once (Bonferroni: each interval at 1 - (1 - confidence) / (2k) for k
-    finalists), so neither the best of k nor a second look makes a false verdict likelier. Scores are
+    falls to zero or below stops) up to `max_seeds` at the last rung, and the verdict is taken once more. A false pick
+    (a finalist that gains nothing, picked) has a chance of at most 1 - `confidence` over all k finalists and both
+    looks (Bonferroni on the lower ends, on which a pick rests: each finalist's share spent a quarter at the first
+    look, the rest at the second; for two finalists, intervals at 98.75% then 96.25%). Scores are
     `metric(preds, targets)`; lower is better for fastai's `mse`, `rmse`, `mae`, `msle`, `exp_rmspe`, `error_rate` and
     names holding 'loss' or 'error' (as fastai's trackers decide), else higher, unless `lower_is_better` says. `gain`
     is the candidate's improvement over the student alone, same rung and seeds, in the metric's units: positive is
@@ -565,19 +575,21 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
             for name in ['alone', *names[:sizes[-1]]]: trial(name, last, seed)
         # the first look; without a verdict, the finalists gaining on average train up to max_seeds for the second
         gaining = _undecided(pd.DataFrame(rows), lower, confidence, looks)
+        look = 1
         for seed in itertools.islice(itertools.count(max(seeds) + 1), max(0, max_seeds - len(final))):
             if not gaining: break
+            look = 2
             bar.total += len(gaining) + 1
             for name in ['alone', *gaining]: trial(name, last, seed)
             gaining = [name for name in gaining if name in _gaining(pd.DataFrame(rows), lower)]
         bar.on_iter_end()
     trials, name = pd.DataFrame(rows), _metric_name(metric)
-    table, points = _table(trials, lower, confidence, looks), _in_points(metric, trials.score)
-    best, message = _verdict(trials, table, name, lower, points, confidence, looks)
+    table, points = _table(trials, lower, confidence, looks, look), _in_points(metric, trials.score)
+    best, message = _verdict(trials, table, name, lower, points, confidence, looks, look)
     alone_seconds = trials[(trials.name == 'alone') & (trials.rung == trials.rung.max())].seconds.mean()
     seconds = time.perf_counter() - start
     res = KDFindResult(trials, table, best, candidates, teacher, name, seconds, seconds / alone_seconds, lr, message,
-                       lower, points, unlabeled, given_input, confidence, looks)
+                       lower, points, unlabeled, given_input, confidence, looks, look)
     if show_plot: res.plot(ax=plt.subplots(figsize=res.figsize)[1])
     return res
 

@@ -364,6 +364,11 @@ def test_a_record_kept_under_the_older_rule_is_refused_and_the_job_measures_agai
     older = {k: v for k, v in record.items() if k not in ('rule', 'confidence', 'looks', 'lower_is_better', 'points')}
     with pytest.raises(StaleRecord, match='kept by an older fastkd'):
         KDFindResult.from_record(older, ranked.candidates, teacher)
+    with pytest.raises(StaleRecord):  # rule 2 spent half the error on the upper ends, at 98.75% at both looks
+        KDFindResult.from_record({**record, 'rule': 2}, ranked.candidates, teacher)
+    kept = KDFindResult.from_record(record, ranked.candidates, teacher)
+    assert (kept.look, kept.looks, kept.message) == (ranked.look, ranked.looks, ranked.message)
+    pd.testing.assert_frame_equal(kept.table, ranked.table)
 
 
 def test_the_verdict_is_the_jobs_interval_on_seeds_that_did_not_choose_the_finalists(ranked):
@@ -374,7 +379,9 @@ def test_the_verdict_is_the_jobs_interval_on_seeds_that_did_not_choose_the_final
     assert (finals.ci_low < finals.gain).all() and (finals.gain < finals.ci_high).all()
     assert ranked.best is None or finals.ci_low[ranked.best] > 0
     assert 'not the seed 0 that chose the finalists' in ranked.message
-    assert '98.8% interval of the mean change, shared by 2 finalists and 2 looks' in ranked.message  # 1 - 0.05/4
+    # the first of two looks spends a quarter of each finalist's 2.5%: its interval's lower end at 1 - 0.00625
+    assert ('98.8% interval of the mean change (look 1 of 2; false picks at most 5%, shared by 2 finalists and 2 looks)'
+            in ranked.message)
 
 
 def made_up(gains: dict[str, list[float]], alone: list[float]) -> pd.DataFrame:
@@ -402,14 +409,28 @@ def test_two_close_seeds_are_no_verdict_where_the_spread_rule_said_distil():
 
 
 def test_with_few_seeds_the_interval_is_shared_by_the_finalists():
-    "Each of k finalists' intervals is at 1 - 0.05/k: a gain shown for one of two alone at 95% is not shown for it"
+    """Each of k finalists' intervals has its lower end at 1 - 0.05/k (one look): a gain shown for one finalist alone
+    (90% interval) is not shown for it beside another (95%)"""
     from fastkd.kd_find import _table, _verdict
-    gains = {'a': [.83, .835, .83, .84], 'b': [.80, .80, .80, .80]}  # 'a': t-interval at 95% above zero, not at 97.5%
-    alone = [.80, .80, .80, .838]
+    gains = {'a': [.83, .835, .83, .84], 'b': [.80, .80, .80, .80]}  # 'a': t-interval at 90% above zero, not at 95%
+    alone = [.80, .80, .80, .84]
     one = made_up({'a': gains['a']}, alone)
     assert _verdict(one, _table(one), 'accuracy')[0] == 'a'
     both = made_up(gains, alone)
     assert _verdict(both, _table(both), 'accuracy')[0] is None
+
+
+def test_the_error_is_spent_on_the_lower_ends_a_quarter_at_the_first_look():
+    """A pick rests on an interval's lower end alone, so all of 1 - confidence is spent there: each of two finalists
+    gets 2.5%, at one look a 95% interval; at two looks 0.625% at the first (98.75%), 1.875% at the second (96.25%).
+    +3, +4, +2, +6 points on four seeds (t = 4.39 with 3 degrees of freedom) show a gain at the second look only"""
+    from fastkd.kd_find import _level, _table, _verdict
+    trials = made_up({'a': [.83, .84, .82, .86], 'b': [.80, .81, .79, .80]}, alone=[.80] * 4)
+    assert [_level(trials, .95, *when) for when in ((1, 1), (2, 1), (2, 2))] == pytest.approx([.95, .9875, .9625])
+    for look, shown in ((1, False), (2, True)):
+        best, message = _verdict(trials, _table(trials, looks=2, look=look), 'accuracy', looks=2, look=look)
+        assert (best == 'a') is shown and f'look {look} of 2' in message
+    assert _table(trials, looks=2, look=2).ci_low['a'] > 0 > _table(trials, looks=2, look=1).ci_low['a']
 
 
 def test_more_seeds_are_trained_while_the_verdict_is_open_up_to_max_seeds(few_dls, teacher, warm_student):
