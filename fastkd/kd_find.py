@@ -433,7 +433,7 @@ def _gaining(trials: pd.DataFrame, lower_is_better: bool) -> list[str]:
 def _verdict(trials: pd.DataFrame, table: pd.DataFrame, metric: str, lower_is_better: bool = False,
              points: bool = True, confidence: float = 0.95, looks: int = 1, look: int = 1) -> tuple[str | None, str]:
     """The finalist with the highest mean gain among those whose interval of the mean gain lies above zero (the main
-    job's rule, `VERDICT_RULE`, at `look` of `looks`: `_level`), and why, in words: the change
+    job's kind of rule, `VERDICT_RULE`, at `look` of `looks`: `_level`), and why, in words: the change
     of the metric itself, in points (of 100) for shares in [0, 1], else in the metric's units"""
     gains = _gains(trials, lower_is_better, confidence, 100 if points else 1, looks, look)
     if not gains: return None, 'No candidate reached the last rung.'
@@ -450,17 +450,19 @@ def _verdict(trials: pd.DataFrame, table: pd.DataFrame, metric: str, lower_is_be
             f'{seeds} seed{"s" * (seeds > 1)}{held_out} at {epochs} epochs')
     if seeds < 2:
         return None, f'No verdict: {said}; one seed gives no interval of the mean gain (pass more seeds).'
+    if np.isnan(gain['ci_low']) and gain['mean'] <= 0:
+        return None, f'No candidate showed a gain over the student alone: at best, {said}, the same on every seed.'
     if np.isnan(gain['ci_low']):
         return None, (f'No verdict: {said}, the same gain on every seed, which gives no interval of the mean gain '
                       '(pass more seeds, or a larger max_seeds).')
     shared = ' and '.join([f'{len(gains)} finalists'] * (len(gains) > 1) + [f'{looks} looks'] * (looks > 1))
     low, high = sorted((sign * gain['ci_low'], sign * gain['ci_high']))  # of the change of the metric
     when = f'look {look} of {looks}; ' * (looks > 1)
-    interval = (f'{level:.1%} interval of the mean change ({when}false picks at most {1 - confidence:.0%}'
-                f'{f", shared by {shared}" * bool(shared)}): {low:+{form}} to {high:+{form}}')
+    interval = (f'{level:.1%} interval of the mean change ({when}one-sided: false picks at most '
+                f'{1 - confidence:.0%}{f", shared by {shared}" * bool(shared)}): {low:+{form}} to {high:+{form}}')
     if name in shown: return name, f'Distil with {said} ({interval}).'
-    return None, (f'No candidate showed a gain over the student alone: at best, {said} ({interval}, which includes '
-                  'zero).')
+    where = 'which lies wholly on the side of a loss' if gain['ci_high'] < 0 else 'which includes zero'
+    return None, f'No candidate showed a gain over the student alone: at best, {said} ({interval}, {where}).'
 
 
 def _start(start_weights: Callable[[int], dict] | None) -> Callable[[int], dict | None]:
@@ -487,13 +489,14 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     of `seeds` (gains averaged), the best `keep` share of the candidates (at least two, where there are two) going on
     to the next. The last rung (`epochs`, the planned schedule) trains the finalists and the student alone on the other
     seeds, which chose nothing (with two candidates or fewer, nothing is dropped: one rung, every seed judges). The
-    verdict is the main job's rule: `best` is the finalist with the highest mean gain among those whose interval of
-    the mean per-seed gain lies above zero, else None. Where no finalist shows a gain
-    there, the finalists that gain on average train on further seeds (the next integers; a finalist whose mean gain
-    falls to zero or below stops) up to `max_seeds` at the last rung, and the verdict is taken once more. A false pick
-    (a finalist that gains nothing, picked) has a chance of at most 1 - `confidence` over all k finalists and both
-    looks (Bonferroni on the lower ends, on which a pick rests: each finalist's share spent a quarter at the first
-    look, the rest at the second; for two finalists, intervals at 98.75% then 96.25%). Scores are
+    verdict is the main job's kind of rule: `best` is the finalist with the highest mean gain among those whose interval
+    of the mean per-seed gain (Student t: per-seed gains roughly normal) lies above zero, else None. Where no
+    finalist shows a gain there, the finalists that gain on average train on further seeds (the next integers; a
+    finalist whose mean gain falls to zero or below stops) up to `max_seeds` at the last rung, and the verdict is taken
+    once more. A false pick (a finalist that gains nothing, picked) has a chance of at most 1 - `confidence` over all
+    k finalists and both looks (Bonferroni on the lower ends, on which a pick rests: each finalist's share spent a
+    quarter at the first look, the rest at the second; for two finalists, intervals at 98.75% then 96.25%; with one
+    held-out seed, which gives no interval, one look after the added seeds). Scores are
     `metric(preds, targets)`; lower is better for fastai's `mse`, `rmse`, `mae`, `msle`, `exp_rmspe`, `error_rate` and
     names holding 'loss' or 'error' (as fastai's trackers decide), else higher, unless `lower_is_better` says. `gain`
     is the candidate's improvement over the student alone, same rung and seeds, in the metric's units: positive is
@@ -514,6 +517,8 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     if rungs != sorted(rungs) or rungs[0] < 1:
         raise ValueError(f'rungs are epochs per rung, at least 1 and increasing, got {rungs}.')
     if not 0 < keep < 1: raise ValueError(f'keep is the share of candidates kept at each rung, in (0, 1), got {keep}.')
+    if not 0.5 < confidence < 1:
+        raise ValueError(f'confidence is 1 - the chance of a false pick, in (0.5, 1), e.g. 0.95: got {confidence}.')
     sizes = [len(candidates)]
     for _ in rungs[1:]: sizes.append(max(min(2, sizes[-1]), int(sizes[-1] * keep)))  # two finalists to compare
     if sizes[-1] == len(candidates): rungs, sizes = rungs[-1:], sizes[-1:]  # nothing to drop: every seed judges
@@ -529,7 +534,8 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
                       'student gets better, and takes higher as better: pass lower_is_better=True for an error or a '
                       'loss (lower_is_better=False says higher is better and silences this).')
         lower = False
-    looks = 2 if max_seeds > len(final) else 1  # a verdict on the first seeds, and one more after the added seeds
+    # a verdict on the first seeds (where two or more can give an interval), and one more after the added seeds
+    looks = 2 if max_seeds > len(final) > 1 else 1
     n_trials = sum(size + 1 for size in sizes[:-1]) * len(early) + (sizes[-1] + 1) * len(final)
     frozen_teacher, rows, start, starting = teacher_model(teacher), [], time.perf_counter(), _start(start_weights)
     joint = joint_loader(learn.dls.train, unlabeled) if unlabeled is not None else None  # made once for all trials
@@ -578,7 +584,7 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
         look = 1
         for seed in itertools.islice(itertools.count(max(seeds) + 1), max(0, max_seeds - len(final))):
             if not gaining: break
-            look = 2
+            look = looks
             bar.total += len(gaining) + 1
             for name in ['alone', *gaining]: trial(name, last, seed)
             gaining = [name for name in gaining if name in _gaining(pd.DataFrame(rows), lower)]

@@ -22,7 +22,7 @@ __all__ = ['TeacherMemo']
 def _digested(digest, value) -> bool:
     "Feed `value` (tensors, numbers, strings and lists, tuples and dicts of them) to `digest`; False for anything else"
     if isinstance(value, Tensor):
-        digest.update(repr((value.dtype, tuple(value.shape), value.stride())).encode())  # channels-last or not
+        digest.update(repr((value.dtype, value.device.type, tuple(value.shape), value.stride())).encode())  # layout
         digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())  # on a GPU: a copy, a wait
         return True
     if value is None or isinstance(value, (bool, int, float, str)):

@@ -330,6 +330,7 @@ def test_at_least_two_candidates_reach_the_last_rung(few_dls, teacher, warm_stud
     finals = set(res.table.index[res.table.stage == 'final'])
     assert finals == set(res.trials.name[res.trials.rung == 1]) and len(finals) == 3  # two and the student alone
     assert (res.table.stage == 'dropped at rung 1 of 2').sum() == 1
+    assert res.looks == res.look == 1  # one held-out seed gives no interval: the whole error waits for added seeds
 
 
 def test_the_table_shows_the_seeds_spread_and_rung_of_every_row(ranked):
@@ -380,8 +381,8 @@ def test_the_verdict_is_the_jobs_interval_on_seeds_that_did_not_choose_the_final
     assert ranked.best is None or finals.ci_low[ranked.best] > 0
     assert 'not the seed 0 that chose the finalists' in ranked.message
     # the first of two looks spends a quarter of each finalist's 2.5%: its interval's lower end at 1 - 0.00625
-    assert ('98.8% interval of the mean change (look 1 of 2; false picks at most 5%, shared by 2 finalists and 2 looks)'
-            in ranked.message)
+    assert ('98.8% interval of the mean change (look 1 of 2; one-sided: false picks at most 5%, shared by 2 finalists '
+            'and 2 looks)' in ranked.message)
 
 
 def made_up(gains: dict[str, list[float]], alone: list[float]) -> pd.DataFrame:
@@ -431,6 +432,20 @@ def test_the_error_is_spent_on_the_lower_ends_a_quarter_at_the_first_look():
         best, message = _verdict(trials, _table(trials, looks=2, look=look), 'accuracy', looks=2, look=look)
         assert (best == 'a') is shown and f'look {look} of 2' in message
     assert _table(trials, looks=2, look=2).ci_low['a'] > 0 > _table(trials, looks=2, look=1).ci_low['a']
+
+
+def test_a_verdict_that_shows_a_loss_or_a_tie_says_so_and_confidence_is_checked(few_dls, teacher, warm_student):
+    "Both finalists cost on every seed: not 'which includes zero'; a tie at a loss asks for no more seeds"
+    from fastkd.kd_find import _table, _verdict
+    worse = made_up({'a': [.70, .72, .69, .71], 'b': [.75, .74, .76, .75]}, alone=[.80, .81, .80, .80])
+    best, message = _verdict(worse, _table(worse), 'accuracy')
+    assert best is None and message.endswith('which lies wholly on the side of a loss).') and 'includes' not in message
+    tied = made_up({'a': [.79, .79], 'b': [.78, .78]}, alone=[.80, .80])
+    best, message = _verdict(tied, _table(tied), 'accuracy')
+    assert best is None and '-1.0 +- 0.0 points' in message and message.endswith('epochs, the same on every seed.')
+    with pytest.raises(ValueError, match='confidence is 1 - the chance of a false pick'):
+        kd_find(student_learner(few_dls, warm_student), teacher, {'soft': dict(loss=SoftTarget(T=4))}, confidence=.4,
+                epochs=1, lr=LR, show_progress=False, show_plot=False)
 
 
 def test_more_seeds_are_trained_while_the_verdict_is_open_up_to_max_seeds(few_dls, teacher, warm_student):
