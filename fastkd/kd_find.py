@@ -257,7 +257,7 @@ class KDFindResult:
     teacher_input: TeacherInput | None = field(default=None, repr=False)  # what the teacher received
     confidence: float = 0.95  # 1 - the chance of a false pick, over all finalists and looks
     looks: int = 1  # verdicts planned: on the first held-out seeds, and after the added ones
-    look: int = 1  # the look `best` was decided at: 2 where seeds were added
+    look: int = 1  # the look `best` was decided at: `looks` where seeds were added
 
     @property
     def top(self) -> str:
@@ -446,20 +446,23 @@ def _verdict(trials: pd.DataFrame, table: pd.DataFrame, metric: str, lower_is_be
     early, judged = set(trials[~last_rung].seed), set(trials[last_rung].seed)
     held_out = f' (not the seed{"s" * (len(early) > 1)} {", ".join(map(str, sorted(early)))} that chose the ' \
         'finalists)' if early and not early & judged else ''
-    said = (f'{name} changed validation {metric} by {sign * gain["mean"]:+{form}} +- {gain["std"]:{form}} {units} over '
+    spread = f' +- {gain["std"]:{form}}' * (seeds > 1)
+    said = (f'{name} changed validation {metric} by {sign * gain["mean"]:+{form}}{spread} {units} over '
             f'{seeds} seed{"s" * (seeds > 1)}{held_out} at {epochs} epochs')
+    if gain['mean'] <= 0 and (seeds < 2 or np.isnan(gain['ci_low'])):  # no finalist gained: more seeds cannot help
+        return None, (f'No candidate showed a gain over the student alone: at best, {said}'
+                      f'{", the same on every seed" * (seeds > 1)}.')
     if seeds < 2:
         return None, f'No verdict: {said}; one seed gives no interval of the mean gain (pass more seeds).'
-    if np.isnan(gain['ci_low']) and gain['mean'] <= 0:
-        return None, f'No candidate showed a gain over the student alone: at best, {said}, the same on every seed.'
     if np.isnan(gain['ci_low']):
         return None, (f'No verdict: {said}, the same gain on every seed, which gives no interval of the mean gain '
                       '(pass more seeds, or a larger max_seeds).')
     shared = ' and '.join([f'{len(gains)} finalists'] * (len(gains) > 1) + [f'{looks} looks'] * (looks > 1))
     low, high = sorted((sign * gain['ci_low'], sign * gain['ci_high']))  # of the change of the metric
     when = f'look {look} of {looks}; ' * (looks > 1)
-    interval = (f'{level:.1%} interval of the mean change ({when}one-sided: false picks at most '
-                f'{1 - confidence:.0%}{f", shared by {shared}" * bool(shared)}): {low:+{form}} to {high:+{form}}')
+    interval = (f'{level:.1%} interval of the mean change ({when}false picks at most {1 - confidence:.0%}, from its '
+                f'end on the gain\'s side alone{f", shared by {shared}" * bool(shared)}): '
+                f'{low:+{form}} to {high:+{form}}')
     if name in shown: return name, f'Distil with {said} ({interval}).'
     where = 'which lies wholly on the side of a loss' if gain['ci_high'] < 0 else 'which includes zero'
     return None, f'No candidate showed a gain over the student alone: at best, {said} ({interval}, {where}).'

@@ -120,8 +120,8 @@ def _kd_find_lines(chosen: dict) -> list[str]:
     res = chosen['result']
     trained = (f'The students were distilled with **{chosen["name"]}**.' if chosen['paid'] else
                f'The students trained alone: no candidate paid (the best, {chosen["name"]}, showed no gain over '
-               'the student alone: the interval of its mean gain includes zero; distilling with it anyway would spend '
-               'the teacher\'s forwards on a method the validation split gave no reason to trust).')
+               'the student alone, as the verdict above says; distilling with it anyway would spend the teacher\'s '
+               'forwards on a method the validation split gave no reason to trust).')
     return ['## kd_find: how to distil, measured on the validation split', '', f'**{chosen["message"]}**', '',
             trained, '', f'Cost: {len(res.trials)} trials, {res.seconds:.0f} s, {res.runs:.1f} runs of the student '
             f'alone at the planned schedule (in seconds); learning rate {res.lr:.3g}. Gain: the candidate\'s '

@@ -381,8 +381,8 @@ def test_the_verdict_is_the_jobs_interval_on_seeds_that_did_not_choose_the_final
     assert ranked.best is None or finals.ci_low[ranked.best] > 0
     assert 'not the seed 0 that chose the finalists' in ranked.message
     # the first of two looks spends a quarter of each finalist's 2.5%: its interval's lower end at 1 - 0.00625
-    assert ('98.8% interval of the mean change (look 1 of 2; one-sided: false picks at most 5%, shared by 2 finalists '
-            'and 2 looks)' in ranked.message)
+    assert ("98.8% interval of the mean change (look 1 of 2; false picks at most 5%, from its end on the gain's side "
+            'alone, shared by 2 finalists and 2 looks)' in ranked.message)
 
 
 def made_up(gains: dict[str, list[float]], alone: list[float]) -> pd.DataFrame:
@@ -443,6 +443,10 @@ def test_a_verdict_that_shows_a_loss_or_a_tie_says_so_and_confidence_is_checked(
     tied = made_up({'a': [.79, .79], 'b': [.78, .78]}, alone=[.80, .80])
     best, message = _verdict(tied, _table(tied), 'accuracy')
     assert best is None and '-1.0 +- 0.0 points' in message and message.endswith('epochs, the same on every seed.')
+    one = made_up({'a': [.79], 'b': [.78]}, alone=[.80])  # one held-out seed, no gain: no spread, no more seeds asked
+    best, message = _verdict(one, _table(one), 'accuracy')
+    assert best is None and 'by -1.0 points over 1 seed' in message and 'nan' not in message
+    assert message.startswith('No candidate showed a gain') and 'pass more seeds' not in message
     with pytest.raises(ValueError, match='confidence is 1 - the chance of a false pick'):
         kd_find(student_learner(few_dls, warm_student), teacher, {'soft': dict(loss=SoftTarget(T=4))}, confidence=.4,
                 epochs=1, lr=LR, show_progress=False, show_plot=False)
