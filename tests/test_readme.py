@@ -235,7 +235,8 @@ QUOTES = [
                               ('**weak teacher**', '20/20 = 100%')), '20 calls per scenario'),
     Quote(R, 'DIST at the second look on 8 held-out seeds in every call, SoftTarget from a weak teacher (two '
           'candidates, so every seed judges) on 8 seeds in 16 calls and 3 in 4', 'kd_find_null.md',
-          (('it took 8 held-out seeds in all 20 calls',), ('SoftTarget from the weak teacher 8 in 16 calls and 3 in 4',)),
+          (('it took 8 held-out seeds in all 20 calls',),
+           ('SoftTarget from the weak teacher 8 in 16 calls and 3 in 4',)),
           '20 calls per scenario'),
     Quote(R, 'stopped at 4 seeds: 30% and 45%', 'kd_find_null-rule2.md',
           (('All scenarios, max_seeds=4', '0/60'), ('**one pays**', '6/20 = 30%'), ('**weak teacher**', '9/20 = 45%')),
