@@ -382,9 +382,9 @@ def _gains(trials: pd.DataFrame, lower_is_better: bool, confidence: float, scale
            look: int = 1) -> dict[str, dict]:
     "Per finalist, `seed_gain` of its last-rung scores over the student alone's of the same seeds (positive: better)"
     sign, last = _sign(lower_is_better), trials[trials.rung == trials.rung.max()]
-    alone = sign * last[last.name == 'alone'].set_index('seed').score
-    return {name: _judged(seed_gain(alone, sign * last[last.name == name].set_index('seed').score,
-                                    _level(trials, confidence, looks, look), scale)) for name in _finalists(trials)}
+    alone, level = sign * last[last.name == 'alone'].set_index('seed').score, _level(trials, confidence, looks, look)
+    return {name: _judged(seed_gain(alone, sign * last[last.name == name].set_index('seed').score, level, scale))
+            for name in _finalists(trials)}
 
 
 def _table(trials: pd.DataFrame, lower_is_better: bool = False, confidence: float = 0.95, looks: int = 1,
