@@ -101,8 +101,9 @@ def main(argv=None):
                                       found['callbacks']())
             runs.append(dict(row=f'kd_find pick: {found["name"]}', seed=seed, test_f1=f1, seconds=seconds))
             print(runs[-1], flush=True)
-    measured = dict(runs=pd.DataFrame(runs), trials=found['result'].trials, find_seconds=find_seconds,
-                    teacher_f1=teacher_f1)
+    res = found['result']
+    measured = dict(runs=pd.DataFrame(runs), trials=res.trials, find_seconds=find_seconds, teacher_f1=teacher_f1,
+                    verdict=dict(confidence=res.confidence, looks=res.looks, look=res.look))
     pd.to_pickle(measured, kept(args))  # to rebuild the report without training again (--rebuild)
     write(measured, command, args)
 
@@ -122,8 +123,8 @@ ROW_OF = {'softtarget T4': 'softtarget', 'dist': 'dist', 'dkd': 'dkd', 'fm (mixu
           'softtarget-std T2': 'softtarget-std'}  # kd_find's default candidates that are rows of this benchmark
 
 
-def report(runs: pd.DataFrame, trials: pd.DataFrame, find_seconds: float, teacher_f1: float, command: str,
-           args) -> str:
+def report(runs: pd.DataFrame, trials: pd.DataFrame, find_seconds: float, teacher_f1: float, verdict: dict,
+           command: str, args) -> str:
     "The Markdown report: every row's test gain, kd_find's pick against the best row, its cost, its table and trials"
     alone = runs[runs.row == 'alone'].set_index('seed').test_f1
     rows = []
@@ -138,17 +139,16 @@ def report(runs: pd.DataFrame, trials: pd.DataFrame, find_seconds: float, teache
     pick = table[table.row.str.startswith('kd_find')].iloc[0]
     alone_seconds = runs[runs.row == 'alone'].seconds.mean()
     share = pick.mean_gain / methods.mean_gain[best] if methods.mean_gain[best] > 0 else float('nan')
-    found = _table(trials)
-    picked, message = _verdict(trials, found, 'accuracy')
-    why = ('its interval of the mean gain lay above zero' if picked else
-           'no finalist showed a gain (every interval included zero): the top-ranked candidate')
+    found = _table(trials, **verdict)  # at the confidence and look kd_find's verdict was taken
+    picked, message = _verdict(trials, found, 'accuracy', **verdict)
+    why = ('the lower end of its interval of the mean gain lay above zero' if picked else
+           'no finalist showed a gain: the top-ranked candidate')
     epoch_runs = (trials.epochs + (trials.epochs >= args.epochs)).sum() / (1 + args.epochs)  # frozen: last rung
     kept = [f'| {row} | {methods.mean_gain[row]:+.1f} | {int(found.epochs[name])} | {100 * found.gain[name]:+.1f} |'
             for name, row in ROW_OF.items() if name in found.index and row in methods.index]
     lines = [
         '# kd_find on the digits demo', '',
-        f'Command: `{command}` ({args.threads} torch thread(s), a shared 2-core CPU machine under load from other '
-        'jobs: seconds vary by 2-3x between identical runs).', '',
+        f'Command: `{command}` ({args.threads} torch thread(s) on a 2-core CPU machine).', '',
         f'Teacher XResNet-34/2 (1 + {args.teacher_epochs} epochs): test F1 {teacher_f1:.4f}. Student XResNet-18/16, '
         f'1 + {args.epochs} epochs at lr 1e-2, seeds {", ".join(map(str, args.seeds))}; test F1 weighted over '
         'classes, gains in points (100 x F1) over the student alone of the same seed, mean ± sample std over seeds.',
