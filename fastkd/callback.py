@@ -99,6 +99,19 @@ def _requires_target(loss: Callable) -> bool:
     return len(positional) >= 3 and positional[2].default is inspect.Parameter.empty
 
 
+def outputs_differ(teacher_shape: tuple, student_shape: tuple, axis: int, n_data: int | None) -> str:
+    "What is wrong where teacher and student outputs have other shapes, and which model to change (`n_data`: dls.c)"
+    axis = axis if len(teacher_shape) > 1 else -1
+    n_teacher, n_student = teacher_shape[axis], student_shape[axis] if len(student_shape) > 1 else 1
+    fix = ('the teacher is the one to change: load or train a teacher for these classes' if n_student == n_data
+           else f'the student is the one to change: build it with n_out={n_data}' if n_teacher == n_data
+           else 'both models must predict the same classes as the data')
+    data = (f'The data has {n_data} classes (dls.c, from its vocab)' if n_data is not None
+            else 'The data does not say how many classes it has (no dls.c)')
+    return (f'Teacher and student outputs differ: teacher {tuple(teacher_shape)}, student {tuple(student_shape)}. '
+            f'{data}, so {fix}.')
+
+
 class KnowledgeDistillation(Callback):
     """Train the learner's model to follow a frozen `teacher` as well as the labels:
     the training loss becomes `(1 - weight) * loss + weight * distillation_loss(student_logits, teacher_logits, y)`
@@ -140,10 +153,15 @@ class KnowledgeDistillation(Callback):
                  from_learner: bool | None = None, unlabeled=None, teacher_input='auto', **loss_settings):
         "`from_learner` is accepted for older code and not needed: a `Learner` teacher is detected"
         if loss_settings:
-            name = getattr(loss, '__name__', type(loss).__name__)
             settings = ', '.join(f'{k}={v!r}' for k, v in loss_settings.items())
+            if isinstance(loss, str):  # no loss object given: a misspelt argument, or a loss setting without its loss
+                raise TypeError(f'KnowledgeDistillation got {settings}, which it does not take (its arguments: '
+                                'teacher, loss, weight, hints, cache, teacher_channels_last, unlabeled, '
+                                'teacher_input); settings of a loss go to the loss itself, as in '
+                                'KnowledgeDistillation(teacher, SoftTarget(T=4)).')
             raise TypeError(f'KnowledgeDistillation got {settings}: settings of the loss go to the loss itself, as in '
-                            f'KnowledgeDistillation(teacher, {name}({settings})).')
+                            f'KnowledgeDistillation(teacher, {getattr(loss, "__name__", type(loss).__name__)}'
+                            f'({settings})).')
         teachers = teacher if isinstance(teacher, (list, tuple)) else [teacher]
         self.teachers = [teacher_model(t) for t in teachers]
         self.teacher_inputs = teacher_inputs(teachers, teacher_input)
@@ -350,16 +368,8 @@ class KnowledgeDistillation(Callback):
     def _check_shapes(self, teacher_pred: Tensor, student_pred: Tensor):
         "A clear error for outputs that cannot be compared: shapes that differ (host data: no wait for the device)"
         if teacher_pred.shape != student_pred.shape:
-            axis = self.task.axis if teacher_pred.ndim > 1 else -1
-            n_teacher, n_student = teacher_pred.shape[axis], student_pred.shape[axis] if student_pred.ndim > 1 else 1
-            n_data = getattr(self.dls, 'c', None)
-            fix = ('the teacher is the one to change: load or train a teacher for these classes' if n_student == n_data
-                   else f'the student is the one to change: build it with n_out={n_data}' if n_teacher == n_data
-                   else 'both models must predict the same classes as the data')
-            data = (f'The data has {n_data} classes (dls.c, from its vocab)' if n_data is not None
-                    else 'The data does not say how many classes it has (no dls.c)')
-            raise ValueError(f'Teacher and student outputs differ: teacher {tuple(teacher_pred.shape)}, student '
-                             f'{tuple(student_pred.shape)}. {data}, so {fix}.')
+            raise ValueError(outputs_differ(teacher_pred.shape, student_pred.shape, self.task.axis,
+                                            getattr(self.dls, 'c', None)))
 
     def _refuse_nonfinite(self, where: str):
         raise ValueError(f'The teacher gave non-finite logits (nan or inf) {where}: check its weights and the input '

@@ -27,7 +27,9 @@ import pandas as pd
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.mixup import MixUp
-from fastai.learner import Learner, Metric
+from fastai.callback.progress import CSVLogger, ShowGraphCallback
+from fastai.callback.tracker import TrackerCallback
+from fastai.learner import AvgMetric, Learner, Metric
 from fastai.losses import BaseLoss
 from fastai.metrics import accuracy
 from fastai.torch_core import to_device
@@ -37,8 +39,8 @@ from fastprogress.fastprogress import progress_bar
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from .basics import evaluating, first_output, inputs_of, placed_like, teacher_model
-from .callback import KnowledgeDistillation
+from .basics import evaluating, first_output, inputs_of, placed_like, random_state_kept, teacher_model
+from .callback import KnowledgeDistillation, outputs_differ
 from .hints import FitNet, Hint, match_layers
 from .losses import DIST, DKD, SoftTarget
 from .memo import TeacherMemo
@@ -67,10 +69,12 @@ _SHARES = ('accuracy', 'error_rate', 'f1', 'fbeta', 'precision', 'recall', 'roc_
 
 def _metric_name(metric) -> str:
     """The name of `metric` in lower case, without a leading underscore: a fastai `Metric`'s `name`, a function's (or a
-    partial's function's) `__name__`, a loss object's class (`CrossEntropyLossFlat`), or the name given"""
+    partial's function's) `__name__`, a loss object's class (`CrossEntropyLossFlat()`: its `CrossEntropyLoss`), or the
+    name given"""
     while isinstance(metric, partial): metric = metric.func
     if isinstance(metric, str): name = metric
-    elif isinstance(metric, nn.Module) or isinstance(metric, BaseLoss): name = type(metric).__name__
+    elif isinstance(metric, BaseLoss): name = type(metric.func).__name__  # MSELossFlat() holds an MSELoss
+    elif isinstance(metric, nn.Module): name = type(metric).__name__
     else: name = getattr(metric, 'name', None) or getattr(metric, '__name__', None) or type(metric).__name__
     return name.lstrip('_').lower()
 
@@ -202,8 +206,15 @@ def _fresh(cb) -> Callback:
     return deepcopy(cb) if isinstance(cb, Callback) else cb()
 
 
+# callbacks of the user's that sit out the trials: a distiller would distil in every one; trackers would stop a trial
+# early, score its best epoch or save over the user's files (SaveModelCallback); loggers would write or draw each trial
+SITTING_OUT = (KnowledgeDistillation, TrackerCallback, CSVLogger, ShowGraphCallback)
+
+
 class _Restored:
-    "What trials change in `learn`, kept on entry and put back on exit: weights, trainability, optimizer, modes, log"
+    """What trials change in `learn`, kept on entry and put back on exit: weights, trainability, optimizer, modes, log,
+    callbacks (`SITTING_OUT` leave for the trials), every random state (torch's, numpy's, Python's, each loader's own
+    generator, which `Reseed` replaces) and cudnn's flags (which `set_seed(reproducible=True)` sets)"""
     def __init__(self, learn: Learner): self.learn = learn
 
     def __enter__(self):
@@ -211,11 +222,15 @@ class _Restored:
         self.weights = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
         self.trainable = [p.requires_grad for p in learn.model.parameters()]
         self.modes = [m.training for m in learn.model.modules()]
-        self.opt, self.cbs = learn.opt, list(learn.cbs)
-        self.history = {k: getattr(learn.recorder, k) for k in ('lrs', 'iters', 'losses', 'values')
+        self.opt, self.cbs, self.metrics = learn.opt, list(learn.cbs), learn.metrics
+        self.history = {k: getattr(learn.recorder, k) for k in ('lrs', 'iters', 'losses', 'values', 'metric_names')
                         if hasattr(learn, 'recorder') and hasattr(learn.recorder, k)}
-        self.distillers = learn.cbs.filter(lambda cb: isinstance(cb, KnowledgeDistillation))
-        learn.remove_cbs(self.distillers)  # a callback the user attached would distil in every trial
+        self.final_record = getattr(learn, 'final_record', None)
+        self.loaders = [(dl, dl.rng, dl.rng.getstate()) for dl in learn.dls.loaders if hasattr(dl, 'rng')]
+        self.cudnn = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+        self.random_states = random_state_kept(next(learn.model.parameters()).device)
+        self.random_states.__enter__()
+        learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, SITTING_OUT)))
         return self
 
     def reset(self, weights: dict | None = None):
@@ -228,10 +243,15 @@ class _Restored:
         learn = self.learn
         self.reset()
         for m, mode in zip(learn.model.modules(), self.modes): m.training = mode
-        learn.opt = self.opt
+        learn.opt, learn.metrics, learn.final_record = self.opt, self.metrics, self.final_record
         learn.cbs.clear()
-        learn.add_cbs(self.cbs)  # in their order, the distillers included
+        learn.add_cbs(self.cbs)  # in their order, those that sat out included
         for k, v in self.history.items(): setattr(learn.recorder, k, v)
+        for dl, rng, state in self.loaders:
+            dl.rng = rng
+            rng.setstate(state)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = self.cudnn
+        self.random_states.__exit__(*exc)
 
 
 @dataclass
@@ -333,10 +353,17 @@ class KDFindResult:
 
 
 def _scores(learn: Learner, teacher_logits: Tensor, metric: Callable) -> tuple[float, float]:
-    "The learner's `metric` on the validation set, and its agreement with the teacher's logits there"
-    preds, targs = learn.get_preds(dl=learn.dls.valid)
+    """The learner's `metric` on the validation set as fastai computes it, and its agreement with the teacher's logits
+    there: a function of (predictions, targets) on the whole set, given the model's outputs as fastai's metrics are
+    (before the loss's activation: `accuracy_multi` applies its own sigmoid); a `Metric` (`F1Score()`, `rmse`,
+    `Perplexity()`) through `validate`, which runs its own accumulation (an argmax, a sigmoid, the loss)"""
+    preds, targs = learn.get_preds(dl=learn.dls.valid, act=noop)
     same, total = _agreement(preds, teacher_logits, task_of(learn.loss_func).axis)
-    return float(metric(preds, targs)), same / total  # an AccumMetric (rmse) computes on the whole set when called
+    if not isinstance(metric, Metric): return float(metric(preds, targs)), same / total
+    metrics, learn.metrics = learn.metrics, [metric]
+    try: score = learn.validate(dl=learn.dls.valid)[1]
+    finally: learn.metrics = metrics
+    return float(score), same / total
 
 
 @torch.no_grad()
@@ -448,7 +475,7 @@ def _verdict(trials: pd.DataFrame, table: pd.DataFrame, metric: str, lower_is_be
         'finalists)' if early and not early & judged else ''
     spread = f' +- {gain["std"]:{form}}' * (seeds > 1)
     said = (f'{name} changed validation {metric} by {sign * gain["mean"]:+{form}}{spread} {units} over '
-            f'{seeds} seed{"s" * (seeds > 1)}{held_out} at {epochs} epochs')
+            f'{seeds} seed{"s" * (seeds > 1)}{held_out} at {epochs} epoch{"s" * (epochs > 1)}')
     if gain['mean'] <= 0 and (seeds < 2 or np.isnan(gain['ci_low'])):  # no finalist gained: more seeds cannot help
         return None, (f'No candidate showed a gain over the student alone: at best, {said}'
                       f'{", the same on every seed" * (seeds > 1)}.')
@@ -468,13 +495,23 @@ def _verdict(trials: pd.DataFrame, table: pd.DataFrame, metric: str, lower_is_be
     return None, f'No candidate showed a gain over the student alone: at best, {said} ({interval}, {where}).'
 
 
+def _default_metric(learn: Learner) -> Callable:
+    "What kd_find scores when told nothing: the learner's first metric, else accuracy for a classifier"
+    if learn.metrics: return learn.metrics[0]
+    if task_of(learn.loss_func).kind == 'categorical': return accuracy
+    loss = type(getattr(learn.loss_func, 'func', learn.loss_func)).__name__  # MSELossFlat() holds an MSELoss
+    raise ValueError(f'kd_find needs a metric to compare candidates on, and this learner has none and does not '
+                     f'classify (its loss: {loss}): pass metric=, e.g. metric=rmse for a regression (or build the '
+                     'learner with metrics=).')
+
+
 def _start(start_weights: Callable[[int], dict] | None) -> Callable[[int], dict | None]:
     "The weights a trial of a seed starts from, each drawn once: `start_weights(seed)`, or None (the learner's own)"
     return (lambda seed: None) if start_weights is None else functools.cache(start_weights)
 
 
-def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, epochs: int = 4,
-            lr: float | None = None, seeds: Sequence[int] = (0, 1, 2), metric: Callable = accuracy,
+def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, epochs: int | None = None,
+            lr: float | None = None, seeds: Sequence[int] = (0, 1, 2), metric: Callable | None = None,
             fit: Fit | None = None, rungs: Sequence[int] | None = None, keep: float = 0.25, early_seeds: int = 1,
             show_progress: bool = True, lower_is_better: bool | None = None, show_plot: bool = True,
             unlabeled=None, teacher_input='auto', max_seeds: int = 8, confidence: float = 0.95,
@@ -490,8 +527,9 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     the main job) at `lr` (default: `lr_find`'s valley for the student alone, found once).
     Successive halving: rungs of `rungs` epochs (default: half of `epochs`, then `epochs`) on the first `early_seeds`
     of `seeds` (gains averaged), the best `keep` share of the candidates (at least two, where there are two) going on
-    to the next. The last rung (`epochs`, the planned schedule) trains the finalists and the student alone on the other
-    seeds, which chose nothing (with two candidates or fewer, nothing is dropped: one rung, every seed judges). The
+    to the next. The last rung (`epochs`, the planned schedule: default 4, or the last of `rungs`, which must end there)
+    trains the finalists and the student alone on the other seeds, which chose nothing (with two candidates or fewer,
+    nothing is dropped: one rung, every seed judges). The
     verdict is the main job's kind of rule: `best` is the finalist with the highest mean gain among those whose interval
     of the mean per-seed gain (Student t: per-seed gains roughly normal) lies above zero, else None. Where no
     finalist shows a gain there, the finalists that gain on average train on further seeds (the next integers; a
@@ -499,8 +537,9 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     once more. A false pick (a finalist that gains nothing, picked) has a chance of at most 1 - `confidence` over all
     k finalists and both looks (Bonferroni on the lower ends, on which a pick rests: each finalist's share spent a
     quarter at the first look, the rest at the second; for two finalists, intervals at 98.75% then 96.25%; with one
-    held-out seed, which gives no interval, one look after the added seeds). Scores are
-    `metric(preds, targets)`; lower is better for fastai's `mse`, `rmse`, `mae`, `msle`, `exp_rmspe`, `error_rate` and
+    held-out seed, which gives no interval, one look after the added seeds). Scores are `metric` on the validation set
+    as fastai's `validate` computes it (default: the learner's first metric, else `accuracy` for a classifier); lower
+    is better for fastai's `mse`, `rmse`, `mae`, `msle`, `exp_rmspe`, `error_rate` and
     names holding 'loss' or 'error' (as fastai's trackers decide), else higher, unless `lower_is_better` says. `gain`
     is the candidate's improvement over the student alone, same rung and seeds, in the metric's units: positive is
     better.
@@ -512,13 +551,28 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     inputs) joins the training of every distilled candidate (`KnowledgeDistillation`'s `unlabeled`); the student alone,
     which has no teacher to learn them from, trains on the labeled items. `teacher_input`: what the teacher receives
     (`KnowledgeDistillation`'s), in every trial and for the agreement."""
+    if isinstance(teacher, (list, tuple)):
+        raise TypeError(f'kd_find compares ways of distilling one teacher, and got a {type(teacher).__name__} of '
+                        f'{len(teacher)}: pass one model or Learner (an ensemble is for KnowledgeDistillation itself, '
+                        'e.g. with the loss kd_find chose for the best of them).')
     given_input = teacher_inputs([teacher], teacher_input)[0]
     candidates = kd_candidates(learn, teacher, unlabeled, given_input) if candidates is None else dict(candidates)
     if 'alone' in candidates: raise ValueError("'alone' is the student without a teacher, always measured: rename it.")
     if not candidates: raise ValueError('No candidates to try: pass a dict name -> KnowledgeDistillation arguments.')
+    for kwargs in candidates.values():  # a misspelt argument is refused now, not after the first trials
+        KnowledgeDistillation(teacher, **{k: v for k, v in kwargs.items() if k != 'cbs'})
+    epochs = epochs or (rungs[-1] if rungs else 4)
     rungs, seeds, fit = list(rungs or _rungs(epochs)), list(seeds), fit or _one_cycle
     if rungs != sorted(rungs) or rungs[0] < 1:
         raise ValueError(f'rungs are epochs per rung, at least 1 and increasing, got {rungs}.')
+    if rungs[-1] != epochs:
+        raise ValueError(f'The last rung is the planned schedule, epochs={epochs}, and rungs={rungs} ends at '
+                         f'{rungs[-1]}: pass epochs={rungs[-1]}, or rungs ending at {epochs}.')
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f'seeds must differ, got {seeds}: a repeated seed trains the same run again, and its copy '
+                         'would count as another seed in the interval of the mean gain.')
+    metric = _default_metric(learn) if metric is None else metric
+    if isinstance(metric, AvgMetric): metric = metric.func  # the same mean, computed on the whole set
     if not 0 < keep < 1: raise ValueError(f'keep is the share of candidates kept at each rung, in (0, 1), got {keep}.')
     if not 0.5 < confidence < 1:
         raise ValueError(f'confidence is 1 - the chance of a false pick, in (0.5, 1), e.g. 0.95: got {confidence}.')
@@ -547,9 +601,13 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     with _Restored(learn) as restored, learn.no_bar(), learn.no_logging(), memo or nullcontext():
         counted = memo is not None and memo.active  # a recurrent teacher's forwards are never kept, nor counted
         restored.reset()
+        teacher_logits = _teacher_logits(frozen_teacher, learn, given_input)
+        student_logits = learn.get_preds(dl=learn.dls.valid, act=noop)[0]
+        if student_logits.shape != teacher_logits.shape:  # before anything trains
+            raise ValueError(outputs_differ(teacher_logits.shape, student_logits.shape,
+                                            task_of(learn.loss_func).axis, getattr(learn.dls, 'c', None)))
         if lr is None:  # from the first seed's batches, so that the same call finds the same lr whatever ran before
             with learn.added_cbs(Reseed(seeds[0])): lr = float(learn.lr_find(show_plot=False).valley)
-        teacher_logits = _teacher_logits(frozen_teacher, learn, given_input)
         bar = progress_bar(range(n_trials), display=show_progress, leave=False)
         bar.update(0)
 
@@ -605,7 +663,7 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
 
 @patch
 @delegates(kd_find)
-def kd_find(self: Learner, teacher, candidates: dict[str, dict] | None = None, epochs: int = 4,
+def kd_find(self: Learner, teacher, candidates: dict[str, dict] | None = None, epochs: int | None = None,
             lr: float | None = None, **kwargs) -> KDFindResult:
     "`kd_find(learn, teacher, ...)`: which way of distilling `teacher` pays for this learner (`fastkd.kd_find.kd_find`)"
     return kd_find(self, teacher, candidates, epochs, lr, **kwargs)  # `patch` leaves the module's kd_find the function

@@ -124,10 +124,17 @@ def _kd_find_lines(chosen: dict) -> list[str]:
                'forwards on a method the validation split gave no reason to trust).')
     return ['## kd_find: how to distil, measured on the validation split', '', f'**{chosen["message"]}**', '',
             trained, '', f'Cost: {len(res.trials)} trials, {res.seconds:.0f} s, {res.runs:.1f} runs of the student '
-            f'alone at the planned schedule (in seconds); learning rate {res.lr:.3g}. Gain: the candidate\'s '
-            f'validation {res.metric} minus the student alone\'s, same rung and seeds; agreement: the share of '
+            f'alone at the planned schedule (in seconds); learning rate {res.lr:.3g}. Gain: {_gain_is(res)}, same '
+            'rung and seeds; agreement: the share of '
             'validation items where student and teacher predict the same class.', '', _markdown(res.table), '',
             '![kd_find: gain over the student alone per candidate](kd_find.png)', '']
+
+
+def _gain_is(res) -> str:
+    "What a gain in kd_find's table is, in words: a rise of the metric, or a fall for a lower-is-better one"
+    if res.lower_is_better:
+        return f"the student alone's validation {res.metric} minus the candidate's (lower is better: a fall is a gain)"
+    return f"the candidate's validation {res.metric} minus the student alone's"
 
 
 def _settings_lines(settings: dict, env: dict) -> list[str]:

@@ -44,8 +44,8 @@ def warm_student(few_dls) -> dict:
     return state(learn.model)
 
 
-def student_learner(dls, weights: dict, **kwargs) -> Learner:
-    learn = Learner(dls, tiny_cnn(8), metrics=accuracy, **kwargs)
+def student_learner(dls, weights: dict, metrics=accuracy, **kwargs) -> Learner:
+    learn = Learner(dls, tiny_cnn(8), metrics=metrics, **kwargs)
     learn.model.load_state_dict(weights)
     return learn
 
@@ -255,6 +255,9 @@ def test_a_harmful_teacher_is_not_picked_under_a_lower_is_better_regression_metr
     assert res.table.gain['auto'] == pytest.approx(alone - distilled) and res.best is None  # ... so no gain
     assert res.lower_is_better and 'points' not in res.message and '(lower is better)' in res.message
     assert f'auto changed validation {metric} by +' in res.message  # the change of the metric itself, in its units
+    from fastkd.report import _kd_find_lines  # the job's report says which way a gain goes
+    section = '\n'.join(_kd_find_lines(dict(result=res, name='auto', paid=False, message=res.message)))
+    assert f"Gain: the student alone's validation {metric} minus the candidate's (lower is better" in section
 
 
 def test_a_teacher_with_rolled_classes_is_not_picked_under_error_rate(few_dls, teacher, warm_student):
@@ -306,6 +309,7 @@ def test_a_loss_object_as_the_metric_does_not_pick_a_harmful_teacher(line_dls):
     res = learn.kd_find(opposite_teacher(line_dls), {'auto': dict(loss='auto', weight=0.5)}, epochs=2, lr=1e-1,
                         metric=MSELossFlat(), show_progress=False, show_plot=False)
     assert res.lower_is_better and res.best is None and res.table.gain['auto'] < 0
+    assert res.metric == 'mseloss' and 'validation mseloss by +' in res.message  # named by its loss, not 'baseloss'
 
 
 def test_a_metric_of_another_direction_can_be_given(line_dls):
@@ -581,3 +585,106 @@ def test_the_memo_runs_a_hooked_teacher_and_one_whose_weights_changed():
     assert len(seen) == 1 and (memo.computed, memo.reused) == (3, 1)
     with torch.no_grad(): torch.testing.assert_close(changed, model(x))
     torch.testing.assert_close(again, changed)
+
+
+def test_a_fastai_metric_class_is_scored_as_validate_scores_it(few_dls, teacher, warm_student):
+    """F1Score() argmaxes in its accumulation, which a call on predictions skips (it crashed): a trial's score is what
+    `learn.validate` gives the same student, trained again from the same weights and seed"""
+    from fastai.metrics import F1Score
+    from fastkd.workflow import Reseed
+    learn = student_learner(few_dls, warm_student)
+    res = kd_find(learn, teacher, {'soft T4': dict(loss=SoftTarget(T=4))}, epochs=1, seeds=(0, 1), max_seeds=2, lr=LR,
+                  metric=F1Score(average='macro'), show_progress=False, show_plot=False)
+    assert res.metric == 'f1_score' and res.points and not res.lower_is_better
+    again = student_learner(few_dls, warm_student, metrics=F1Score(average='macro'))
+    with again.no_bar(), again.no_logging(): again.fit_one_cycle(1, LR, cbs=Reseed(1))
+    alone = res.trials[(res.trials.name == 'alone') & (res.trials.seed == 1)].score.item()
+    assert alone == pytest.approx(again.validate()[1], abs=1e-6)
+
+
+def test_a_metric_function_gets_the_models_outputs_as_fastai_gives_them(few_dls, teacher, warm_student):
+    """fastai's metrics see the outputs before the loss's activation (accuracy_multi applies its own sigmoid, and got a
+    second one): logits, which may be negative, not softmax probabilities"""
+    def negative_share(preds, targs): return (preds < 0).float().mean()
+    res = kd_find(student_learner(few_dls, warm_student), teacher, {'soft T4': dict(loss=SoftTarget(T=4))}, epochs=1,
+                  seeds=(0, 1), max_seeds=2, lr=LR, metric=negative_share, lower_is_better=False, show_progress=False,
+                  show_plot=False)
+    assert (res.trials.score > 0).all()
+
+
+def test_the_metric_defaults_to_the_learners_first_else_accuracy_for_a_classifier(few_dls, teacher, warm_student,
+                                                                                  line_dls):
+    from fastai.losses import MSELossFlat
+    from fastai.metrics import error_rate
+    kwargs = dict(epochs=1, seeds=(0, 1), max_seeds=2, lr=LR, show_progress=False, show_plot=False)
+    candidates = {'soft T4': dict(loss=SoftTarget(T=4))}
+    res = kd_find(student_learner(few_dls, warm_student, metrics=[error_rate, accuracy]), teacher, candidates, **kwargs)
+    assert res.metric == 'error_rate' and res.lower_is_better
+    assert kd_find(student_learner(few_dls, warm_student, metrics=None), teacher, candidates, **kwargs).metric == \
+        'accuracy'
+    regression = Learner(line_dls, torch.nn.Linear(8, 1), loss_func=MSELossFlat())
+    with pytest.raises(ValueError, match=r'has none and does not classify \(its loss: MSELoss\): pass metric=, e\.g\. '
+                                         r'metric=rmse'):
+        kd_find(regression, opposite_teacher(line_dls), {'auto': {}}, **kwargs)
+
+
+def random_states(learn) -> tuple:
+    import random
+    import numpy as np
+    return (random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state().tolist(),
+            [(dl.rng, dl.rng.getstate()) for dl in learn.dls.loaders],
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+
+
+def test_every_random_state_and_the_next_fits_batches_are_left_as_they_were(few_dls, teacher, warm_student):
+    "Reseed replaces each loader's generator and set_seed(reproducible=True) sets cudnn's flags: all put back"
+    learn = student_learner(few_dls, warm_student)
+    torch.backends.cudnn.benchmark = True
+    try:
+        before = random_states(learn)
+        kd_find(learn, teacher, {'soft T4': dict(loss=SoftTarget(T=4))}, epochs=1, seeds=(0, 1), max_seeds=2, lr=LR,
+                show_progress=False, show_plot=False)
+        assert random_states(learn) == before
+    finally: torch.backends.cudnn.benchmark = False
+
+
+def test_trackers_and_loggers_sit_out_the_trials_and_the_users_files_stay(few_dls, teacher, warm_student, tmp_path):
+    "SaveModelCallback would save each trial over the user's model (and score its best epoch); CSVLogger would log it"
+    from fastai.callback.progress import CSVLogger
+    from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
+    cbs = [SaveModelCallback(fname='mine'), CSVLogger(), EarlyStoppingCallback(patience=0)]
+    learn = student_learner(few_dls, warm_student, cbs=cbs, path=tmp_path)
+    learn.save('mine')
+    saved = (tmp_path/'models'/'mine.pth').read_bytes()
+    res = kd_find(learn, teacher, {'soft T4': dict(loss=SoftTarget(T=4))}, epochs=2, seeds=(0, 1), max_seeds=2,
+                  lr=LR, show_progress=False, show_plot=False)
+    assert (tmp_path/'models'/'mine.pth').read_bytes() == saved and not (tmp_path/'history.csv').exists()
+    assert list(learn.cbs.filter(lambda cb: cb in cbs)) == cbs  # back, in their order
+
+
+def test_inputs_it_cannot_use_are_refused_before_anything_trains(few_dls, teacher, warm_student):
+    class Fits(Callback):
+        def __init__(self): self.n = 0
+        def before_train(self): self.n += 1
+    fits = Fits()
+    learn = student_learner(few_dls, warm_student, cbs=fits)
+    one = {'soft T4': dict(loss=SoftTarget(T=4))}
+    with pytest.raises(TypeError, match='kd_find compares ways of distilling one teacher, and got a list of 2'):
+        kd_find(learn, [teacher, teacher], one, lr=LR)
+    with pytest.raises(ValueError, match=r'seeds must differ, got \[0, 1, 1\]'):
+        kd_find(learn, teacher, one, seeds=(0, 1, 1), lr=LR)
+    with pytest.raises(ValueError, match=r'epochs=4, and rungs=\[1, 2\] ends at 2: pass epochs=2'):
+        kd_find(learn, teacher, one, epochs=4, rungs=[1, 2], lr=LR)
+    with pytest.raises(TypeError, match=r"got los=SoftTarget.*, which it does not take .*SoftTarget\(T=4\)"):
+        kd_find(learn, teacher, {'typo': dict(los=SoftTarget(T=4))}, lr=LR)
+    five_classes = tiny_cnn(8, n_out=5)
+    with pytest.raises(ValueError, match=r'Teacher and student outputs differ: teacher \(100, 5\), student \(100, 10\)'
+                                         r'\. The data has 10 classes'):
+        kd_find(learn, five_classes, one)  # lr=None: lr_find would train first
+    assert fits.n == 0
+
+
+def test_rungs_alone_set_the_planned_schedule(few_dls, teacher, warm_student):
+    res = kd_find(student_learner(few_dls, warm_student), teacher, {'soft T4': dict(loss=SoftTarget(T=4))},
+                  rungs=[1], seeds=(0, 1), max_seeds=2, lr=LR, show_progress=False, show_plot=False)
+    assert (res.trials.epochs == 1).all() and 'at 1 epoch' in res.message and '1 epochs' not in res.message
