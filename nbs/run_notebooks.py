@@ -55,7 +55,8 @@ def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
 def main(names: list[str]):
     "Execute, clean and write back each notebook of `names`, printing its wall time"
     with tempfile.TemporaryDirectory() as prefix:
-        dirs = kernel_dirs(prefix, {'PYTHONWARNINGS': 'ignore::FutureWarning'})  # torch's notice about torch.jit
+        dirs = kernel_dirs(prefix, {'PYTHONWARNINGS': 'ignore::FutureWarning,ignore:IProgress not found'})  # torch.jit's
+        # notice, and tqdm's about a widget package the tutorials do not use
         for name in names:
             path = NBS/name
             nb = nbformat.read(path, as_version=4)

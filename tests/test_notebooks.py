@@ -23,7 +23,7 @@ from PIL import Image
 
 NBS = Path(__file__).resolve().parents[1]/'nbs'
 NOTEBOOKS = ['00_quickstart.ipynb', '01_gtsrb_distillation.ipynb', '02_distillation_methods.ipynb',
-             '03_compression.ipynb']
+             '03_compression.ipynb', '04_choosing_a_method.ipynb']
 GTSRB_TINY = dict(download=False, classes=[0, 19], classes_of_interest=[0], size=16, bs=64, teacher_epochs=1,
                   frozen_epochs=1, unfrozen_epochs=1, lr_find_iters=5, n_augs=[0, 2])
 
@@ -210,3 +210,30 @@ def test_compression(kernel_dirs, tmp_path):
     assert report.loc['parameters', 'student/teacher'] == pytest.approx(count(resnet18) / count(resnet34))
     assert (report[['teacher', 'student']] > 0).all().all()
     assert result['summary'].startswith("The student has ")
+
+
+def test_choosing_a_method(kernel_dirs, small_digits, tmp_path):
+    """kd_find from a notebook: every candidate in the table with the seeds and stage it rests on, two finalists
+    judged on the held-out seeds, a verdict, the plot drawn, and the student trained with the choice"""
+    report = ("{'table': res.table[['seeds', 'epochs', 'stage']].to_dict(orient='index'), 'best': res.best, "
+              "'top': res.top, 'message': res.message, 'candidates': list(res.candidates), "
+              "'held_out': sorted(set(res.trials[res.trials.rung == 1].seed)), "
+              "'test': {name: learn.validate(dl=test_dl)[1] for name, learn in learners.items()}, "
+              "'trained_with': [type(cb).__name__ for cb in learners[f'distilled: {choice}'].cbs]}")
+    result, nb = run_notebook('04_choosing_a_method.ipynb', kernel_dirs, tmp_path, report,
+                              data_path=str(small_digits), size=16, bs=32, teacher_epochs=2, epochs=2, seeds=[0, 1, 2],
+                              max_seeds=3)
+    table = frame(result['table'])
+    assert set(table.index) == {'alone', *result['candidates']} and len(result['candidates']) >= 6
+    final = table[(table.stage == 'final') & (table.index != 'alone')]
+    dropped = table[table.stage != 'final']
+    assert len(final) == 2 and (final.epochs == 2).all() and (final.seeds >= 2).all()
+    assert len(dropped) == len(result['candidates']) - 2 and (dropped.seeds == 1).all() and (dropped.epochs == 1).all()
+    assert result['held_out'][:2] == [1, 2] and 0 not in result['held_out']  # seed 0 chose, the others judged
+    assert result['best'] is None or result['best'] in final.index
+    assert result['top'] in final.index
+    assert result['message'].startswith(('Distil with', 'No candidate', 'No verdict'))
+    assert all(0 < score <= 1 for score in result['test'].values())
+    assert 'KnowledgeDistillation' in result['trained_with']
+    kd_cell = next(c for c in nb.cells if c.cell_type == 'code' and '.kd_find(' in c.source)
+    assert any('image/png' in o.get('data', {}) for o in kd_cell.outputs), 'kd_find drew no plot'
