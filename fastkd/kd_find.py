@@ -14,7 +14,7 @@ import functools
 import itertools
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 from dataclasses import dataclass, field
 from functools import partial
@@ -206,15 +206,43 @@ def _fresh(cb) -> Callback:
     return deepcopy(cb) if isinstance(cb, Callback) else cb()
 
 
+_ABSENT = object()  # an attribute a learner did not have
 # callbacks of the user's that sit out the trials: a distiller would distil in every one; trackers would stop a trial
 # early, score its best epoch or save over the user's files (SaveModelCallback); loggers would write or draw each trial
 SITTING_OUT = (KnowledgeDistillation, TrackerCallback, CSVLogger, ShowGraphCallback)
 
 
+@contextmanager
+def _random_kept(learn: Learner):
+    """Every random state kd_find moves, put back on exit: torch's, numpy's and Python's, each loader's own generator
+    (`Reseed` and fastai's `randomize` replace it; a loader without one is left without one) and cudnn's flags (which
+    `set_seed(reproducible=True)` sets)"""
+    loaders = [(dl, getattr(dl, 'rng', None)) for dl in learn.dls.loaders]
+    states = [rng.getstate() if rng is not None else None for _, rng in loaders]
+    cudnn = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    try:
+        with random_state_kept(next(learn.model.parameters()).device): yield
+    finally:
+        for (dl, rng), state in zip(loaders, states):
+            if rng is None: vars(dl).pop('rng', None)
+            else: dl.rng, _ = rng, rng.setstate(state)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+
+
+def _keeps_random_states(find: Callable) -> Callable:
+    "`find(learn, ...)` within `_random_kept(learn)`: what it draws, from its first step on, moves no random state"
+    @functools.wraps(find)
+    def _find(learn: Learner, *args, **kwargs):
+        with _random_kept(learn): return find(learn, *args, **kwargs)
+    return _find
+
+
+_HISTORY = ('lrs', 'iters', 'losses', 'values', 'metric_names')  # what a Recorder keeps of the fits before
+
+
 class _Restored:
-    """What trials change in `learn`, kept on entry and put back on exit: weights, trainability, optimizer, modes, log,
-    callbacks (`SITTING_OUT` leave for the trials), every random state (torch's, numpy's, Python's, each loader's own
-    generator, which `Reseed` replaces) and cudnn's flags (which `set_seed(reproducible=True)` sets)"""
+    """What trials change in `learn`, kept on entry and put back on exit: weights, trainability, optimizer, modes, log
+    (attributes absent on entry are taken away again) and callbacks (`SITTING_OUT` leave for the trials)"""
     def __init__(self, learn: Learner): self.learn = learn
 
     def __enter__(self):
@@ -223,13 +251,9 @@ class _Restored:
         self.trainable = [p.requires_grad for p in learn.model.parameters()]
         self.modes = [m.training for m in learn.model.modules()]
         self.opt, self.cbs, self.metrics = learn.opt, list(learn.cbs), learn.metrics
-        self.history = {k: getattr(learn.recorder, k) for k in ('lrs', 'iters', 'losses', 'values', 'metric_names')
-                        if hasattr(learn, 'recorder') and hasattr(learn.recorder, k)}
-        self.final_record = getattr(learn, 'final_record', None)
-        self.loaders = [(dl, dl.rng, dl.rng.getstate()) for dl in learn.dls.loaders if hasattr(dl, 'rng')]
-        self.cudnn = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
-        self.random_states = random_state_kept(next(learn.model.parameters()).device)
-        self.random_states.__enter__()
+        self.kept = [(owner, k, vars(owner).get(k, _ABSENT)) for owner, names in
+                     [(getattr(learn, 'recorder', None), _HISTORY), (learn, ('final_record',))] if owner is not None
+                     for k in names]
         learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, SITTING_OUT)))
         return self
 
@@ -243,15 +267,12 @@ class _Restored:
         learn = self.learn
         self.reset()
         for m, mode in zip(learn.model.modules(), self.modes): m.training = mode
-        learn.opt, learn.metrics, learn.final_record = self.opt, self.metrics, self.final_record
+        learn.opt, learn.metrics = self.opt, self.metrics
         learn.cbs.clear()
         learn.add_cbs(self.cbs)  # in their order, those that sat out included
-        for k, v in self.history.items(): setattr(learn.recorder, k, v)
-        for dl, rng, state in self.loaders:
-            dl.rng = rng
-            rng.setstate(state)
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = self.cudnn
-        self.random_states.__exit__(*exc)
+        for owner, k, value in self.kept:
+            if value is _ABSENT: vars(owner).pop(k, None)
+            else: setattr(owner, k, value)
 
 
 @dataclass
@@ -353,17 +374,28 @@ class KDFindResult:
 
 
 def _scores(learn: Learner, teacher_logits: Tensor, metric: Callable) -> tuple[float, float]:
-    """The learner's `metric` on the validation set as fastai computes it, and its agreement with the teacher's logits
-    there: a function of (predictions, targets) on the whole set, given the model's outputs as fastai's metrics are
-    (before the loss's activation: `accuracy_multi` applies its own sigmoid); a `Metric` (`F1Score()`, `rmse`,
-    `Perplexity()`) through `validate`, which runs its own accumulation (an argmax, a sigmoid, the loss)"""
+    """The learner's `metric` on the validation set, and its agreement with the teacher's logits there: a function of
+    (predictions, targets) on the whole set at once, given the model's outputs as fastai gives its metrics (before the
+    loss's activation: `accuracy_multi` applies its own sigmoid; for a mean over items, such as accuracy, the same as
+    fastai's average over batches); a `Metric` (`F1Score()`, `rmse`, `Perplexity()`) through `validate`, which runs
+    its own accumulation (an argmax, a sigmoid, the loss)"""
     preds, targs = learn.get_preds(dl=learn.dls.valid, act=noop)
     same, total = _agreement(preds, teacher_logits, task_of(learn.loss_func).axis)
-    if not isinstance(metric, Metric): return float(metric(preds, targs)), same / total
-    metrics, learn.metrics = learn.metrics, [metric]
-    try: score = learn.validate(dl=learn.dls.valid)[1]
-    finally: learn.metrics = metrics
-    return float(score), same / total
+    if not isinstance(metric, Metric): return _one_number(metric(preds, targs), metric), same / total
+    recorder = learn.recorder
+    metrics, shown, learn.metrics, recorder.valid_metrics = learn.metrics, recorder.valid_metrics, [metric], True
+    try: learn.validate(dl=learn.dls.valid)
+    finally: learn.metrics, recorder.valid_metrics = metrics, shown
+    return _one_number(metric.value, metric), same / total
+
+
+def _one_number(value, metric) -> float:
+    "`value` as a float, or an error naming `metric`: candidates are compared on one number per run"
+    try: return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f'kd_find compares candidates on one number per run, and {_metric_name(metric)!r} gave '
+                         f'{type(value).__name__} {str(value)[:60]}: pass a metric that gives one, e.g. '
+                         "F1Score(average='macro') rather than average=None.") from None
 
 
 @torch.no_grad()
@@ -496,8 +528,10 @@ def _verdict(trials: pd.DataFrame, table: pd.DataFrame, metric: str, lower_is_be
 
 
 def _default_metric(learn: Learner) -> Callable:
-    "What kd_find scores when told nothing: the learner's first metric, else accuracy for a classifier"
-    if learn.metrics: return learn.metrics[0]
+    """What kd_find scores when told nothing: the learner's first metric (not `TeacherAgreement`, which distillation
+    raises by itself), else accuracy for a classifier"""
+    metric = next((m for m in learn.metrics if not isinstance(m, TeacherAgreement)), None)
+    if metric is not None: return metric
     if task_of(learn.loss_func).kind == 'categorical': return accuracy
     loss = type(getattr(learn.loss_func, 'func', learn.loss_func)).__name__  # MSELossFlat() holds an MSELoss
     raise ValueError(f'kd_find needs a metric to compare candidates on, and this learner has none and does not '
@@ -510,6 +544,7 @@ def _start(start_weights: Callable[[int], dict] | None) -> Callable[[int], dict 
     return (lambda seed: None) if start_weights is None else functools.cache(start_weights)
 
 
+@_keeps_random_states
 def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, epochs: int | None = None,
             lr: float | None = None, seeds: Sequence[int] = (0, 1, 2), metric: Callable | None = None,
             fit: Fit | None = None, rungs: Sequence[int] | None = None, keep: float = 0.25, early_seeds: int = 1,
@@ -538,16 +573,18 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     k finalists and both looks (Bonferroni on the lower ends, on which a pick rests: each finalist's share spent a
     quarter at the first look, the rest at the second; for two finalists, intervals at 98.75% then 96.25%; with one
     held-out seed, which gives no interval, one look after the added seeds). Scores are `metric` on the validation set
-    as fastai's `validate` computes it (default: the learner's first metric, else `accuracy` for a classifier); lower
-    is better for fastai's `mse`, `rmse`, `mae`, `msle`, `exp_rmspe`, `error_rate` and
-    names holding 'loss' or 'error' (as fastai's trackers decide), else higher, unless `lower_is_better` says. `gain`
-    is the candidate's improvement over the student alone, same rung and seeds, in the metric's units: positive is
-    better.
+    (default: the learner's first metric other than `TeacherAgreement`, else `accuracy` for a classifier): a `Metric`
+    as `validate` computes it, a function on the whole set's outputs at once; lower is better for fastai's `mse`,
+    `rmse`, `mae`, `msle`, `exp_rmspe`, `error_rate` and names holding 'loss' or 'error' (as fastai's trackers decide),
+    else higher, unless `lower_is_better` says. `gain` is the candidate's improvement over the student alone, same rung
+    and seeds, in the metric's units: positive is better.
     `share_teacher`: trials fed the same batch (trials of one seed, until MixUp or training makes their inputs differ)
     share the teacher's forward (`TeacherMemo`: exact, keyed by the bytes of the batch); hint trials run it anyway.
     None (the default): where the student trains on the CPU; on a GPU the key's copy to the host waits at every step.
     `show_plot` draws `plot()` on a pyplot figure, as `lr_find` does. The learner is left as it was: weights,
-    trainability, optimizer, callbacks, modes and the Recorder's history. `unlabeled` (items, or a DataLoader of
+    trainability, optimizer, callbacks (trackers and loggers sit out the trials: `SaveModelCallback` would save over
+    your model), modes, the Recorder's history and every random state (the next fit sees the batches it would have
+    seen). `unlabeled` (items, or a DataLoader of
     inputs) joins the training of every distilled candidate (`KnowledgeDistillation`'s `unlabeled`); the student alone,
     which has no teacher to learn them from, trains on the labeled items. `teacher_input`: what the teacher receives
     (`KnowledgeDistillation`'s), in every trial and for the agreement."""
@@ -561,7 +598,7 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     if not candidates: raise ValueError('No candidates to try: pass a dict name -> KnowledgeDistillation arguments.')
     for kwargs in candidates.values():  # a misspelt argument is refused now, not after the first trials
         KnowledgeDistillation(teacher, **{k: v for k, v in kwargs.items() if k != 'cbs'})
-    epochs = epochs or (rungs[-1] if rungs else 4)
+    if epochs is None: epochs = rungs[-1] if rungs else 4
     rungs, seeds, fit = list(rungs or _rungs(epochs)), list(seeds), fit or _one_cycle
     if rungs != sorted(rungs) or rungs[0] < 1:
         raise ValueError(f'rungs are epochs per rung, at least 1 and increasing, got {rungs}.')
@@ -572,7 +609,7 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
         raise ValueError(f'seeds must differ, got {seeds}: a repeated seed trains the same run again, and its copy '
                          'would count as another seed in the interval of the mean gain.')
     metric = _default_metric(learn) if metric is None else metric
-    if isinstance(metric, AvgMetric): metric = metric.func  # the same mean, computed on the whole set
+    if isinstance(metric, AvgMetric): metric = metric.func  # a function fastai wrapped: computed on the whole set
     if not 0 < keep < 1: raise ValueError(f'keep is the share of candidates kept at each rung, in (0, 1), got {keep}.')
     if not 0.5 < confidence < 1:
         raise ValueError(f'confidence is 1 - the chance of a false pick, in (0.5, 1), e.g. 0.95: got {confidence}.')
@@ -606,6 +643,7 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
         if student_logits.shape != teacher_logits.shape:  # before anything trains
             raise ValueError(outputs_differ(teacher_logits.shape, student_logits.shape,
                                             task_of(learn.loss_func).axis, getattr(learn.dls, 'c', None)))
+        _scores(learn, teacher_logits, metric)  # a metric that gives no single number: refused before training
         if lr is None:  # from the first seed's batches, so that the same call finds the same lr whatever ran before
             with learn.added_cbs(Reseed(seeds[0])): lr = float(learn.lr_find(show_plot=False).valley)
         bar = progress_bar(range(n_trials), display=show_progress, leave=False)
@@ -683,6 +721,10 @@ def kd_find_for_job(dls, student_arch: Callable, teacher, schedule: Schedule, me
     of its one extra callback, e.g. MixUp, else None), `callbacks`: a function that makes a fresh list of all its
     callbacks (distillation with hints, and extras) for each student, and `record` (JSON-able, for `RunStore`).
     Other keyword arguments (`rungs`, `keep`, `max_seeds`, `show_progress`) go to `kd_find`."""
+    rungs = kwargs.get('rungs')
+    if rungs and rungs[-1] != schedule.epochs:
+        raise ValueError(f"The last rung is the job's planned schedule, schedule.epochs={schedule.epochs} (the command "
+                         f"line's --epochs), and rungs={list(rungs)} ends at {rungs[-1]}: end the rungs there.")
     learn, res = scratch_learner(dls, student_arch, schedule.seed), None
     teacher_input, unlabeled = kwargs.get('teacher_input', 'auto'), kwargs.get('unlabeled')
     if record is not None:

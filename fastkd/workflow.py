@@ -113,7 +113,8 @@ class Reseed(Callback):
     def before_train(self):
         if self.epoch: return
         set_seed(self.seed, reproducible=True)
-        for dl in self.dls.loaders: dl.rng = random.Random(self.seed)
+        for dl in self.dls.loaders:
+            if hasattr(dl, 'rng'): dl.rng = random.Random(self.seed)  # a plain torch loader draws from torch's
 
 
 def _name(thing) -> str:

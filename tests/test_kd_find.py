@@ -593,9 +593,11 @@ def test_a_fastai_metric_class_is_scored_as_validate_scores_it(few_dls, teacher,
     from fastai.metrics import F1Score
     from fastkd.workflow import Reseed
     learn = student_learner(few_dls, warm_student)
+    learn.recorder.valid_metrics = False  # validate then returns no metric
     res = kd_find(learn, teacher, {'soft T4': dict(loss=SoftTarget(T=4))}, epochs=1, seeds=(0, 1), max_seeds=2, lr=LR,
                   metric=F1Score(average='macro'), show_progress=False, show_plot=False)
     assert res.metric == 'f1_score' and res.points and not res.lower_is_better
+    assert learn.recorder.valid_metrics is False  # scored all the same, and left so
     again = student_learner(few_dls, warm_student, metrics=F1Score(average='macro'))
     with again.no_bar(), again.no_logging(): again.fit_one_cycle(1, LR, cbs=Reseed(1))
     alone = res.trials[(res.trials.name == 'alone') & (res.trials.seed == 1)].score.item()
@@ -620,6 +622,8 @@ def test_the_metric_defaults_to_the_learners_first_else_accuracy_for_a_classifie
     candidates = {'soft T4': dict(loss=SoftTarget(T=4))}
     res = kd_find(student_learner(few_dls, warm_student, metrics=[error_rate, accuracy]), teacher, candidates, **kwargs)
     assert res.metric == 'error_rate' and res.lower_is_better
+    learn = student_learner(few_dls, warm_student, metrics=[TeacherAgreement(teacher), accuracy])
+    assert kd_find(learn, teacher, candidates, **kwargs).metric == 'accuracy'  # not what distillation raises by itself
     assert kd_find(student_learner(few_dls, warm_student, metrics=None), teacher, candidates, **kwargs).metric == \
         'accuracy'
     regression = Learner(line_dls, torch.nn.Linear(8, 1), loss_func=MSELossFlat())
@@ -636,8 +640,11 @@ def random_states(learn) -> tuple:
             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
 
 
-def test_every_random_state_and_the_next_fits_batches_are_left_as_they_were(few_dls, teacher, warm_student):
-    "Reseed replaces each loader's generator and set_seed(reproducible=True) sets cudnn's flags: all put back"
+def test_every_random_state_and_the_next_fits_batches_are_left_as_they_were(few_dls, few_digits, teacher,
+                                                                             warm_student):
+    """Reseed replaces each loader's generator and set_seed(reproducible=True) sets cudnn's flags; the default
+    candidates draw a batch to match layers, and unlabeled items a loader: all put back, from kd_find's first step"""
+    from fastai.data.transforms import get_image_files
     learn = student_learner(few_dls, warm_student)
     torch.backends.cudnn.benchmark = True
     try:
@@ -645,7 +652,11 @@ def test_every_random_state_and_the_next_fits_batches_are_left_as_they_were(few_
         kd_find(learn, teacher, {'soft T4': dict(loss=SoftTarget(T=4))}, epochs=1, seeds=(0, 1), max_seeds=2, lr=LR,
                 show_progress=False, show_plot=False)
         assert random_states(learn) == before
+        kd_find(learn, teacher, rungs=[1], seeds=(0, 1), max_seeds=2, lr=LR, show_progress=False, show_plot=False,
+                unlabeled=get_image_files(few_digits/'valid')[:64])
+        assert random_states(learn) == before
     finally: torch.backends.cudnn.benchmark = False
+    assert not hasattr(learn.recorder, 'metric_names') and not hasattr(learn, 'final_record')  # never fit: as it was
 
 
 def test_trackers_and_loggers_sit_out_the_trials_and_the_users_files_stay(few_dls, teacher, warm_student, tmp_path):
@@ -677,6 +688,11 @@ def test_inputs_it_cannot_use_are_refused_before_anything_trains(few_dls, teache
         kd_find(learn, teacher, one, epochs=4, rungs=[1, 2], lr=LR)
     with pytest.raises(TypeError, match=r"got los=SoftTarget.*, which it does not take .*SoftTarget\(T=4\)"):
         kd_find(learn, teacher, {'typo': dict(los=SoftTarget(T=4))}, lr=LR)
+    with pytest.raises(ValueError, match='rungs are epochs per rung, at least 1'):
+        kd_find(learn, teacher, one, epochs=0, lr=LR)
+    def both(preds, targs): return accuracy(preds, targs), accuracy(preds, targs)
+    with pytest.raises(ValueError, match=r"one number per run, and 'both' gave tuple .*F1Score\(average='macro'\)"):
+        kd_find(learn, teacher, one, metric=both, lr=LR)
     five_classes = tiny_cnn(8, n_out=5)
     with pytest.raises(ValueError, match=r'Teacher and student outputs differ: teacher \(100, 5\), student \(100, 10\)'
                                          r'\. The data has 10 classes'):
@@ -688,3 +704,10 @@ def test_rungs_alone_set_the_planned_schedule(few_dls, teacher, warm_student):
     res = kd_find(student_learner(few_dls, warm_student), teacher, {'soft T4': dict(loss=SoftTarget(T=4))},
                   rungs=[1], seeds=(0, 1), max_seeds=2, lr=LR, show_progress=False, show_plot=False)
     assert (res.trials.epochs == 1).all() and 'at 1 epoch' in res.message and '1 epochs' not in res.message
+
+
+def test_the_jobs_rungs_end_at_its_schedule(few_dls, teacher):
+    from fastkd.kd_find import kd_find_for_job
+    from fastkd.workflow import Schedule
+    with pytest.raises(ValueError, match=r"schedule.epochs=2 \(the command line's --epochs\), and rungs=\[1\] ends"):
+        kd_find_for_job(few_dls, partial(tiny_cnn, 8), teacher, Schedule(0, 2, lr=LR), rungs=[1])
