@@ -225,7 +225,9 @@ def _random_kept(learn: Learner):
     finally:
         for (dl, rng), state in zip(loaders, states):
             if rng is None: vars(dl).pop('rng', None)
-            else: dl.rng, _ = rng, rng.setstate(state)
+            else:
+                rng.setstate(state)
+                dl.rng = rng
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
 
 
@@ -564,15 +566,15 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     of `seeds` (gains averaged), the best `keep` share of the candidates (at least two, where there are two) going on
     to the next. The last rung (`epochs`, the planned schedule: default 4, or the last of `rungs`, which must end there)
     trains the finalists and the student alone on the other seeds, which chose nothing (with two candidates or fewer,
-    nothing is dropped: one rung, every seed judges). The
-    verdict is the main job's kind of rule: `best` is the finalist with the highest mean gain among those whose interval
-    of the mean per-seed gain (Student t: per-seed gains roughly normal) lies above zero, else None. Where no
-    finalist shows a gain there, the finalists that gain on average train on further seeds (the next integers; a
-    finalist whose mean gain falls to zero or below stops) up to `max_seeds` at the last rung, and the verdict is taken
-    once more. A false pick (a finalist that gains nothing, picked) has a chance of at most 1 - `confidence` over all
-    k finalists and both looks (Bonferroni on the lower ends, on which a pick rests: each finalist's share spent a
-    quarter at the first look, the rest at the second; for two finalists, intervals at 98.75% then 96.25%; with one
-    held-out seed, which gives no interval, one look after the added seeds). Scores are `metric` on the validation set
+    nothing is dropped: one rung, every seed judges). The verdict is the main job's kind of rule: `best` is the
+    finalist with the highest mean gain among those whose interval of the mean per-seed gain (Student t: per-seed gains
+    roughly normal) lies above zero, else None. Where no finalist shows a gain there, the finalists that gain on average
+    train on further seeds (the next integers; a finalist whose mean gain falls to zero or below stops) up to
+    `max_seeds` at the last rung, and the verdict is taken once more. A false pick (a finalist that gains nothing,
+    picked) has a chance of at most 1 - `confidence` over all k finalists and both looks (Bonferroni on the lower ends,
+    on which a pick rests: each finalist's share spent a quarter at the first look, the rest at the second; for two
+    finalists, intervals at 98.75% then 96.25%; with one held-out seed, which gives no interval, one look after the
+    added seeds). Scores are `metric` on the validation set
     (default: the learner's first metric other than `TeacherAgreement`, else `accuracy` for a classifier): a `Metric`
     as `validate` computes it, a function on the whole set's outputs at once; lower is better for fastai's `mse`,
     `rmse`, `mae`, `msle`, `exp_rmspe`, `error_rate` and names holding 'loss' or 'error' (as fastai's trackers decide),
@@ -584,10 +586,10 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     `show_plot` draws `plot()` on a pyplot figure, as `lr_find` does. The learner is left as it was: weights,
     trainability, optimizer, callbacks (trackers and loggers sit out the trials: `SaveModelCallback` would save over
     your model), modes, the Recorder's history and every random state (the next fit sees the batches it would have
-    seen). `unlabeled` (items, or a DataLoader of
-    inputs) joins the training of every distilled candidate (`KnowledgeDistillation`'s `unlabeled`); the student alone,
-    which has no teacher to learn them from, trains on the labeled items. `teacher_input`: what the teacher receives
-    (`KnowledgeDistillation`'s), in every trial and for the agreement."""
+    seen). `unlabeled` (items, or a DataLoader of inputs) joins the training of every distilled candidate
+    (`KnowledgeDistillation`'s `unlabeled`); the student alone, which has no teacher to learn them from, trains on the
+    labeled items. `teacher_input`: what the teacher receives (`KnowledgeDistillation`'s), in every trial and for the
+    agreement."""
     if isinstance(teacher, (list, tuple)):
         raise TypeError(f'kd_find compares ways of distilling one teacher, and got a {type(teacher).__name__} of '
                         f'{len(teacher)}: pass one model or Learner (an ensemble is for KnowledgeDistillation itself, '
