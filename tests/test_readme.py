@@ -234,6 +234,8 @@ QUOTES = [
           (('| dist + hint (pick) | 3 |', '+6.8 ± 0.5'), 'the best of the 7 candidates',
            ('Cost of kd_find', '10.0 student runs', '13.8 runs of the student alone'),
            ('Under the rule as it landed', '+1.1 to +9.6'), ('from 1.98 to 1.38',))),
+    Quote(R, 'those 6 trials alone took 7.7 runs of the student alone (920 s)', 'kd_find-gtsrb.md',
+          (('took 920 s',), ('7.7 runs of the student alone',)), 'one kd_find run'),
     Quote(R, 'no false pick in 80 calls, and candidates that gain about 2 test points picked in 20/20 and 20/20 calls',
           'kd_find_null.md', (('All scenarios, max_seeds=8', '0/80'), ('**one pays**', '20/20 = 100%'),
                               ('**weak teacher**', '20/20 = 100%')), '20 calls per scenario'),
