@@ -380,9 +380,12 @@ def _scores(learn: Learner, teacher_logits: Tensor, metric: Callable) -> tuple[f
     (predictions, targets) on the whole set at once, given the model's outputs as fastai gives its metrics (before the
     loss's activation: `accuracy_multi` applies its own sigmoid; for a mean over items, such as accuracy, the same as
     fastai's average over batches); a `Metric` (`F1Score()`, `rmse`, `Perplexity()`) through `validate`, which runs
-    its own accumulation (an argmax, a sigmoid, the loss)"""
+    its own accumulation (an argmax, a sigmoid, the loss). Outputs of another shape than the teacher's are refused."""
     preds, targs = learn.get_preds(dl=learn.dls.valid, act=noop)
-    same, total = _agreement(preds, teacher_logits, task_of(learn.loss_func).axis)
+    axis = task_of(learn.loss_func).axis
+    if preds.shape != teacher_logits.shape:
+        raise ValueError(outputs_differ(teacher_logits.shape, preds.shape, axis, getattr(learn.dls, 'c', None)))
+    same, total = _agreement(preds, teacher_logits, axis)
     if not isinstance(metric, Metric): return _one_number(metric(preds, targs), metric), same / total
     recorder = learn.recorder
     metrics, shown, learn.metrics, recorder.valid_metrics = learn.metrics, recorder.valid_metrics, [metric], True
@@ -574,12 +577,12 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
     picked) has a chance of at most 1 - `confidence` over all k finalists and both looks (Bonferroni on the lower ends,
     on which a pick rests: each finalist's share spent a quarter at the first look, the rest at the second; for two
     finalists, intervals at 98.75% then 96.25%; with one held-out seed, which gives no interval, one look after the
-    added seeds). Scores are `metric` on the validation set
-    (default: the learner's first metric other than `TeacherAgreement`, else `accuracy` for a classifier): a `Metric`
-    as `validate` computes it, a function on the whole set's outputs at once; lower is better for fastai's `mse`,
-    `rmse`, `mae`, `msle`, `exp_rmspe`, `error_rate` and names holding 'loss' or 'error' (as fastai's trackers decide),
-    else higher, unless `lower_is_better` says. `gain` is the candidate's improvement over the student alone, same rung
-    and seeds, in the metric's units: positive is better.
+    added seeds). Scores are `metric` on the validation set (default: the learner's first metric other than
+    `TeacherAgreement`, else `accuracy` for a classifier): a `Metric` as `validate` computes it, a function on the whole
+    set's outputs at once; lower is better for fastai's `mse`, `rmse`, `mae`, `msle`, `exp_rmspe`, `error_rate` and
+    names holding 'loss' or 'error' (as fastai's trackers decide), else higher, unless `lower_is_better` says. `gain`
+    is the candidate's improvement over the student alone, same rung and seeds, in the metric's units: positive is
+    better.
     `share_teacher`: trials fed the same batch (trials of one seed, until MixUp or training makes their inputs differ)
     share the teacher's forward (`TeacherMemo`: exact, keyed by the bytes of the batch); hint trials run it anyway.
     None (the default): where the student trains on the CPU; on a GPU the key's copy to the host waits at every step.
@@ -641,11 +644,7 @@ def kd_find(learn: Learner, teacher, candidates: dict[str, dict] | None = None, 
         counted = memo is not None and memo.active  # a recurrent teacher's forwards are never kept, nor counted
         restored.reset()
         teacher_logits = _teacher_logits(frozen_teacher, learn, given_input)
-        student_logits = learn.get_preds(dl=learn.dls.valid, act=noop)[0]
-        if student_logits.shape != teacher_logits.shape:  # before anything trains
-            raise ValueError(outputs_differ(teacher_logits.shape, student_logits.shape,
-                                            task_of(learn.loss_func).axis, getattr(learn.dls, 'c', None)))
-        _scores(learn, teacher_logits, metric)  # a metric that gives no single number: refused before training
+        _scores(learn, teacher_logits, metric)  # outputs of another shape, or no single number: refused before training
         if lr is None:  # from the first seed's batches, so that the same call finds the same lr whatever ran before
             with learn.added_cbs(Reseed(seeds[0])): lr = float(learn.lr_find(show_plot=False).valley)
         bar = progress_bar(range(n_trials), display=show_progress, leave=False)
